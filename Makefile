@@ -1,0 +1,31 @@
+# `make demo`: set up and run the whole job on Fashion-MNIST. `make test`: set up and run the tests.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+RUN_DIR ?= runs/default
+LAUNCH := $(BIN)/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no
+
+.PHONY: demo test data install clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+install: $(BIN)/.installed
+
+data: install
+	scripts/ensure_data.sh $(BIN)/python
+
+test: install
+	$(BIN)/python -m pytest
+
+demo: data
+	$(LAUNCH) stage1_vqvae/train.py --run-dir $(RUN_DIR) --overwrite
+	$(LAUNCH) stage2_prior/train.py --run-dir $(RUN_DIR) --overwrite
+	$(BIN)/python -m pipelines.sample --run-dir $(RUN_DIR) --n 64
+	$(BIN)/python -m pipelines.evaluate --run-dir $(RUN_DIR)
+	@echo "Samples: $(RUN_DIR)/samples/grid.png   Metrics: $(RUN_DIR)/metrics.json"
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,47 @@
+"""Command-line flags generated from a dataclass of defaults, so a config has one source.
+
+Each field becomes `--field-name`; `metadata={"help": ..., "choices": ...}` documents it.
+The resolved dataclass is what the scripts write next to their outputs.
+"""
+
+import argparse
+import dataclasses
+import json
+import typing
+from pathlib import Path
+
+
+def _argument_type(annotation):
+    """The callable argparse should use for a field annotated `T` or `T | None`."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    return args[0] if args else annotation
+
+
+def build_parser(config_class, description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    hints = typing.get_type_hints(config_class)
+    for field in dataclasses.fields(config_class):
+        flag = "--" + field.name.replace("_", "-")
+        default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+        kind = _argument_type(hints[field.name])
+        help_text = field.metadata.get("help", "")
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+        else:
+            parser.add_argument(
+                flag, type=kind, default=default, choices=field.metadata.get("choices"),
+                help=f"{help_text} (default: {default})",
+            )
+    return parser
+
+
+def parse_config(config_class, argv=None, description: str = ""):
+    """Parse argv into an instance of `config_class` (argparse reports unknown or bad flags)."""
+    args = build_parser(config_class, description).parse_args(argv)
+    return config_class(**vars(args))
+
+
+def write_config(config, path: Path) -> None:
+    """Write the resolved config as JSON, so every output says how it was made."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")

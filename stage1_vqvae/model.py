@@ -1,0 +1,136 @@
+"""The VQ-VAE: a strided convolutional encoder, the vector quantizer and a mirrored decoder.
+
+`VQVAE` inherits `PyTorchModelHubMixin`: `save_pretrained(dir)` writes `config.json` (its
+constructor arguments) and `model.safetensors`; `from_pretrained(dir)` reads them back.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from huggingface_hub import PyTorchModelHubMixin
+from torch import nn
+
+from stage1_vqvae.quantizer import QuantizerOutput, VectorQuantizer
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, channels: int, res_channels: int):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.ReLU(),
+            nn.Conv2d(channels, res_channels, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(res_channels, channels, 1),
+        )
+
+    def forward(self, x):
+        return x + self.body(x)
+
+
+def _halvings(downsample: int) -> int:
+    halvings = int(math.log2(downsample))
+    if downsample < 2 or 2**halvings != downsample:
+        raise ValueError(f"downsample must be a power of two >= 2, got {downsample}")
+    return halvings
+
+
+def _widths(hidden_channels: int, halvings: int) -> list[int]:
+    """Channel counts after each strided stage: halved towards the image, full at the codes."""
+    return [max(hidden_channels >> (halvings - 1 - i), 16) for i in range(halvings)]
+
+
+class Encoder(nn.Sequential):
+    def __init__(self, in_channels, hidden_channels, res_blocks, res_channels, downsample, code_dim):
+        widths = _widths(hidden_channels, _halvings(downsample))
+        layers, previous = [], in_channels
+        for i, width in enumerate(widths):
+            layers += [nn.Conv2d(previous, width, 4, stride=2, padding=1)]
+            if i < len(widths) - 1:
+                layers += [nn.ReLU()]
+            previous = width
+        layers += [nn.ReLU(), nn.Conv2d(previous, hidden_channels, 3, padding=1)]
+        layers += [ResidualBlock(hidden_channels, res_channels) for _ in range(res_blocks)]
+        layers += [nn.ReLU(), nn.Conv2d(hidden_channels, code_dim, 1)]
+        super().__init__(*layers)
+
+
+class Decoder(nn.Sequential):
+    def __init__(self, out_channels, hidden_channels, res_blocks, res_channels, downsample, code_dim):
+        widths = _widths(hidden_channels, _halvings(downsample))[::-1]
+        layers = [nn.Conv2d(code_dim, hidden_channels, 3, padding=1)]
+        layers += [ResidualBlock(hidden_channels, res_channels) for _ in range(res_blocks)]
+        layers += [nn.ReLU()]
+        previous = hidden_channels
+        for width in widths[1:]:
+            layers += [nn.ConvTranspose2d(previous, width, 4, stride=2, padding=1), nn.ReLU()]
+            previous = width
+        layers += [nn.ConvTranspose2d(previous, out_channels, 4, stride=2, padding=1)]
+        super().__init__(*layers)
+
+
+@dataclass
+class VQVAEOutput:
+    reconstruction: torch.Tensor
+    quantizer: QuantizerOutput
+    reconstruction_loss: torch.Tensor
+
+    @property
+    def loss(self) -> torch.Tensor:
+        return self.reconstruction_loss + self.quantizer.loss
+
+
+class VQVAE(nn.Module, PyTorchModelHubMixin):
+    """Images in [0, 1], [B, C, H, W] -> code maps [B, H/d, W/d] -> images."""
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        image_size: int = 32,
+        hidden_channels: int = 128,
+        res_blocks: int = 2,
+        res_channels: int = 32,
+        downsample: int = 4,
+        codebook_size: int = 512,
+        code_dim: int = 64,
+        beta: float = 0.25,
+        ema: bool = True,
+        decay: float = 0.99,
+        dead_code_steps: int = 50,
+        l2_normalize: bool = False,
+    ):
+        super().__init__()
+        self.in_channels, self.image_size, self.downsample = in_channels, image_size, downsample
+        self.codebook_size = codebook_size
+        self.encoder = Encoder(in_channels, hidden_channels, res_blocks, res_channels, downsample, code_dim)
+        self.quantizer = VectorQuantizer(
+            codebook_size, code_dim, beta=beta, ema=ema, decay=decay,
+            dead_code_steps=dead_code_steps, l2_normalize=l2_normalize,
+        )
+        self.decoder = Decoder(in_channels, hidden_channels, res_blocks, res_channels, downsample, code_dim)
+
+    @property
+    def map_shape(self) -> tuple[int, int]:
+        side = self.image_size // self.downsample
+        return side, side
+
+    def forward(self, images: torch.Tensor) -> VQVAEOutput:
+        quantized = self.quantizer(self.encoder(images))
+        reconstruction = self.decoder(quantized.quantized)
+        loss = F.mse_loss(reconstruction.float(), images.float())
+        return VQVAEOutput(reconstruction, quantized, loss)
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images [B, C, H, W] in [0, 1] -> code maps [B, h, w] (int64)."""
+        z = self.encoder(images)
+        batch, _, height, width = z.shape
+        indices = self.quantizer.nearest(rearrange(z, "b d h w -> (b h w) d"))
+        return rearrange(indices, "(b h w) -> b h w", b=batch, h=height, w=width)
+
+    @torch.no_grad()
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """Code maps [B, h, w] -> images [B, C, H, W], clamped to [0, 1]."""
+        return self.decoder(self.quantizer.lookup(codes)).clamp(0, 1)

@@ -1,0 +1,148 @@
+"""Vector quantizer: nearest code, straight-through gradients, commitment loss.
+
+The codebook learns by exponential moving averages (van den Oord et al. 2017, appendix;
+Laplace-smoothed counts) by default, or by the loss-based rule as an option. Codes unused
+for `dead_code_steps` steps are restarted from the current batch's encoder outputs. Under
+DDP every statistic is all-reduced and every restart is broadcast from rank 0, so all
+processes keep the same codebook without DDP having to sync it.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+
+@dataclass
+class QuantizerOutput:
+    quantized: torch.Tensor  # [B, D, h, w], straight-through: gradients flow to the encoder
+    indices: torch.Tensor  # [B, h, w] int64
+    loss: torch.Tensor  # commitment (+ codebook, when not EMA) loss
+    commitment: torch.Tensor  # beta-free ||z - sg(e)||^2, for logging
+    perplexity: torch.Tensor  # exp(entropy) of this step's code histogram
+    usage: torch.Tensor  # fraction of codes used in this step
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    if _distributed():
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def histogram_stats(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Perplexity and fraction used of a code histogram (counts per code)."""
+    probs = counts / counts.sum().clamp(min=1)
+    perplexity = torch.exp(-(probs * torch.log(probs.clamp(min=1e-10))).sum())
+    return perplexity, (counts > 0).float().mean()
+
+
+class VectorQuantizer(nn.Module):
+    def __init__(
+        self,
+        codebook_size: int = 512,
+        dim: int = 64,
+        beta: float = 0.25,
+        ema: bool = True,
+        decay: float = 0.99,
+        eps: float = 1e-5,
+        dead_code_steps: int = 50,
+        l2_normalize: bool = False,
+    ):
+        super().__init__()
+        self.codebook_size, self.dim, self.beta = codebook_size, dim, beta
+        self.ema, self.decay, self.eps = ema, decay, eps
+        self.dead_code_steps, self.l2_normalize = dead_code_steps, l2_normalize
+        initial = torch.randn(codebook_size, dim)
+        if l2_normalize:
+            initial = F.normalize(initial, dim=-1)
+        # Under EMA the codebook is a buffer-like parameter that no optimizer touches.
+        self.codebook = nn.Parameter(initial, requires_grad=not ema)
+        self.register_buffer("cluster_size", torch.ones(codebook_size))
+        self.register_buffer("embed_avg", initial.clone())
+        # Starting every code as long unused makes the first training step seed the whole
+        # codebook from encoder outputs, so no code starts far from the data.
+        self.register_buffer("steps_unused", torch.full((codebook_size,), dead_code_steps, dtype=torch.long))
+
+    def _normalized(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(x, dim=-1) if self.l2_normalize else x
+
+    def nearest(self, flat: torch.Tensor) -> torch.Tensor:
+        """Index of the nearest code for each row of `flat` [N, D], computed in fp32."""
+        with torch.autocast(flat.device.type, enabled=False):
+            flat = self._normalized(flat.float())
+            codebook = self._normalized(self.codebook.float())
+            # ||z||^2 is the same for every code, so argmin needs only ||e||^2 - 2 z.e
+            distances = torch.addmm(codebook.pow(2).sum(1), flat, codebook.t(), alpha=-2.0)
+            return distances.argmin(dim=1)
+
+    def lookup(self, indices: torch.Tensor) -> torch.Tensor:
+        """Codes [B, h, w] -> vectors [B, D, h, w]."""
+        vectors = self._normalized(self.codebook)[indices]
+        return rearrange(vectors, "b h w d -> b d h w")
+
+    def forward(self, z: torch.Tensor) -> QuantizerOutput:
+        batch, _, height, width = z.shape
+        flat = rearrange(z, "b d h w -> (b h w) d").float()
+        indices = self.nearest(flat)
+        counts = _all_reduce_sum(torch.bincount(indices, minlength=self.codebook_size).float())
+
+        if self.training and self.ema:
+            self._ema_update(flat.detach(), indices, counts)
+        if self.training:
+            self._restart_dead_codes(flat.detach(), counts)
+
+        flat_target = self._normalized(flat)
+        quantized = self._normalized(self.codebook)[indices]
+        commitment = F.mse_loss(flat_target, quantized.detach())
+        loss = self.beta * commitment
+        if not self.ema:
+            loss = loss + F.mse_loss(quantized, flat_target.detach())
+        # Straight-through: the forward value is the code, the gradient is the identity.
+        quantized = flat_target + (quantized - flat_target).detach()
+        perplexity, usage = histogram_stats(counts)
+        return QuantizerOutput(
+            quantized=rearrange(quantized, "(b h w) d -> b d h w", b=batch, h=height, w=width).to(z.dtype),
+            indices=rearrange(indices, "(b h w) -> b h w", b=batch, h=height, w=width),
+            loss=loss,
+            commitment=commitment.detach(),
+            perplexity=perplexity,
+            usage=usage,
+        )
+
+    @torch.no_grad()
+    def _ema_update(self, flat: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor) -> None:
+        """cluster_size and embed_avg follow EMAs of the counts and sums of assigned vectors."""
+        target = self._normalized(flat)
+        embed_sum = torch.zeros_like(self.embed_avg).index_add_(0, indices, target)
+        _all_reduce_sum(embed_sum)
+        self.cluster_size.mul_(self.decay).add_(counts, alpha=1 - self.decay)
+        self.embed_avg.mul_(self.decay).add_(embed_sum, alpha=1 - self.decay)
+        total = self.cluster_size.sum()
+        smoothed = (self.cluster_size + self.eps) / (total + self.codebook_size * self.eps) * total
+        self.codebook.data.copy_(self.embed_avg / smoothed.unsqueeze(1))
+
+    @torch.no_grad()
+    def _restart_dead_codes(self, flat: torch.Tensor, counts: torch.Tensor) -> None:
+        """Re-seed codes unused for `dead_code_steps` steps with random encoder outputs."""
+        self.steps_unused.add_(1).masked_fill_(counts > 0, 0)
+        if self.dead_code_steps <= 0:
+            return
+        dead = (self.steps_unused >= self.dead_code_steps).nonzero().squeeze(1)
+        if dead.numel() == 0:
+            return
+        # Rank 0 chooses the replacements and broadcasts them, so codebooks stay identical.
+        choice = torch.randint(0, flat.shape[0], (dead.numel(),), device=flat.device)
+        replacements = self._normalized(flat[choice]).contiguous()
+        if _distributed():
+            dist.broadcast(replacements, src=0)
+        self.codebook.data[dead] = replacements
+        self.embed_avg[dead] = replacements
+        self.cluster_size[dead] = 1.0
+        self.steps_unused[dead] = 0

@@ -1,0 +1,186 @@
+"""Train the VQ-VAE: `accelerate launch stage1_vqvae/train.py` (or plain `python`).
+
+With no flags it trains on Fashion-MNIST into runs/default/vqvae and ends by writing the
+code maps to runs/default/codes for stage two.
+"""
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from torchvision.utils import make_grid, save_image
+from tqdm.auto import tqdm
+
+from stage1_vqvae.atomic import save_pretrained_atomic
+from stage1_vqvae.cli import parse_config, write_config
+from stage1_vqvae.data import DataConfig, collate_batches, load_image_data
+from stage1_vqvae.dump_codes import dump
+from stage1_vqvae.errors import UserError, run_cli
+from stage1_vqvae.metrics import eval_loader, reconstruction_metrics, to_unit_range
+from stage1_vqvae.model import VQVAE
+from stage1_vqvae.training import (
+    Checkpoints, LoopConfig, check_can_start, MetricsLog, batches_from, format_duration, make_accelerator,
+    start_or_resume, total_steps, warmup_cosine,
+)
+
+
+@dataclass
+class ModelConfig:
+    hidden_channels: int = field(default=128, metadata={"help": "channels at the code-map resolution"})
+    res_blocks: int = field(default=2, metadata={"help": "residual blocks in encoder and decoder"})
+    res_channels: int = field(default=32, metadata={"help": "width inside a residual block"})
+    downsample: int = field(default=4, metadata={"help": "image side / code-map side, a power of two"})
+    codebook_size: int = field(default=512, metadata={"help": "number of codes K"})
+    code_dim: int = field(default=64, metadata={"help": "dimension of a code vector"})
+    codebook: str = field(default="ema", metadata={"help": "how the codebook learns", "choices": ["ema", "loss"]})
+    decay: float = field(default=0.99, metadata={"help": "EMA decay of the codebook"})
+    beta: float = field(default=0.25, metadata={"help": "commitment loss weight"})
+    dead_code_steps: int = field(default=50, metadata={"help": "restart a code unused for this many steps (0: never)"})
+    l2_normalize: bool = field(default=False, metadata={"help": "look codes up by cosine similarity"})
+
+
+@dataclass
+class TrainConfig(LoopConfig, DataConfig, ModelConfig):
+    dump: bool = field(default=True, metadata={"help": "write the code maps at the end"})
+    grid_images: int = field(default=16, metadata={"help": "test images in each reconstruction grid"})
+
+
+def build_model(config: TrainConfig, channels: int) -> VQVAE:
+    return VQVAE(
+        in_channels=channels, image_size=config.image_size, hidden_channels=config.hidden_channels,
+        res_blocks=config.res_blocks, res_channels=config.res_channels, downsample=config.downsample,
+        codebook_size=config.codebook_size, code_dim=config.code_dim, beta=config.beta,
+        ema=config.codebook == "ema", decay=config.decay, dead_code_steps=config.dead_code_steps,
+        l2_normalize=config.l2_normalize,
+    )
+
+
+def check_config(config: TrainConfig) -> None:
+    if config.downsample < 2 or config.downsample & (config.downsample - 1):
+        raise UserError(f"--downsample {config.downsample} is not a power of two; use 2, 4, 8 or 16")
+    if config.image_size % config.downsample:
+        nearest = max(config.downsample, round(config.image_size / config.downsample) * config.downsample)
+        raise UserError(
+            f"--image-size {config.image_size} cannot be divided by --downsample {config.downsample}; "
+            f"use a multiple of {config.downsample}, e.g. {nearest}"
+        )
+    if config.batch_size < 1 or config.codebook_size < 2:
+        raise UserError("--batch-size must be at least 1 and --codebook-size at least 2")
+
+
+def save_reconstruction_grid(model, images: torch.Tensor, path: Path) -> None:
+    """Originals in the top row(s), their reconstructions below."""
+    originals = to_unit_range(images)
+    reconstructions = model.decode(model.encode(originals)).float()
+    nrow = min(8, len(originals))
+    grid = make_grid(torch.cat([originals, reconstructions]).cpu(), nrow=nrow, padding=1, pad_value=1.0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image(grid, path)
+
+
+def main(argv=None):
+    config = parse_config(TrainConfig, argv, description=__doc__.splitlines()[0])
+    check_config(config)
+    started = time.time()
+    run_dir = Path(config.run_dir)
+    stage_dir = run_dir / "vqvae"
+    accelerator = make_accelerator(config, stage_dir)
+    checkpoints = Checkpoints(stage_dir / "checkpoints", config.keep_checkpoints)
+    check_can_start(checkpoints, config, "stage one")
+
+    from accelerate.utils import set_seed
+
+    set_seed(config.seed)
+    data = load_image_data(config)
+    model = build_model(config, data.channels)
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=config.lr, weight_decay=config.weight_decay
+    )
+    train_loader = DataLoader(data.train, batch_size=config.batch_size, shuffle=True, collate_fn=collate_batches, drop_last=len(data.train) > config.batch_size)
+    test_loader = eval_loader(data.test, config.batch_size * 4)
+    model, optimizer, train_loader, test_loader = accelerator.prepare(model, optimizer, train_loader, test_loader)
+    steps = total_steps(config, len(train_loader))
+    scheduler = warmup_cosine(optimizer, config.warmup_steps, steps)
+    accelerator.register_for_checkpointing(scheduler)
+
+    progress_state = start_or_resume(accelerator, checkpoints, config, "stage one")
+    step, best_mse = progress_state["step"], progress_state.get("best_mse", float("inf"))
+    if accelerator.is_main_process:
+        write_config(config, stage_dir / "train_config.json")
+        if step == 0:
+            (stage_dir / "log.jsonl").unlink(missing_ok=True)
+    log = MetricsLog(accelerator, stage_dir / "log.jsonl", "stage1_vqvae", asdict(config))
+    unwrapped = accelerator.unwrap_model(model)
+    grid_images = collate_batches([data.test[i] for i in range(min(config.grid_images, len(data.test)))])["images"]
+    grid_images = grid_images.to(accelerator.device)
+    accelerator.print(
+        f"Stage one: {sum(p.numel() for p in unwrapped.parameters()) / 1e6:.2f}M parameters, {len(data.train)} train "
+        f"images from {data.source}, {steps} steps of {config.batch_size * accelerator.num_processes} images"
+    )
+
+    def evaluate(step):
+        nonlocal best_mse
+        metrics = reconstruction_metrics(accelerator, model, test_loader)
+        log.log({f"test/{k}": v for k, v in metrics.items()}, step)
+        if accelerator.is_main_process:
+            save_reconstruction_grid(unwrapped, grid_images, stage_dir / "reconstructions" / f"step_{step:07d}.png")
+            if metrics["mse"] < best_mse:
+                best_mse = metrics["mse"]
+                save_pretrained_atomic(unwrapped, stage_dir)
+        accelerator.wait_for_everyone()
+        return metrics
+
+    progress = tqdm(total=steps, initial=step, desc="stage one", disable=not accelerator.is_main_process)
+    model.train()
+    seen, clock = 0, time.time()
+    for epoch, batch in batches_from(accelerator, train_loader, step, config.gradient_accumulation_steps):
+        if step >= steps:
+            break
+        with accelerator.accumulate(model):
+            images = to_unit_range(batch["images"])
+            output = model(images)
+            accelerator.backward(output.loss)
+            if config.grad_clip and accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        seen += len(images) * accelerator.num_processes
+        if not accelerator.sync_gradients:
+            continue
+        scheduler.step()
+        step += 1
+        progress.update(1)
+        if step % config.log_every == 0 or step == steps:
+            quantizer = output.quantizer
+            metrics = {
+                "train/mse": output.reconstruction_loss, "train/commitment": quantizer.commitment,
+                "train/perplexity": quantizer.perplexity, "train/codes_used": quantizer.usage,
+                "train/lr": scheduler.get_last_lr()[0], "train/images_per_s": seen / (time.time() - clock),
+                "epoch": epoch,
+            }
+            log.log(metrics, step)
+            progress.set_postfix(mse=f"{output.reconstruction_loss.item():.4f}", used=f"{quantizer.usage.item():.2f}")
+            seen, clock = 0, time.time()
+        if step % config.eval_every == 0 or step == steps:
+            metrics = evaluate(step)
+            progress.write(f"step {step}: test mse {metrics['mse']:.5f}, psnr {metrics['psnr']:.2f} dB, codebook used {metrics['codebook_usage']:.1%}")
+        if step % config.checkpoint_every == 0 or step == steps:
+            checkpoints.save(accelerator, {"step": step, "best_mse": best_mse})
+    progress.close()
+
+    if accelerator.is_main_process:
+        save_pretrained_atomic(unwrapped, stage_dir / "final")
+    accelerator.wait_for_everyone()
+    summary = f"Stage one done in {format_duration(time.time() - started)}: best test mse {best_mse:.5f}, weights in {stage_dir}"
+    if config.dump:
+        best = type(unwrapped).from_pretrained(str(stage_dir)).to(accelerator.device)
+        codes_dir = dump(accelerator, best, data, run_dir)
+        summary += f", code maps in {codes_dir}"
+    accelerator.end_training()
+    accelerator.print(summary)
+
+
+if __name__ == "__main__":
+    run_cli(main)

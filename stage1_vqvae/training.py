@@ -1,0 +1,196 @@
+"""What both training scripts share: the accelerator, cores, schedule, logs, checkpoints, resume.
+
+It lives in stage one because imports only run downstream (stage two may import stage one,
+never the reverse).
+"""
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, is_tensorboard_available
+from torch.optim.lr_scheduler import LambdaLR
+
+from stage1_vqvae.errors import UserError
+
+CHECKPOINT_PREFIX = "step_"
+PROGRESS_FILE = "progress.json"
+
+
+@dataclass
+class LoopConfig:
+    """Flags of the training loop, the same for both stages."""
+
+    run_dir: str = field(default="runs/default", metadata={"help": "folder of this run's artifacts"})
+    epochs: float = field(default=2.0, metadata={"help": "passes over the train split (ignored with --max-steps)"})
+    max_steps: int | None = field(default=None, metadata={"help": "optimizer steps; overrides --epochs"})
+    batch_size: int = field(default=128, metadata={"help": "images per process per step"})
+    lr: float = field(default=2e-3, metadata={"help": "peak learning rate of AdamW"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    warmup_steps: int = field(default=100, metadata={"help": "linear warm-up before the cosine decay"})
+    grad_clip: float = field(default=1.0, metadata={"help": "clip gradients to this norm (0: off)"})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    mixed_precision: str = field(default="no", metadata={"help": "autocast dtype", "choices": ["no", "bf16", "fp16"]})
+    seed: int = field(default=0, metadata={"help": "seed of weights, data order and sampling"})
+    log_every: int = field(default=25, metadata={"help": "log training metrics every N steps"})
+    eval_every: int = field(default=500, metadata={"help": "evaluate on the test split every N steps"})
+    checkpoint_every: int = field(default=500, metadata={"help": "save a resumable checkpoint every N steps"})
+    keep_checkpoints: int = field(default=2, metadata={"help": "how many checkpoints to keep"})
+    resume: bool = field(default=False, metadata={"help": "continue from the newest checkpoint"})
+    overwrite: bool = field(default=False, metadata={"help": "start again, deleting this stage's checkpoints"})
+
+
+def make_accelerator(config: LoopConfig, project_dir: Path) -> Accelerator:
+    accelerator = Accelerator(
+        mixed_precision=config.mixed_precision,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        log_with="tensorboard" if is_tensorboard_available() else None,
+        project_dir=str(project_dir),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    use_all_cores(accelerator.device, accelerator.num_processes)
+    return accelerator
+
+
+def use_all_cores(device: torch.device, num_processes: int = 1) -> None:
+    """On a CPU, give each process its share of the cores.
+
+    `accelerate launch` sets OMP_NUM_THREADS=1 even for a single CPU process, which halves
+    the speed on two cores; we undo that here.
+    """
+    if torch.device(device).type != "cpu":
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    torch.set_num_threads(max(1, cores // num_processes))
+
+
+def warmup_cosine(optimizer, warmup_steps: int, total_steps: int) -> LambdaLR:
+    """Linear warm-up to the peak rate, then a cosine decay to zero at `total_steps`."""
+    warmup_steps = min(warmup_steps, max(total_steps // 10, 1))
+
+    def factor(step):
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return LambdaLR(optimizer, factor)
+
+
+def total_steps(config: LoopConfig, batches_per_epoch: int) -> int:
+    if config.max_steps is not None:
+        return config.max_steps
+    steps_per_epoch = math.ceil(batches_per_epoch / config.gradient_accumulation_steps)
+    return max(1, round(config.epochs * steps_per_epoch))
+
+
+def batches_from(accelerator: Accelerator, dataloader, start_step: int, accumulation: int):
+    """Yield (epoch, batch) forever, starting where `start_step` optimizer steps left off.
+
+    The seedable sampler makes each epoch's order a function of (seed, epoch), and skipping
+    the batches already seen makes a resumed run see exactly what an uninterrupted one would.
+    """
+    steps_per_epoch = math.ceil(len(dataloader) / accumulation)
+    epoch, step_in_epoch = divmod(start_step, steps_per_epoch)
+    skip = step_in_epoch * accumulation
+    while True:
+        loader = accelerator.skip_first_batches(dataloader, skip) if skip else dataloader
+        loader.set_epoch(epoch)
+        for batch in loader:
+            yield epoch, batch
+        epoch, skip = epoch + 1, 0
+
+
+class MetricsLog:
+    """Metrics to accelerate's trackers (TensorBoard when installed) and to a JSONL file."""
+
+    def __init__(self, accelerator: Accelerator, path: Path, project_name: str, config: dict):
+        self.accelerator, self.path = accelerator, path
+        accelerator.init_trackers(project_name, config={k: v for k, v in config.items() if v is not None})
+
+    def log(self, metrics: dict, step: int) -> None:
+        metrics = {k: (v.item() if torch.is_tensor(v) else v) for k, v in metrics.items()}
+        self.accelerator.log(metrics, step=step)
+        if self.accelerator.is_main_process:
+            with open(self.path, "a") as file:
+                file.write(json.dumps({"step": step, "time": round(time.time(), 1), **metrics}) + "\n")
+
+
+class Checkpoints:
+    """`<stage>/checkpoints/step_NNNNNNN`, each written under a temporary name, then renamed.
+
+    A folder whose name starts with a dot is an unfinished write and is never resumed from.
+    """
+
+    def __init__(self, directory: Path, keep: int):
+        self.directory, self.keep = Path(directory), keep
+
+    def all(self) -> list[Path]:
+        if not self.directory.exists():
+            return []
+        found = [p for p in self.directory.iterdir() if p.name.startswith(CHECKPOINT_PREFIX) and (p / PROGRESS_FILE).exists()]
+        return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+
+    def newest(self) -> Path | None:
+        found = self.all()
+        return found[-1] if found else None
+
+    def save(self, accelerator: Accelerator, progress: dict) -> Path:
+        """Save the accelerator's state plus `progress` (a JSON dict holding at least `step`)."""
+        step = progress["step"]
+        final = self.directory / f"{CHECKPOINT_PREFIX}{step:07d}"
+        staging = self.directory / f".tmp-{final.name}"
+        if accelerator.is_main_process:
+            shutil.rmtree(staging, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(staging))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            (staging / PROGRESS_FILE).write_text(json.dumps(progress) + "\n")
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(staging, final)
+            for old in self.all()[: -self.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        return final
+
+    def load(self, accelerator: Accelerator, checkpoint: Path) -> dict:
+        accelerator.load_state(str(checkpoint))
+        return json.loads((checkpoint / PROGRESS_FILE).read_text())
+
+
+def check_can_start(checkpoints: Checkpoints, config: LoopConfig, what: str) -> None:
+    """Refuse, before any work, to resume from nothing or to train over an existing run."""
+    newest = checkpoints.newest()
+    if config.resume and newest is None:
+        raise UserError(f"--resume found no checkpoint in {checkpoints.directory}; run without --resume to start {what}")
+    if newest is not None and not (config.resume or config.overwrite):
+        raise UserError(
+            f"{checkpoints.directory} already holds a run of {what} (checkpoint {newest.name}); pass --resume to "
+            f"continue it, --overwrite to start again, or choose another --run-dir"
+        )
+
+
+def start_or_resume(accelerator: Accelerator, checkpoints: Checkpoints, config: LoopConfig, what: str) -> dict:
+    """Load the newest checkpoint with --resume and return its progress; else start at step 0."""
+    check_can_start(checkpoints, config, what)
+    if config.resume:
+        newest = checkpoints.newest()
+        progress = checkpoints.load(accelerator, newest)
+        accelerator.print(f"Resuming {what} from step {progress['step']} ({newest})")
+        return progress
+    if checkpoints.directory.exists() and accelerator.is_main_process:
+        shutil.rmtree(checkpoints.directory)
+    accelerator.wait_for_everyone()
+    return {"step": 0}
+
+
+def format_duration(seconds: float) -> str:
+    minutes, seconds = divmod(int(round(seconds)), 60)
+    return f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"

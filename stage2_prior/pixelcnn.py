@@ -1,0 +1,142 @@
+"""Gated PixelCNN prior over code maps (van den Oord et al. 2016, "Conditional Image
+Generation with PixelCNN Decoders").
+
+A vertical stack sees the rows above, a horizontal stack the codes to the left in the
+current row; joining them at every layer leaves no blind spot. Each layer is a gated unit
+tanh(a) * sigmoid(b) with the class embedding added inside the gate.
+
+Because the vertical stack never looks at the current row, generation runs it once per
+row, on the rows generated so far, and runs only the horizontal stack, on the current row
+up to the current column, once per code: the caching idea of Ramachandran et al. 2017
+("Fast Generation for Convolutional Autoregressive Models") at the granularity of rows.
+"""
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from huggingface_hub import PyTorchModelHubMixin
+from torch import nn
+from tqdm.auto import tqdm
+
+from stage2_prior.sampling import guide, prepare_labels, sample_logits, with_null_labels
+
+
+def gate(x: torch.Tensor) -> torch.Tensor:
+    a, b = x.chunk(2, dim=1)
+    return torch.tanh(a) * torch.sigmoid(b)
+
+
+def shift_down(x: torch.Tensor) -> torch.Tensor:
+    """Row i receives row i-1, so whatever reads it sees only rows strictly above."""
+    return F.pad(x, (0, 0, 1, 0))[:, :, :-1]
+
+
+def shift_right(x: torch.Tensor) -> torch.Tensor:
+    return F.pad(x, (1, 0))[..., :-1]
+
+
+class GatedLayer(nn.Module):
+    def __init__(self, channels: int, kernel: int, num_labels: int, first: bool):
+        super().__init__()
+        self.half, self.first = kernel // 2, first
+        self.vertical_conv = nn.Conv2d(channels, 2 * channels, (self.half + 1, kernel))
+        self.vertical_to_horizontal = nn.Conv2d(2 * channels, 2 * channels, 1)
+        self.horizontal_conv = nn.Conv2d(channels, 2 * channels, (1, self.half + 1))
+        self.horizontal_out = nn.Conv2d(channels, channels, 1)
+        self.skip = nn.Conv2d(channels, channels, 1)
+        self.label_bias = nn.Embedding(num_labels, 4 * channels)
+
+    def vertical(self, v, label_bias):
+        """v [B, C, H, W] -> (next v, the shifted-down contribution to the horizontal stack)."""
+        pre = self.vertical_conv(F.pad(v, (self.half, self.half, self.half, 0)))
+        return gate(pre + label_bias[:, : pre.shape[1]]), shift_down(self.vertical_to_horizontal(pre))
+
+    def horizontal(self, h, from_vertical, label_bias):
+        """h [B, C, H, W] -> (next h, skip). The first layer does not see the current code."""
+        source = shift_right(h) if self.first else h
+        pre = self.horizontal_conv(F.pad(source, (self.half, 0))) + from_vertical
+        gated = gate(pre + label_bias[:, pre.shape[1]:])
+        out = self.horizontal_out(gated)
+        return (out if self.first else h + out), self.skip(gated)
+
+
+class GatedPixelCNN(nn.Module, PyTorchModelHubMixin):
+    def __init__(
+        self,
+        codebook_size: int = 512,
+        map_height: int = 8,
+        map_width: int = 8,
+        num_classes: int = 10,
+        channels: int = 128,
+        layers: int = 12,
+        kernel_size: int = 5,
+        prior: str = "pixelcnn",
+        codes_source: str = "",
+    ):
+        super().__init__()
+        if kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be odd, got {kernel_size}")
+        self.codebook_size, self.map_shape, self.num_classes = codebook_size, (map_height, map_width), num_classes
+        self.prior, self.codes_source = prior, codes_source  # stored in config.json
+        self.embed = nn.Embedding(codebook_size, channels)
+        self.layers = nn.ModuleList(
+            GatedLayer(channels, kernel_size, num_classes + 1, first=i == 0) for i in range(layers)
+        )
+        self.head = nn.Sequential(nn.ReLU(), nn.Conv2d(channels, channels, 1), nn.ReLU(), nn.Conv2d(channels, codebook_size, 1))
+
+    @property
+    def null_label(self) -> int:
+        return self.num_classes
+
+    def _label_biases(self, labels):
+        return [rearrange(layer.label_bias(labels), "b c -> b c 1 1") for layer in self.layers]
+
+    def vertical_stack(self, codes, biases):
+        """Per layer, what the horizontal stack receives from above, for the rows in `codes`."""
+        v = rearrange(self.embed(codes), "b h w c -> b c h w")
+        contributions = []
+        for layer, bias in zip(self.layers, biases):
+            v, contribution = layer.vertical(v, bias)
+            contributions.append(contribution)
+        return contributions
+
+    def horizontal_stack(self, codes, contributions, biases):
+        h = rearrange(self.embed(codes), "b h w c -> b c h w")
+        skip = 0
+        for layer, contribution, bias in zip(self.layers, contributions, biases):
+            h, layer_skip = layer.horizontal(h, contribution, bias)
+            skip = skip + layer_skip
+        return self.head(skip)
+
+    def forward(self, codes: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """codes [B, h, w] -> logits [B, K, h, w]; position (i, j) sees only codes before it."""
+        labels = prepare_labels(len(codes), labels, self.num_classes, codes.device)
+        biases = self._label_biases(labels)
+        return self.horizontal_stack(codes, self.vertical_stack(codes, biases), biases)
+
+    @torch.no_grad()
+    def generate(self, n, labels=None, temperature=1.0, top_k=None, top_p=None, generator=None,
+                 guidance=1.0, cached=True, progress=False) -> torch.Tensor:
+        """Sample n code maps [n, h, w]. `cached=False` reruns the whole network per code."""
+        device = self.embed.weight.device
+        labels = prepare_labels(n, labels, self.num_classes, device)
+        labels = with_null_labels(labels, self.null_label, guidance)
+        biases = self._label_biases(labels)
+        height, width = self.map_shape
+        codes = torch.zeros(len(labels), height, width, dtype=torch.long, device=device)
+        bar = tqdm(total=height * width, desc="sampling codes", disable=not progress, leave=False)
+        for row in range(height):
+            if cached:
+                above = [c[:, :, row: row + 1] for c in self.vertical_stack(codes[:, : row + 1], biases)]
+            for col in range(width):
+                if cached:
+                    logits = self.horizontal_stack(
+                        codes[:, row: row + 1, : col + 1], [c[..., : col + 1] for c in above], biases
+                    )[:, :, 0, col]
+                else:
+                    logits = self.horizontal_stack(codes, self.vertical_stack(codes, biases), biases)[:, :, row, col]
+                sampled = sample_logits(guide(logits, guidance), temperature, top_k, top_p, generator)
+                codes[:, row, col] = sampled.repeat(len(labels) // n)
+                bar.update(1)
+        bar.close()
+        return codes[:n]

@@ -1,0 +1,79 @@
+"""Turning one step's logits into a sampled code: temperature, top-k, top-p."""
+
+import torch
+
+from stage1_vqvae.errors import UserError
+
+
+def check_sampling_args(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    if not temperature > 0:
+        raise UserError(f"--temperature {temperature} must be above 0 (1.0 samples the prior as trained)")
+    if top_k is not None and top_k < 1:
+        raise UserError(f"--top-k {top_k} must be at least 1")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise UserError(f"--top-p {top_p} must lie in (0, 1]")
+
+
+def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
+    """Set to -inf every logit outside the top k, and outside the smallest set whose
+    probability reaches top_p (the most likely code always stays)."""
+    logits = logits.float()
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        # drop a code when the codes before it already reach top_p
+        drop_sorted = (cumulative - sorted_logits.softmax(-1)) >= top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def sample_logits(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """logits [B, K] -> sampled codes [B]."""
+    probs = filter_logits(logits / temperature, top_k, top_p).softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def prepare_labels(n: int, labels, num_classes: int, device) -> torch.Tensor:
+    """Labels for n samples: None -> the null label (index num_classes); an int -> repeated.
+
+    The null label is the "no class" a prior learns through conditioning dropout.
+    """
+    null = num_classes
+    if labels is None:
+        return torch.full((n,), null, dtype=torch.long, device=device)
+    labels = torch.as_tensor(labels, dtype=torch.long, device=device).reshape(-1)
+    if labels.numel() == 1:
+        labels = labels.expand(n).clone()
+    if labels.numel() != n:
+        raise UserError(f"got {labels.numel()} labels for {n} samples; give one label or one per sample")
+    bad = labels[(labels < 0) | (labels > null)]
+    if bad.numel():
+        raise UserError(
+            f"label {bad[0].item()} is out of range for a prior trained on {num_classes} classes; "
+            f"use 0 to {num_classes - 1}" + (f", or {null} for no class" if num_classes else "")
+            if num_classes else f"label {bad[0].item()} given to an unconditional prior; drop --label"
+        )
+    return labels
+
+
+def with_null_labels(labels: torch.Tensor, null: int, guidance: float) -> torch.Tensor:
+    """For classifier-free guidance, run every sample twice: with its label and with none."""
+    return labels if guidance == 1.0 else torch.cat([labels, torch.full_like(labels, null)])
+
+
+def guide(logits: torch.Tensor, guidance: float) -> torch.Tensor:
+    """uncond + s * (cond - uncond), on the doubled batch from `with_null_labels`."""
+    if guidance == 1.0:
+        return logits
+    conditional, unconditional = logits.float().chunk(2)
+    return unconditional + guidance * (conditional - unconditional)

@@ -1,0 +1,158 @@
+"""Decoder-only transformer prior over raster-ordered code maps.
+
+The sequence is [class-or-null token, code 0, ..., code n-2]; output t predicts code t.
+Input t also carries the learned row and column embedding of the code it predicts, so
+the model always knows where it is writing. Blocks are pre-norm and use
+`scaled_dot_product_attention`. Generation keeps a preallocated key/value cache, so each
+new code costs one token's work instead of the whole prefix.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from huggingface_hub import PyTorchModelHubMixin
+from torch import nn
+from tqdm.auto import tqdm
+
+from stage2_prior.sampling import guide, prepare_labels, sample_logits, with_null_labels
+
+
+class KVCache:
+    """Keys and values of every layer for `length` positions, filled one position at a time."""
+
+    def __init__(self, layers, batch, heads, length, head_dim, device, dtype):
+        shape = (layers, batch, heads, length, head_dim)
+        self.keys = torch.zeros(shape, device=device, dtype=dtype)
+        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        self.filled = 0
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, width: int, heads: int, dropout: float):
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.proj_dropout = nn.Dropout(dropout)
+
+    def forward(self, x, cache: KVCache | None = None, layer: int = 0):
+        q, k, v = rearrange(self.qkv(x), "b t (three h d) -> three b h t d", three=3, h=self.heads)
+        if cache is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        else:  # the new positions attend to everything cached so far, and to each other causally
+            start, end = cache.filled, cache.filled + x.shape[1]
+            cache.keys[layer, :, :, start:end] = k
+            cache.values[layer, :, :, start:end] = v
+            k, v = cache.keys[layer, :, :, :end], cache.values[layer, :, :, :end]
+            mask = None
+            if x.shape[1] > 1:
+                mask = torch.ones(x.shape[1], end, dtype=torch.bool, device=x.device).tril(diagonal=start)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.proj_dropout(self.proj(rearrange(out, "b h t d -> b t (h d)")))
+
+
+class Block(nn.Module):
+    def __init__(self, width: int, heads: int, dropout: float):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.attention = SelfAttention(width, heads, dropout)
+        self.mlp = nn.Sequential(
+            nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width), nn.Dropout(dropout)
+        )
+
+    def forward(self, x, cache=None, layer=0):
+        x = x + self.attention(self.norm1(x), cache, layer)
+        return x + self.mlp(self.norm2(x))
+
+
+class TransformerPrior(nn.Module, PyTorchModelHubMixin):
+    def __init__(
+        self,
+        codebook_size: int = 512,
+        map_height: int = 8,
+        map_width: int = 8,
+        num_classes: int = 10,
+        width: int = 256,
+        layers: int = 4,
+        heads: int = 4,
+        dropout: float = 0.1,
+        prior: str = "transformer",
+        codes_source: str = "",
+    ):
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"width {width} must be a multiple of heads {heads}")
+        self.codebook_size, self.map_shape, self.num_classes = codebook_size, (map_height, map_width), num_classes
+        self.prior, self.codes_source = prior, codes_source  # stored in config.json
+        self.heads, self.num_layers, self.width = heads, layers, width
+        self.code_embed = nn.Embedding(codebook_size, width)
+        self.label_embed = nn.Embedding(num_classes + 1, width)  # the last one is "no class"
+        self.row_embed = nn.Parameter(torch.zeros(map_height, width))
+        self.col_embed = nn.Parameter(torch.zeros(map_width, width))
+        self.dropout = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(Block(width, heads, dropout) for _ in range(layers))
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, codebook_size, bias=False)
+        self.apply(self._init_weights)
+        nn.init.normal_(self.row_embed, std=0.02)
+        nn.init.normal_(self.col_embed, std=0.02)
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    @property
+    def null_label(self) -> int:
+        return self.num_classes
+
+    def _positions(self) -> torch.Tensor:
+        """[h*w, width]: the row plus column embedding of each code, in raster order."""
+        return rearrange(self.row_embed[:, None] + self.col_embed[None], "h w c -> (h w) c")
+
+    def _run(self, tokens, cache=None):
+        x = self.dropout(tokens)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cache, i)
+        if cache is not None:
+            cache.filled += tokens.shape[1]
+        return self.head(self.norm(x))
+
+    def forward(self, codes: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """codes [B, h, w] -> logits [B, K, h, w]; the logits of a code see only codes before it."""
+        batch, height, width = codes.shape
+        labels = prepare_labels(batch, labels, self.num_classes, codes.device)
+        previous = self.code_embed(rearrange(codes, "b h w -> b (h w)")[:, :-1])
+        tokens = torch.cat([self.label_embed(labels)[:, None], previous], dim=1) + self._positions()
+        logits = self._run(tokens)
+        return rearrange(logits, "b (h w) k -> b k h w", h=height, w=width)
+
+    @torch.no_grad()
+    def generate(self, n, labels=None, temperature=1.0, top_k=None, top_p=None, generator=None,
+                 guidance=1.0, cached=True, progress=False) -> torch.Tensor:
+        """Sample n code maps [n, h, w]; `guidance` > 1 applies classifier-free guidance.
+
+        `cached=False` reruns the whole prefix for every code, as most VQ-VAE repositories do.
+        """
+        device = self.code_embed.weight.device
+        labels = with_null_labels(prepare_labels(n, labels, self.num_classes, device), self.null_label, guidance)
+        batch, length = len(labels), self.map_shape[0] * self.map_shape[1]
+        positions = self._positions()
+        tokens = (self.label_embed(labels) + positions[0])[:, None]
+        cache = None
+        if cached:
+            dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else tokens.dtype
+            cache = KVCache(self.num_layers, batch, self.heads, length, self.width // self.heads, device, dtype)
+        codes = torch.zeros(batch, length, dtype=torch.long, device=device)
+        for t in tqdm(range(length), desc="sampling codes", disable=not progress, leave=False):
+            logits = self._run(tokens[:, -1:] if cached else tokens, cache)[:, -1]
+            sampled = sample_logits(guide(logits, guidance), temperature, top_k, top_p, generator)
+            codes[:, t] = sampled.repeat(batch // n)
+            if t + 1 < length:
+                next_token = self.code_embed(codes[:, t]) + positions[t + 1]
+                tokens = torch.cat([tokens, next_token[:, None]], dim=1)
+        return rearrange(codes[:n], "b (h w) -> b h w", h=self.map_shape[0])

@@ -1,0 +1,149 @@
+import subprocess
+import sys
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from stage1_vqvae import data as data_module
+from stage1_vqvae.data import DataConfig, from_hf_dataset, load_image_data
+from stage1_vqvae.errors import UserError
+from stage1_vqvae.train import TrainConfig, check_config
+from tests.conftest import REPO, cpu_env, write_image_folder
+
+
+def test_fashion_mnist_from_idx_files_is_padded_to_32_with_labels_and_class_names(tiny_fashion):
+    data = load_image_data(DataConfig())
+    assert data.train.images.shape == (64, 1, 32, 32) and data.train.images.dtype == torch.uint8
+    assert data.test.images.shape == (37, 1, 32, 32)
+    assert data.train.images[:, :, :2].sum() == 0  # the padding
+    assert data.num_classes == 10 and data.class_names[9] == "Ankle boot"
+    batch = data.train.__getitems__([3, 1])
+    assert torch.equal(batch["images"], data.train.images[[3, 1]]) and batch["labels"].dtype == torch.int64
+
+
+def test_folder_with_class_subfolders_gets_labels_and_a_seeded_split(tmp_path):
+    write_image_folder(tmp_path / "images", per_class=10)
+    config = DataConfig(dataset=str(tmp_path / "images"), image_size=16, test_fraction=0.25)
+    data = load_image_data(config)
+    assert len(data.train) + len(data.test) == 20 and len(data.test) == 5
+    assert data.class_names == ["circles", "squares"] and data.channels == 1
+    assert data.train.images.shape[1:] == (1, 16, 16)
+    again = load_image_data(config)
+    assert torch.equal(again.test.images, data.test.images)
+
+
+def test_folder_with_train_and_test_subfolders_and_rgb_images(tmp_path):
+    write_image_folder(tmp_path / "images" / "train", per_class=4, mode="RGB")
+    write_image_folder(tmp_path / "images" / "test", per_class=2, mode="RGB")
+    data = load_image_data(DataConfig(dataset=str(tmp_path / "images"), image_size=8))
+    assert (len(data.train), len(data.test), data.channels) == (8, 4, 3)
+    assert data.test.images.shape == (4, 3, 8, 8)
+
+
+def test_hub_style_dataset_with_other_columns_and_string_labels():
+    images = [Image.fromarray(np.full((12, 10), i * 20, dtype=np.uint8)) for i in range(6)]
+    table = datasets.Dataset.from_dict({"img": images, "kind": ["b", "a", "b", "a", "b", "a"]})
+    hub = datasets.DatasetDict({"train": table, "validation": table.select(range(2))})
+    config = DataConfig(image_column="img", label_column="kind", test_split="validation", image_size=8)
+    data = from_hf_dataset(hub, config, "someone/dataset")
+    assert data.class_names == ["a", "b"] and data.train.labels.tolist() == [1, 0, 1, 0, 1, 0]
+    assert data.train.images.shape == (6, 1, 8, 8)
+
+
+def test_a_split_larger_than_the_memory_limit_is_decoded_on_the_fly(tmp_path):
+    write_image_folder(tmp_path / "images", per_class=5)
+    data = load_image_data(DataConfig(dataset=str(tmp_path / "images"), image_size=8, max_memory_gb=0))
+    item = data.train[0]
+    assert isinstance(data.train, data_module.ArrowImages)
+    assert item["images"].shape == (1, 8, 8) and item["images"].dtype == torch.uint8
+
+
+# ---------------------------------------------------------------- bad input: one clear sentence each
+
+
+def test_unreadable_image_names_the_file(tmp_path):
+    write_image_folder(tmp_path / "images")
+    (tmp_path / "images" / "squares" / "broken.png").write_bytes(b"not a png at all")
+    with pytest.raises(UserError, match=r"cannot read image .*broken\.png.*remove or replace"):
+        load_image_data(DataConfig(dataset=str(tmp_path / "images"), image_size=8, test_fraction=0.01))
+
+
+def test_empty_split():
+    images = [Image.new("L", (8, 8))] * 3
+    hub = datasets.DatasetDict({
+        "train": datasets.Dataset.from_dict({"image": images}),
+        "test": datasets.Dataset.from_dict({"image": []}, features=datasets.Features({"image": datasets.Image()})),
+    })
+    with pytest.raises(UserError, match="split 'test' of x/y holds no images"):
+        from_hf_dataset(hub, DataConfig(image_size=8), "x/y")
+
+
+def test_missing_column_lists_the_columns_there_are():
+    hub = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"pixels": [1]}), "test": datasets.Dataset.from_dict({"pixels": [1]})})
+    with pytest.raises(UserError, match=r"no column 'image' \(columns: pixels\); pass --image-column"):
+        from_hf_dataset(hub, DataConfig(), "x/y")
+
+
+def test_missing_split_lists_the_splits_there_are():
+    hub = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"image": [Image.new("L", (8, 8))]})})
+    with pytest.raises(UserError, match=r"no split 'test' \(it has: train\)"):
+        from_hf_dataset(hub, DataConfig(), "x/y")
+
+
+def test_folder_without_images(tmp_path):
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    (tmp_path / "empty" / "notes.txt").write_text("hello")
+    with pytest.raises(UserError, match="holds no images"):
+        load_image_data(DataConfig(dataset=str(tmp_path / "empty")))
+
+
+def test_missing_folder(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        load_image_data(DataConfig(dataset=str(tmp_path / "nowhere")))
+
+
+def test_mixed_channel_counts_name_the_odd_file(tmp_path):
+    write_image_folder(tmp_path / "images", per_class=3)
+    Image.new("RGB", (20, 20), (255, 0, 0)).save(tmp_path / "images" / "squares" / "colour.png")
+    with pytest.raises(UserError, match=r"mixed channel counts: .*colour\.png has 3, the first had 1"):
+        load_image_data(DataConfig(dataset=str(tmp_path / "images"), image_size=8, test_fraction=0.01))
+
+
+@pytest.mark.parametrize("size,downsample,message", [
+    (30, 4, "cannot be divided by --downsample 4; use a multiple of 4, e.g. 32"),
+    (32, 3, "is not a power of two"),
+])
+def test_image_size_the_downsampling_cannot_divide(size, downsample, message):
+    with pytest.raises(UserError, match=message):
+        check_config(TrainConfig(image_size=size, downsample=downsample))
+
+
+def test_no_local_fashion_mnist_and_no_hub_says_what_to_install(monkeypatch, tmp_path):
+    monkeypatch.setenv("VQ_DATA_DIR", str(tmp_path))
+    monkeypatch.setattr(data_module, "DEBIAN_FASHION_MNIST_DIR", str(tmp_path / "none"))
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'zalando-datasets/fashion_mnist' on the Hub (LocalEntryNotFoundError)")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(UserError, match="apt-get install dataset-fashion-mnist.*VQ_DATA_DIR"):
+        load_image_data(DataConfig())
+
+
+def test_corrupt_idx_file(tmp_path, monkeypatch):
+    (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(b"garbage")
+    monkeypatch.setenv("VQ_DATA_DIR", str(tmp_path))
+    with pytest.raises(UserError, match="is not a readable IDX file"):
+        load_image_data(DataConfig())
+
+
+def test_the_command_line_prints_one_sentence_and_no_traceback(tmp_path):
+    command = [sys.executable, str(REPO / "stage1_vqvae" / "train.py"), "--run-dir", str(tmp_path), "--dataset", str(tmp_path / "missing")]
+    completed = subprocess.run(command, env=cpu_env(), capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 2
+    lines = [line for line in completed.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith("error: --dataset") and "does not exist" in lines[-1]
+    assert "Traceback" not in completed.stderr

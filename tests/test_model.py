@@ -1,0 +1,43 @@
+import pytest
+import torch
+
+from stage1_vqvae.model import VQVAE
+
+TINY = dict(hidden_channels=16, res_blocks=1, res_channels=8, codebook_size=16, code_dim=8)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("downsample", [2, 4, 8])
+def test_shapes_for_channels_and_downsampling(channels, downsample):
+    model = VQVAE(in_channels=channels, image_size=32, downsample=downsample, **TINY)
+    images = torch.rand(2, channels, 32, 32)
+    output = model(images)
+    assert output.reconstruction.shape == images.shape
+    codes = model.encode(images)
+    assert codes.shape == (2, 32 // downsample, 32 // downsample) == (2, *model.map_shape)
+    assert model.decode(codes).shape == images.shape
+
+
+def test_save_and_load_round_trip_gives_the_same_outputs(tmp_path):
+    torch.manual_seed(0)
+    model = VQVAE(in_channels=3, image_size=16, **TINY).eval()
+    model.train()(torch.rand(4, 3, 16, 16))  # move the EMA buffers away from their start
+    model.eval()
+    model.save_pretrained(tmp_path)
+    loaded = VQVAE.from_pretrained(str(tmp_path)).eval()
+    images = torch.rand(3, 3, 16, 16)
+    assert torch.equal(model.encode(images), loaded.encode(images))
+    assert torch.equal(model(images).reconstruction, loaded(images).reconstruction)
+    assert loaded.quantizer.l2_normalize is False and loaded.in_channels == 3
+
+
+def test_l2_normalised_lookup_uses_unit_codes():
+    model = VQVAE(image_size=16, l2_normalize=True, **TINY)
+    output = model(torch.rand(2, 1, 16, 16))
+    norms = output.quantizer.quantized.norm(dim=1)
+    assert torch.allclose(norms, torch.ones_like(norms), atol=1e-5)
+
+
+def test_downsample_must_be_a_power_of_two():
+    with pytest.raises(ValueError, match="power of two"):
+        VQVAE(downsample=3, **TINY)

@@ -1,0 +1,131 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from stage1_vqvae.errors import UserError
+from stage2_prior.pixelcnn import GatedPixelCNN
+from stage2_prior.sampling import filter_logits, sample_logits
+from stage2_prior.transformer import TransformerPrior
+
+K, H, W = 16, 4, 5
+
+
+def make_prior(kind: str, depth: int, num_classes: int = 3):
+    torch.manual_seed(depth)
+    if kind == "pixelcnn":
+        model = GatedPixelCNN(K, H, W, num_classes=num_classes, channels=16, layers=depth, kernel_size=5)
+    else:
+        model = TransformerPrior(K, H, W, num_classes=num_classes, width=32, layers=depth, heads=4)
+    return model.eval()
+
+
+PRIORS = [("pixelcnn", 2), ("pixelcnn", 4), ("transformer", 1), ("transformer", 3)]
+
+
+@pytest.mark.parametrize("kind,depth", PRIORS)
+def test_logits_do_not_change_when_codes_at_or_after_the_position_change(kind, depth):
+    model = make_prior(kind, depth)
+    codes = torch.randint(0, K, (2, H, W))
+    labels = torch.tensor([0, 2])
+    logits = model(codes, labels)
+    assert logits.shape == (2, K, H, W)
+    for position in range(H * W):
+        changed = codes.clone().view(2, -1)
+        changed[:, position:] = torch.randint(0, K, changed[:, position:].shape)
+        new_logits = model(changed.view(2, H, W), labels)
+        i, j = divmod(position, W)
+        assert torch.allclose(logits[:, :, i, j], new_logits[:, :, i, j], atol=1e-5), position
+
+
+@pytest.mark.parametrize("kind,depth", PRIORS)
+def test_every_position_depends_on_every_position_before_it(kind, depth):
+    """Gradients from each output reach every earlier input embedding: no blind spot."""
+    model = make_prior(kind, depth)
+    embedding = model.embed if kind == "pixelcnn" else model.code_embed
+    outputs = []
+    hook = embedding.register_forward_hook(lambda module, args, out: outputs.append(out.retain_grad() or out))
+    codes = torch.randint(0, K, (1, H, W))
+    logits = model(codes, torch.tensor([1]))
+    hook.remove()
+    for position in range(H * W):
+        for out in outputs:
+            out.grad = None
+        i, j = divmod(position, W)
+        logits[0, :, i, j].square().sum().backward(retain_graph=True)
+        influence = sum(out.grad.abs().sum(-1).flatten() for out in outputs if out.grad is not None)
+        if kind == "transformer":  # its input t is code t-1: pad so index q is code q
+            influence = F.pad(influence, (0, 1))
+        assert (influence[:position] > 0).all(), f"position {position} misses an earlier code"
+        assert (influence[position:] == 0).all(), f"position {position} sees itself or a later code"
+
+
+@pytest.mark.parametrize("kind", ["pixelcnn", "transformer"])
+def test_cached_and_uncached_generation_give_the_same_codes(kind):
+    model = make_prior(kind, 2)
+    for labels, guidance in ((None, 1.0), (torch.tensor([0, 1, 2]), 1.0), (torch.tensor([2, 2, 0]), 3.0)):
+        fast = model.generate(3, labels, generator=torch.Generator().manual_seed(5), guidance=guidance)
+        slow = model.generate(3, labels, generator=torch.Generator().manual_seed(5), guidance=guidance, cached=False)
+        assert fast.shape == (3, H, W) and fast.dtype == torch.long
+        assert torch.equal(fast, slow)
+
+
+def test_top_k_and_top_p_keep_the_specified_codes():
+    logits = torch.log(torch.tensor([[0.05, 0.5, 0.15, 0.3]]))
+    kept = lambda **kw: torch.isfinite(filter_logits(logits, **kw))[0].tolist()
+    assert kept(top_k=2) == [False, True, False, True]
+    assert kept(top_p=0.7) == [False, True, False, True]  # 0.5 < 0.7, 0.5 + 0.3 reaches it
+    assert kept(top_p=0.5) == [False, True, False, False]  # the top code alone reaches 0.5
+    assert kept(top_p=0.9) == [False, True, True, True]
+    assert kept(top_p=1.0) == [True, True, True, True]
+    assert kept(top_k=3, top_p=0.7) == [False, True, False, True]
+
+
+def test_temperature_sharpens_and_flattens_a_known_distribution():
+    probs = torch.tensor([0.1, 0.2, 0.7])
+    logits = probs.log().expand(40000, 3)
+    generator = torch.Generator().manual_seed(0)
+    for temperature in (0.5, 1.0, 2.0):
+        samples = sample_logits(logits, temperature=temperature, generator=generator)
+        frequency = torch.bincount(samples, minlength=3).float() / len(samples)
+        expected = probs ** (1 / temperature) / (probs ** (1 / temperature)).sum()
+        assert torch.allclose(frequency, expected, atol=0.01), (temperature, frequency, expected)
+
+
+@pytest.mark.parametrize("kind", ["pixelcnn", "transformer"])
+def test_a_tiny_prior_overfits_a_handful_of_maps(kind):
+    model = make_prior(kind, 2).train()
+    if kind == "transformer":
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+    codes = torch.randint(0, K, (6, H, W), generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(250):
+        loss = F.cross_entropy(model(codes, labels), codes)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    bits_per_code = loss.item() / math.log(2)
+    assert bits_per_code < 0.25 * math.log2(K), bits_per_code
+
+
+@pytest.mark.parametrize("kind", ["pixelcnn", "transformer"])
+def test_a_label_changes_the_output_and_the_null_label_works(kind):
+    model = make_prior(kind, 2)
+    codes = torch.randint(0, K, (1, H, W))
+    logits = {label: model(codes, torch.tensor([label])) for label in (0, 1, 3)}
+    assert not torch.allclose(logits[0], logits[1])
+    assert torch.equal(model(codes, None), logits[3])  # None means the null label, index num_classes
+    assert model.generate(2, None).shape == (2, H, W)
+
+
+@pytest.mark.parametrize("kind", ["pixelcnn", "transformer"])
+def test_a_label_out_of_range_is_a_clear_error(kind):
+    model = make_prior(kind, 1)
+    with pytest.raises(UserError, match="label 7 is out of range for a prior trained on 3 classes; use 0 to 2"):
+        model.generate(2, 7)
+    with pytest.raises(UserError, match="label -1 is out of range"):
+        model(torch.zeros(1, H, W, dtype=torch.long), torch.tensor([-1]))

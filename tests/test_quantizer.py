@@ -1,0 +1,93 @@
+import json
+import subprocess
+
+import torch
+
+from stage1_vqvae.quantizer import VectorQuantizer
+from tests.conftest import REPO, accelerate_command, cpu_env
+
+
+def test_indices_are_the_brute_force_nearest_codes():
+    torch.manual_seed(0)
+    quantizer = VectorQuantizer(codebook_size=37, dim=6, dead_code_steps=0)
+    z = torch.randn(3, 6, 5, 4)
+    output = quantizer.eval()(z)
+    flat = z.permute(0, 2, 3, 1).reshape(-1, 6)
+    expected = torch.cdist(flat, quantizer.codebook).argmin(1).view(3, 5, 4)
+    assert torch.equal(output.indices, expected)
+    assert torch.allclose(output.quantized, quantizer.codebook[expected].permute(0, 3, 1, 2))
+
+
+def test_distances_stay_fp32_under_bf16_autocast():
+    torch.manual_seed(1)
+    quantizer = VectorQuantizer(codebook_size=512, dim=64, dead_code_steps=0).eval()
+    # Codes close together: bf16 distances (8 bits of mantissa) would pick wrong neighbours.
+    quantizer.codebook.data = torch.randn(1, 64) + 1e-3 * torch.randn(512, 64)
+    z = quantizer.codebook.data[:64].T.reshape(1, 64, 8, 8).clone() + 1e-5
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        indices = quantizer(z).indices
+    assert torch.equal(indices.flatten(), torch.arange(64))
+
+
+def test_gradients_reach_the_encoder_through_the_straight_through_estimator():
+    quantizer = VectorQuantizer(codebook_size=8, dim=4, dead_code_steps=0)
+    z = torch.randn(2, 4, 3, 3, requires_grad=True)
+    output = quantizer(z)
+    (output.quantized.square().sum() + output.loss).backward()
+    assert z.grad is not None and z.grad.abs().sum() > 0
+
+
+def test_loss_based_codebook_gets_gradients():
+    quantizer = VectorQuantizer(codebook_size=8, dim=4, ema=False, dead_code_steps=0)
+    output = quantizer(torch.randn(2, 4, 3, 3))
+    output.loss.backward()
+    assert quantizer.codebook.grad.abs().sum() > 0
+
+
+def test_one_ema_step_equals_the_formula_written_out():
+    torch.manual_seed(2)
+    K, D, decay, eps = 5, 3, 0.9, 1e-5
+    quantizer = VectorQuantizer(codebook_size=K, dim=D, decay=decay, eps=eps, dead_code_steps=0).train()
+    old_size, old_avg = quantizer.cluster_size.clone(), quantizer.embed_avg.clone()
+    z = torch.randn(1, D, 4, 4)
+    flat = z.permute(0, 2, 3, 1).reshape(-1, D)
+    assigned = torch.cdist(flat, quantizer.codebook.detach()).argmin(1)
+    onehot = torch.nn.functional.one_hot(assigned, K).float()
+
+    quantizer(z)
+
+    size = decay * old_size + (1 - decay) * onehot.sum(0)
+    avg = decay * old_avg + (1 - decay) * onehot.T @ flat
+    n = size.sum()
+    smoothed = (size + eps) / (n + K * eps) * n
+    assert torch.allclose(quantizer.cluster_size, size)
+    assert torch.allclose(quantizer.embed_avg, avg, atol=1e-6)
+    assert torch.allclose(quantizer.codebook, avg / smoothed[:, None], atol=1e-6)
+
+
+def test_a_dead_code_is_restarted_from_encoder_outputs():
+    quantizer = VectorQuantizer(codebook_size=4, dim=2, dead_code_steps=3).train()
+    quantizer.steps_unused.zero_()
+    quantizer.codebook.data = torch.tensor([[0.0, 0.0], [100.0, 100.0], [-100.0, 100.0], [100.0, -100.0]])
+    quantizer.embed_avg.copy_(quantizer.codebook.data)
+    z = 0.01 * torch.randn(1, 2, 4, 4)  # every vector is nearest to code 0
+    for _ in range(3):
+        quantizer(z)
+    flat = z.permute(0, 2, 3, 1).reshape(-1, 2)
+    for code in (1, 2, 3):
+        distances = (flat - quantizer.codebook[code]).norm(dim=1)
+        assert distances.min() < 1e-6, f"code {code} was not re-seeded from an encoder output"
+    assert quantizer.steps_unused[1:].eq(0).all()
+
+
+def test_two_ddp_processes_end_with_identical_codebooks(tmp_path):
+    result = tmp_path / "result.json"
+    command = accelerate_command(2) + [str(REPO / "tests" / "ddp_quantizer_worker.py"), str(result)]
+    completed = subprocess.run(command, env=cpu_env(), capture_output=True, text=True, timeout=180)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    report = json.loads(result.read_text())
+    assert report["world_size"] == 2
+    assert report["inputs_differ"], "the two ranks must see different data for the test to mean anything"
+    assert report["restarts"] > 0, "the run must exercise the broadcast of restarted codes"
+    assert report["max_codebook_difference"] == 0.0
+    assert report["max_buffer_difference"] == 0.0

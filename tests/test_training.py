@@ -1,0 +1,114 @@
+import json
+import os
+import shutil
+import subprocess
+
+import pytest
+import torch
+from accelerate import Accelerator
+from safetensors.torch import load_file
+
+from stage1_vqvae import train
+from stage1_vqvae.codes import read_codes
+from stage1_vqvae.data import DataConfig, load_image_data
+from stage1_vqvae.errors import UserError
+from stage1_vqvae.model import VQVAE
+from tests.conftest import REPO, TINY_MODEL, accelerate_command, cpu_env
+
+
+def run_stage_one(run_dir, *extra):
+    train.main(["--run-dir", str(run_dir), *TINY_MODEL, *extra])
+
+
+def read_log(run_dir):
+    return [json.loads(line) for line in (run_dir / "vqvae" / "log.jsonl").read_text().splitlines()]
+
+
+def test_a_tiny_run_lowers_the_loss_and_writes_its_artifacts(tiny_fashion, tmp_path):
+    run_stage_one(tmp_path, "--max-steps", "150", "--log-every", "5", "--eval-every", "75", "--lr", "3e-3")
+    train_mse = [row["train/mse"] for row in read_log(tmp_path) if "train/mse" in row]
+    assert sum(train_mse[-3:]) / 3 < 0.5 * train_mse[0], train_mse
+    for name in ("config.json", "model.safetensors", "train_config.json", "final/model.safetensors"):
+        assert (tmp_path / "vqvae" / name).exists(), name
+    assert sorted(p.name for p in (tmp_path / "vqvae" / "reconstructions").iterdir()) == [
+        "step_0000075.png", "step_0000150.png"]
+    assert (tmp_path / "codes" / "metadata.json").exists()
+
+
+def test_resumed_run_ends_with_exactly_the_weights_of_an_uninterrupted_run(tiny_fashion, tmp_path):
+    flags = ["--max-steps", "12", "--checkpoint-every", "5", "--eval-every", "100", "--no-dump"]
+    run_stage_one(tmp_path / "straight", *flags)
+    run_stage_one(tmp_path / "resumed", *flags)
+    checkpoints = tmp_path / "resumed" / "vqvae" / "checkpoints"
+    # Forget everything after step 10, as if the run had been killed there.
+    shutil.rmtree(checkpoints / "step_0000012")
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step_0000010"]
+    run_stage_one(tmp_path / "resumed", *flags, "--resume")
+    straight = load_file(tmp_path / "straight" / "vqvae" / "final" / "model.safetensors")
+    resumed = load_file(tmp_path / "resumed" / "vqvae" / "final" / "model.safetensors")
+    assert straight.keys() == resumed.keys()
+    for name in straight:
+        assert torch.equal(straight[name], resumed[name]), name
+
+
+def test_an_interrupted_checkpoint_write_leaves_the_previous_one_loadable(tiny_fashion, tmp_path, monkeypatch, capsys):
+    flags = ["--max-steps", "6", "--checkpoint-every", "3", "--eval-every", "100", "--no-dump"]
+    real_save_state = Accelerator.save_state
+    calls = []
+
+    def save_state_then_die(self, output_dir=None, **kwargs):
+        calls.append(output_dir)
+        if len(calls) == 2:  # the second checkpoint: write part of it, then "get killed"
+            os.makedirs(output_dir, exist_ok=True)
+            with open(f"{output_dir}/model.safetensors", "wb") as half_written:
+                half_written.write(b"\0" * 10)
+            raise KeyboardInterrupt
+        return real_save_state(self, output_dir, **kwargs)
+
+    monkeypatch.setattr(Accelerator, "save_state", save_state_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run_stage_one(tmp_path, *flags)
+    monkeypatch.setattr(Accelerator, "save_state", real_save_state)
+    checkpoints = tmp_path / "vqvae" / "checkpoints"
+    assert (checkpoints / "step_0000003").exists() and (checkpoints / ".tmp-step_0000006").exists()
+    run_stage_one(tmp_path, *flags, "--resume")
+    assert "Resuming stage one from step 3" in capsys.readouterr().out
+    assert (checkpoints / "step_0000006").exists()
+
+
+def test_refuses_to_train_over_an_existing_run_or_to_resume_nothing(tiny_fashion, tmp_path):
+    with pytest.raises(UserError, match="found no checkpoint"):
+        run_stage_one(tmp_path, "--max-steps", "2", "--resume")
+    run_stage_one(tmp_path, "--max-steps", "2", "--no-dump")
+    weights = (tmp_path / "vqvae" / "model.safetensors").read_bytes()
+    with pytest.raises(UserError, match="--resume to continue it, --overwrite"):
+        run_stage_one(tmp_path, "--max-steps", "2")
+    assert (tmp_path / "vqvae" / "model.safetensors").read_bytes() == weights
+
+
+def test_decoding_the_stored_codes_equals_the_models_reconstruction(tiny_fashion, tmp_path):
+    run_stage_one(tmp_path, "--max-steps", "4")
+    model = VQVAE.from_pretrained(str(tmp_path / "vqvae")).eval()
+    data = load_image_data(DataConfig())
+    images = data.test.images.float() / 255
+    stored = read_codes(tmp_path / "codes", "test", vqvae=model)
+    assert stored.codes.dtype == torch.int64 and stored.codes.shape == (37, 8, 8)
+    assert torch.equal(stored.labels, data.test.labels)
+    assert stored.metadata.class_names[0] == "T-shirt/top"
+    assert torch.equal(model.decode(stored.codes), model.decode(model.encode(images)))
+
+
+def test_two_process_training_and_dump_write_every_image_exactly_once(tiny_fashion, tmp_path):
+    command = accelerate_command(2) + [
+        str(REPO / "stage1_vqvae" / "train.py"), "--run-dir", str(tmp_path), *TINY_MODEL,
+        "--max-steps", "3", "--batch-size", "5",
+    ]
+    completed = subprocess.run(command, env=cpu_env(VQ_DATA_DIR=str(tiny_fashion)), capture_output=True, text=True, timeout=240)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    model = VQVAE.from_pretrained(str(tmp_path / "vqvae")).eval()
+    data = load_image_data(DataConfig())
+    for split, dataset in (("train", data.train), ("test", data.test)):
+        stored = read_codes(tmp_path / "codes", split, vqvae=model)
+        assert len(stored.codes) == len(dataset)  # 64 and 37: none lost, none repeated
+        assert torch.equal(stored.codes, model.encode(dataset.images.float() / 255))
+        assert torch.equal(stored.labels, dataset.labels)
