@@ -49,24 +49,30 @@ class DataConfig:
     data_seed: int = field(default=0, metadata={"help": "seed of the train/test split of a folder"})
 
 
-class InMemoryImages(Dataset):
-    """A split held as one uint8 tensor; `__getitems__` hands out whole batches by index."""
+class InMemoryBatches(Dataset):
+    """Tensors of equal length held in memory; `__getitems__` hands out whole batches by
+    index, which the DataLoader uses instead of stacking items one by one."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor | None):
-        self.images, self.labels = images, labels
+    def __init__(self, **columns: torch.Tensor | None):
+        self.columns = {name: tensor for name, tensor in columns.items() if tensor is not None}
 
     def __len__(self):
-        return len(self.images)
+        return len(next(iter(self.columns.values())))
 
     def __getitems__(self, indices):
         index = torch.as_tensor(indices)
-        batch = {"images": self.images[index]}
-        if self.labels is not None:
-            batch["labels"] = self.labels[index]
-        return batch
+        return {name: tensor[index] for name, tensor in self.columns.items()}
 
     def __getitem__(self, i):
-        return {key: value[0] for key, value in self.__getitems__([i]).items()}
+        return {name: tensor[i] for name, tensor in self.columns.items()}
+
+
+class InMemoryImages(InMemoryBatches):
+    """A split of images held as one uint8 tensor [N, C, H, W], with its labels if any."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor | None):
+        super().__init__(images=images, labels=labels)
+        self.images, self.labels = images, labels
 
 
 class ArrowImages(Dataset):

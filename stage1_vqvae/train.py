@@ -5,24 +5,22 @@ code maps to runs/default/codes for stage two.
 """
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
 from torchvision.utils import make_grid, save_image
-from tqdm.auto import tqdm
 
 from stage1_vqvae.atomic import save_pretrained_atomic
-from stage1_vqvae.cli import parse_config, write_config
+from stage1_vqvae.cli import parse_config
 from stage1_vqvae.data import DataConfig, collate_batches, load_image_data
 from stage1_vqvae.dump_codes import dump
 from stage1_vqvae.errors import UserError, run_cli
 from stage1_vqvae.metrics import eval_loader, reconstruction_metrics, to_unit_range
 from stage1_vqvae.model import VQVAE
 from stage1_vqvae.training import (
-    Checkpoints, LoopConfig, check_can_start, MetricsLog, batches_from, format_duration, make_accelerator,
-    start_or_resume, total_steps, warmup_cosine,
+    Checkpoints, LoopConfig, check_can_start, format_duration, make_accelerator, run_training_loop, set_up_training,
 )
 
 
@@ -94,92 +92,53 @@ def main(argv=None):
 
     set_seed(config.seed)
     data = load_image_data(config)
-    model = build_model(config, data.channels)
-    optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=config.lr, weight_decay=config.weight_decay
+    train_loader = DataLoader(
+        data.train, batch_size=config.batch_size, shuffle=True, collate_fn=collate_batches,
+        drop_last=len(data.train) > config.batch_size,
     )
-    train_loader = DataLoader(data.train, batch_size=config.batch_size, shuffle=True, collate_fn=collate_batches, drop_last=len(data.train) > config.batch_size)
-    test_loader = eval_loader(data.test, config.batch_size * 4)
-    model, optimizer, train_loader, test_loader = accelerator.prepare(model, optimizer, train_loader, test_loader)
-    steps = total_steps(config, len(train_loader))
-    scheduler = warmup_cosine(optimizer, config.warmup_steps, steps)
-    accelerator.register_for_checkpointing(scheduler)
-
-    progress_state = start_or_resume(accelerator, checkpoints, config, "stage one")
-    step, best_mse = progress_state["step"], progress_state.get("best_mse", float("inf"))
-    if accelerator.is_main_process:
-        write_config(config, stage_dir / "train_config.json")
-        if step == 0:
-            (stage_dir / "log.jsonl").unlink(missing_ok=True)
-    log = MetricsLog(accelerator, stage_dir / "log.jsonl", "stage1_vqvae", asdict(config))
+    setup = set_up_training(
+        accelerator, config, stage_dir, checkpoints, build_model(config, data.channels), train_loader,
+        eval_loader(data.test, config.batch_size * 4), "stage one", {"best_mse": float("inf")},
+    )
+    model, state, log = setup.model, setup.state, setup.log
     unwrapped = accelerator.unwrap_model(model)
     grid_images = collate_batches([data.test[i] for i in range(min(config.grid_images, len(data.test)))])["images"]
     grid_images = grid_images.to(accelerator.device)
     accelerator.print(
         f"Stage one: {sum(p.numel() for p in unwrapped.parameters()) / 1e6:.2f}M parameters, {len(data.train)} train "
-        f"images from {data.source}, {steps} steps of {config.batch_size * accelerator.num_processes} images"
+        f"images from {data.source}, {setup.steps} steps of {config.batch_size * accelerator.num_processes} images"
     )
 
+    def train_step(batch):
+        images = to_unit_range(batch["images"])
+        output = model(images)
+        quantizer = output.quantizer
+        metrics = {"mse": output.reconstruction_loss, "commitment": quantizer.commitment,
+                   "perplexity": quantizer.perplexity, "codes_used": quantizer.usage}
+        return output.loss, metrics, len(images)
+
     def evaluate(step):
-        nonlocal best_mse
-        metrics = reconstruction_metrics(accelerator, model, test_loader)
+        metrics = reconstruction_metrics(accelerator, model, setup.test_loader)
         log.log({f"test/{k}": v for k, v in metrics.items()}, step)
         if accelerator.is_main_process:
             save_reconstruction_grid(unwrapped, grid_images, stage_dir / "reconstructions" / f"step_{step:07d}.png")
-            if metrics["mse"] < best_mse:
-                best_mse = metrics["mse"]
+            if metrics["mse"] < state["best_mse"]:
+                state["best_mse"] = metrics["mse"]
                 save_pretrained_atomic(unwrapped, stage_dir)
         accelerator.wait_for_everyone()
-        return metrics
+        return f"test mse {metrics['mse']:.5f}, psnr {metrics['psnr']:.2f} dB, codebook used {metrics['codebook_usage']:.1%}"
 
-    progress = tqdm(total=steps, initial=step, desc="stage one", disable=not accelerator.is_main_process)
-    model.train()
-    seen, clock = 0, time.time()
-    for epoch, batch in batches_from(accelerator, train_loader, step, config.gradient_accumulation_steps):
-        if step >= steps:
-            break
-        with accelerator.accumulate(model):
-            images = to_unit_range(batch["images"])
-            output = model(images)
-            accelerator.backward(output.loss)
-            if config.grad_clip and accelerator.sync_gradients:
-                accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        seen += len(images) * accelerator.num_processes
-        if not accelerator.sync_gradients:
-            continue
-        scheduler.step()
-        step += 1
-        progress.update(1)
-        if step % config.log_every == 0 or step == steps:
-            quantizer = output.quantizer
-            metrics = {
-                "train/mse": output.reconstruction_loss, "train/commitment": quantizer.commitment,
-                "train/perplexity": quantizer.perplexity, "train/codes_used": quantizer.usage,
-                "train/lr": scheduler.get_last_lr()[0], "train/images_per_s": seen / (time.time() - clock),
-                "epoch": epoch,
-            }
-            log.log(metrics, step)
-            progress.set_postfix(mse=f"{output.reconstruction_loss.item():.4f}", used=f"{quantizer.usage.item():.2f}")
-            seen, clock = 0, time.time()
-        if step % config.eval_every == 0 or step == steps:
-            metrics = evaluate(step)
-            progress.write(f"step {step}: test mse {metrics['mse']:.5f}, psnr {metrics['psnr']:.2f} dB, codebook used {metrics['codebook_usage']:.1%}")
-        if step % config.checkpoint_every == 0 or step == steps:
-            checkpoints.save(accelerator, {"step": step, "best_mse": best_mse})
-    progress.close()
+    run_training_loop(accelerator, config, setup, checkpoints, train_step, evaluate, "stage one")
 
     if accelerator.is_main_process:
         save_pretrained_atomic(unwrapped, stage_dir / "final")
     accelerator.wait_for_everyone()
-    summary = f"Stage one done in {format_duration(time.time() - started)}: best test mse {best_mse:.5f}, weights in {stage_dir}"
+    summary = f"best test mse {state['best_mse']:.5f}, weights in {stage_dir}"
     if config.dump:
         best = type(unwrapped).from_pretrained(str(stage_dir)).to(accelerator.device)
-        codes_dir = dump(accelerator, best, data, run_dir)
-        summary += f", code maps in {codes_dir}"
+        summary += f", code maps in {dump(accelerator, best, data, run_dir)}"
     accelerator.end_training()
-    accelerator.print(summary)
+    accelerator.print(f"Stage one done in {format_duration(time.time() - started)}: {summary}")
 
 
 if __name__ == "__main__":

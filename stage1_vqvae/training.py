@@ -9,14 +9,16 @@ import math
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, is_tensorboard_available
 from torch.optim.lr_scheduler import LambdaLR
+from tqdm.auto import tqdm
 
+from stage1_vqvae.cli import write_config
 from stage1_vqvae.errors import UserError
 
 CHECKPOINT_PREFIX = "step_"
@@ -36,7 +38,9 @@ class LoopConfig:
     warmup_steps: int = field(default=100, metadata={"help": "linear warm-up before the cosine decay"})
     grad_clip: float = field(default=1.0, metadata={"help": "clip gradients to this norm (0: off)"})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
-    mixed_precision: str = field(default="no", metadata={"help": "autocast dtype", "choices": ["no", "bf16", "fp16"]})
+    mixed_precision: str = field(
+        default="no", metadata={"help": "autocast dtype; auto: bf16 where the hardware has it", "choices": ["auto", "no", "bf16", "fp16"]}
+    )
     seed: int = field(default=0, metadata={"help": "seed of weights, data order and sampling"})
     log_every: int = field(default=25, metadata={"help": "log training metrics every N steps"})
     eval_every: int = field(default=500, metadata={"help": "evaluate on the test split every N steps"})
@@ -46,7 +50,20 @@ class LoopConfig:
     overwrite: bool = field(default=False, metadata={"help": "start again, deleting this stage's checkpoints"})
 
 
+def bf16_is_fast() -> bool:
+    """True on a CUDA GPU with bf16, or a CPU with AMX or AVX512-BF16 (about 1.8x faster here)."""
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " amx_bf16" in flags or " avx512_bf16" in flags
+
+
 def make_accelerator(config: LoopConfig, project_dir: Path) -> Accelerator:
+    if config.mixed_precision == "auto":
+        config.mixed_precision = "bf16" if bf16_is_fast() else "no"
     accelerator = Accelerator(
         mixed_precision=config.mixed_precision,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
@@ -189,6 +206,82 @@ def start_or_resume(accelerator: Accelerator, checkpoints: Checkpoints, config: 
         shutil.rmtree(checkpoints.directory)
     accelerator.wait_for_everyone()
     return {"step": 0}
+
+
+@dataclass
+class TrainingSetup:
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    train_loader: object
+    test_loader: object
+    scheduler: LambdaLR
+    steps: int
+    state: dict  # at least {"step": int}; saved in every checkpoint
+    log: "MetricsLog"
+
+
+def set_up_training(
+    accelerator: Accelerator, config: LoopConfig, stage_dir: Path, checkpoints: Checkpoints,
+    model, train_loader, test_loader, what: str, initial_state: dict,
+) -> TrainingSetup:
+    """Prepare everything with accelerate, then start at step 0 or resume from a checkpoint."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+    model, optimizer, train_loader, test_loader = accelerator.prepare(model, optimizer, train_loader, test_loader)
+    steps = total_steps(config, len(train_loader))
+    scheduler = warmup_cosine(optimizer, config.warmup_steps, steps)
+    accelerator.register_for_checkpointing(scheduler)
+    state = {**initial_state, **start_or_resume(accelerator, checkpoints, config, what)}
+    if accelerator.is_main_process:
+        write_config(config, stage_dir / "train_config.json")
+        if state["step"] == 0:
+            (stage_dir / "log.jsonl").unlink(missing_ok=True)
+    log = MetricsLog(accelerator, stage_dir / "log.jsonl", stage_dir.name, asdict(config))
+    return TrainingSetup(model, optimizer, train_loader, test_loader, scheduler, steps, state, log)
+
+
+def run_training_loop(
+    accelerator: Accelerator, config: LoopConfig, setup: TrainingSetup, checkpoints: Checkpoints,
+    train_step, evaluate, desc: str,
+) -> None:
+    """The loop both stages share: accumulate, clip, step, log, evaluate, checkpoint.
+
+    `train_step(batch)` returns (loss, metrics to log, items in the batch); `evaluate(step)`
+    returns a one-line summary and may record its best score in `state`, which is saved
+    with every checkpoint, so a resumed run knows it too.
+    """
+    model, optimizer, scheduler, state, steps = setup.model, setup.optimizer, setup.scheduler, setup.state, setup.steps
+    progress = tqdm(total=steps, initial=state["step"], desc=desc, disable=not accelerator.is_main_process)
+    model.train()
+    seen, clock = 0, time.time()
+    for epoch, batch in batches_from(accelerator, setup.train_loader, state["step"], config.gradient_accumulation_steps):
+        if state["step"] >= steps:
+            break
+        with accelerator.accumulate(model):
+            loss, metrics, items = train_step(batch)
+            accelerator.backward(loss)
+            if config.grad_clip and accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        seen += items * accelerator.num_processes
+        if not accelerator.sync_gradients:
+            continue
+        scheduler.step()
+        state["step"] = step = state["step"] + 1
+        progress.update(1)
+        if step % config.log_every == 0 or step == steps:
+            metrics = {f"train/{k}": (v.item() if torch.is_tensor(v) else v) for k, v in metrics.items()}
+            metrics.update({"train/lr": scheduler.get_last_lr()[0], "train/items_per_s": seen / (time.time() - clock), "epoch": epoch})
+            setup.log.log(metrics, step)
+            progress.set_postfix({k[6:]: f"{v:.4g}" for k, v in metrics.items() if k.startswith("train/") and k != "train/lr"}, refresh=False)
+            seen, clock = 0, time.time()
+        if step % config.eval_every == 0 or step == steps:
+            progress.write(f"step {step}: {evaluate(step)}")
+            model.train()
+        if step % config.checkpoint_every == 0 or step == steps:
+            checkpoints.save(accelerator, state)
+    progress.close()
 
 
 def format_duration(seconds: float) -> str:

@@ -72,12 +72,14 @@ class GatedPixelCNN(nn.Module, PyTorchModelHubMixin):
         kernel_size: int = 5,
         prior: str = "pixelcnn",
         codes_source: str = "",
+        class_names: list[str] | None = None,
     ):
         super().__init__()
         if kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be odd, got {kernel_size}")
         self.codebook_size, self.map_shape, self.num_classes = codebook_size, (map_height, map_width), num_classes
-        self.prior, self.codes_source = prior, codes_source  # stored in config.json
+        # stored in config.json: which prior, which VQ-VAE's codes, what the labels mean
+        self.prior, self.codes_source, self.class_names = prior, codes_source, class_names
         self.embed = nn.Embedding(codebook_size, channels)
         self.layers = nn.ModuleList(
             GatedLayer(channels, kernel_size, num_classes + 1, first=i == 0) for i in range(layers)

@@ -7,7 +7,6 @@ the model always knows where it is writing. Blocks are pre-norm and use
 new code costs one token's work instead of the whole prefix.
 """
 
-import math
 
 import torch
 import torch.nn.functional as F
@@ -80,12 +79,14 @@ class TransformerPrior(nn.Module, PyTorchModelHubMixin):
         dropout: float = 0.1,
         prior: str = "transformer",
         codes_source: str = "",
+        class_names: list[str] | None = None,
     ):
         super().__init__()
         if width % heads:
             raise ValueError(f"width {width} must be a multiple of heads {heads}")
         self.codebook_size, self.map_shape, self.num_classes = codebook_size, (map_height, map_width), num_classes
-        self.prior, self.codes_source = prior, codes_source  # stored in config.json
+        # stored in config.json: which prior, which VQ-VAE's codes, what the labels mean
+        self.prior, self.codes_source, self.class_names = prior, codes_source, class_names
         self.heads, self.num_layers, self.width = heads, layers, width
         self.code_embed = nn.Embedding(codebook_size, width)
         self.label_embed = nn.Embedding(num_classes + 1, width)  # the last one is "no class"

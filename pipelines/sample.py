@@ -1,0 +1,145 @@
+"""`python -m pipelines.sample --n 64`: new images from a trained run.
+
+Codes come from the run's prior, images from its VQ-VAE's decoder; on the GPU when there is
+one (bf16 autocast on CUDA), on every core otherwise.
+"""
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torchvision.utils import make_grid, save_image
+from tqdm.auto import tqdm
+
+from stage1_vqvae.cli import parse_config
+from stage1_vqvae.codes import weights_hash
+from stage1_vqvae.dump_codes import load_vqvae
+from stage1_vqvae.errors import UserError, run_cli
+from stage1_vqvae.training import use_all_cores
+from stage2_prior.priors import load_prior
+from stage2_prior.sampling import check_sampling_args
+
+
+@dataclass
+class SampleConfig:
+    run_dir: str = field(default="runs/default", metadata={"help": "run holding vqvae/ and prior/"})
+    n: int = field(default=64, metadata={"help": "how many images"})
+    batch_size: int = field(default=64, metadata={"help": "code maps sampled at once"})
+    label: str | None = field(default=None, metadata={"help": "a class name or index, or 'all' for one row per class"})
+    temperature: float = field(default=1.0, metadata={"help": "softmax temperature"})
+    top_k: int | None = field(default=None, metadata={"help": "sample among the k likeliest codes"})
+    top_p: float | None = field(default=None, metadata={"help": "sample among the likeliest codes of total probability p"})
+    guidance: float = field(default=1.0, metadata={"help": "classifier-free guidance scale (1: none)"})
+    seed: int = field(default=0, metadata={"help": "same seed, same device: same images"})
+    device: str = field(default="auto", metadata={"help": "where to sample", "choices": ["auto", "cuda", "mps", "cpu"]})
+    out: str | None = field(default=None, metadata={"help": "output folder (default: <run>/samples)"})
+    nrow: int = field(default=8, metadata={"help": "images per grid row"})
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but no CUDA GPU is visible; use --device auto or --device cpu")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UserError("--device mps was asked for but Apple's MPS is not available; use --device auto or --device cpu")
+    return torch.device(name)
+
+
+def autocast_for(device: torch.device):
+    """bf16 autocast on CUDA (the decoder and prior are bandwidth-bound there); none elsewhere."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(device.type, enabled=False)
+
+
+def load_run(run_dir: Path, device: torch.device):
+    """The run's VQ-VAE and prior, in eval mode on `device`, checked to belong together."""
+    vqvae = load_vqvae(run_dir)
+    prior = load_prior(run_dir / "prior")
+    if prior.codes_source and prior.codes_source != weights_hash(vqvae):
+        raise UserError(
+            f"the prior in {run_dir / 'prior'} was trained on codes of another VQ-VAE than {run_dir / 'vqvae'}; "
+            f"retrain it with `accelerate launch stage2_prior/train.py --run-dir {run_dir} --overwrite`"
+        )
+    return vqvae.to(device).eval(), prior.to(device).eval()
+
+
+def resolve_labels(label: str | None, n: int, prior) -> tuple[torch.Tensor | None, int | None]:
+    """--label -> (labels for every sample or None, grid row length or None)."""
+    if label is None:
+        return None, None
+    names = prior.class_names or []
+    if not prior.num_classes:
+        raise UserError(f"--label {label} was given but this prior is unconditional; drop --label")
+    if label == "all":
+        per_class = math.ceil(n / prior.num_classes)
+        return torch.arange(prior.num_classes).repeat_interleave(per_class), per_class
+    if label in names:
+        return torch.full((n,), names.index(label)), None
+    if label.lstrip("-").isdigit() and 0 <= int(label) < prior.num_classes:
+        return torch.full((n,), int(label)), None
+    raise UserError(
+        f"--label {label} is neither a class name nor an index from 0 to {prior.num_classes - 1}; "
+        f"classes: {', '.join(names) if names else prior.num_classes}; or use --label all"
+    )
+
+
+@torch.inference_mode()
+def sample_images(vqvae, prior, labels, n, config: SampleConfig, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """n code maps and their decoded images (on the CPU), in batches of --batch-size."""
+    generator = torch.Generator(device=device).manual_seed(config.seed)
+    codes, images = [], []
+    batches = range(0, n, config.batch_size)
+    for start in tqdm(batches, desc="sampling", unit="batch", disable=len(batches) == 1):
+        count = min(config.batch_size, n - start)
+        batch_labels = labels[start: start + count].to(device) if labels is not None else None
+        with autocast_for(device):
+            batch_codes = prior.generate(
+                count, batch_labels, temperature=config.temperature, top_k=config.top_k, top_p=config.top_p,
+                generator=generator, guidance=config.guidance, progress=len(batches) == 1,
+            )
+            batch_images = vqvae.decode(batch_codes)
+        codes.append(batch_codes.cpu())
+        images.append(batch_images.float().cpu())
+    return torch.cat(codes), torch.cat(images)
+
+
+def write_samples(images: torch.Tensor, codes: torch.Tensor, out: Path, nrow: int) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    save_image(make_grid(images, nrow=nrow, padding=2, pad_value=1.0), out / "grid.png")
+    for i, image in enumerate(images):
+        save_image(image, out / f"{i:04d}.png")
+    np.save(out / "codes.npy", codes.numpy().astype(np.uint16))
+
+
+def main(argv=None):
+    config = parse_config(SampleConfig, argv, description=__doc__.splitlines()[0])
+    if config.n < 1 or config.batch_size < 1:
+        raise UserError("--n and --batch-size must be at least 1")
+    check_sampling_args(config.temperature, config.top_k, config.top_p)
+    device = pick_device(config.device)
+    use_all_cores(device)
+    run_dir = Path(config.run_dir)
+    vqvae, prior = load_run(run_dir, device)
+    if config.guidance != 1.0 and not prior.num_classes:
+        raise UserError(f"--guidance {config.guidance} needs a class-conditional prior; this one is unconditional")
+    labels, row = resolve_labels(config.label, config.n, prior)
+    n = len(labels) if labels is not None else config.n
+    started = time.time()
+    codes, images = sample_images(vqvae, prior, labels, n, config, device)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.time() - started
+    out = Path(config.out) if config.out else run_dir / "samples"
+    write_samples(images, codes, out, row or config.nrow)
+    print(f"Wrote {n} samples to {out} (grid.png, 0000.png..., codes.npy) in {seconds:.2f}s: {n / seconds:.1f} images/s on {device}")
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,24 @@
+"""The two priors by name, and loading whichever one a folder holds."""
+
+import json
+from pathlib import Path
+
+from stage1_vqvae.errors import UserError
+from stage2_prior.pixelcnn import GatedPixelCNN
+from stage2_prior.transformer import TransformerPrior
+
+PRIORS = {"transformer": TransformerPrior, "pixelcnn": GatedPixelCNN}
+
+
+def load_prior(directory: Path):
+    """`from_pretrained` of the prior class named by the folder's config.json."""
+    directory = Path(directory)
+    config = directory / "config.json"
+    if not (directory / "model.safetensors").exists() or not config.exists():
+        raise UserError(
+            f"no prior in {directory}; train one with `accelerate launch stage2_prior/train.py --run-dir {directory.parent}`"
+        )
+    kind = json.loads(config.read_text()).get("prior")
+    if kind not in PRIORS:
+        raise UserError(f"{config} names prior {kind!r}, not one of {', '.join(PRIORS)}; retrain stage two")
+    return PRIORS[kind].from_pretrained(str(directory))

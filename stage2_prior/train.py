@@ -1,0 +1,171 @@
+"""Train a prior over the code maps: `accelerate launch stage2_prior/train.py [--prior pixelcnn]`.
+
+It reads `<run>/codes`, refuses maps that the VQ-VAE in `<run>/vqvae` did not write, and
+saves the prior with the best test NLL to `<run>/prior`.
+"""
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from torchvision.utils import make_grid, save_image
+
+from stage1_vqvae.atomic import save_pretrained_atomic
+from stage1_vqvae.cli import parse_config
+from stage1_vqvae.codes import read_codes, weights_hash
+from stage1_vqvae.data import InMemoryBatches, collate_batches
+from stage1_vqvae.dump_codes import load_vqvae
+from stage1_vqvae.errors import UserError, run_cli
+from stage1_vqvae.metrics import eval_loader
+from stage1_vqvae.training import (
+    Checkpoints, LoopConfig, check_can_start, format_duration, make_accelerator, run_training_loop, set_up_training,
+)
+from stage2_prior.priors import PRIORS
+
+LOG2 = math.log(2)
+
+
+@dataclass
+class PriorConfig:
+    prior: str = field(default="transformer", metadata={"help": "which prior", "choices": list(PRIORS)})
+    unconditional: bool = field(default=False, metadata={"help": "ignore the labels even when the maps have them"})
+    label_dropout: float = field(default=0.1, metadata={"help": "fraction of examples trained without their label"})
+    width: int = field(default=256, metadata={"help": "transformer width"})
+    layers: int = field(default=4, metadata={"help": "transformer blocks"})
+    heads: int = field(default=4, metadata={"help": "transformer attention heads"})
+    dropout: float = field(default=0.1, metadata={"help": "transformer dropout"})
+    channels: int = field(default=128, metadata={"help": "PixelCNN channels"})
+    pixelcnn_layers: int = field(default=12, metadata={"help": "PixelCNN gated layers"})
+    kernel_size: int = field(default=5, metadata={"help": "PixelCNN kernel size (odd)"})
+
+
+@dataclass
+class TrainConfig(LoopConfig, PriorConfig):
+    epochs: float = field(default=6.0, metadata={"help": "passes over the train maps (ignored with --max-steps)"})
+    batch_size: int = field(default=128, metadata={"help": "maps per process per step"})
+    lr: float = field(default=1e-3, metadata={"help": "peak learning rate of AdamW"})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
+    grid_samples: int = field(default=32, metadata={"help": "samples in each evaluation grid"})
+
+
+def build_prior(config: TrainConfig, codebook_size: int, map_shape, class_names: list[str] | None, source: str):
+    common = dict(codebook_size=codebook_size, map_height=map_shape[0], map_width=map_shape[1],
+                  num_classes=len(class_names or []), codes_source=source, class_names=class_names)
+    if config.prior == "transformer":
+        return PRIORS["transformer"](width=config.width, layers=config.layers, heads=config.heads, dropout=config.dropout, **common)
+    if config.kernel_size % 2 == 0:
+        raise UserError(f"--kernel-size {config.kernel_size} must be odd, e.g. {config.kernel_size + 1}")
+    return PRIORS["pixelcnn"](channels=config.channels, layers=config.pixelcnn_layers, kernel_size=config.kernel_size, **common)
+
+
+def drop_labels(labels: torch.Tensor, null: int, fraction: float) -> torch.Tensor:
+    """Replace a random fraction of labels by the null label, so the prior also learns p(codes)."""
+    if fraction <= 0:
+        return labels
+    return torch.where(torch.rand(labels.shape, device=labels.device) < fraction, torch.full_like(labels, null), labels)
+
+
+@torch.no_grad()
+def test_nll(accelerator, model, loader) -> float:
+    """Mean negative log-likelihood in bits per code over the whole (gathered) test split."""
+    model.eval()
+    total, count = 0.0, 0
+    for batch in loader:
+        with accelerator.autocast():
+            logits = model(batch["codes"], batch.get("labels"))
+        per_map = F.cross_entropy(logits.float(), batch["codes"], reduction="none").flatten(1).sum(1)
+        per_map = accelerator.gather_for_metrics(per_map)
+        total, count = total + per_map.sum().item(), count + per_map.numel() * batch["codes"][0].numel()
+    return total / count / LOG2
+
+
+@torch.no_grad()
+def save_sample_grid(prior, vqvae, count: int, path: Path, seed: int = 0) -> None:
+    """Decode `count` samples (cycling through the classes, if any) into a PNG grid."""
+    labels = torch.arange(count) % prior.num_classes if prior.num_classes else None
+    generator = torch.Generator(device=vqvae.quantizer.codebook.device).manual_seed(seed)
+    codes = prior.generate(count, labels, generator=generator)
+    images = vqvae.decode(codes).float().cpu()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nrow = prior.num_classes if prior.num_classes and count % prior.num_classes == 0 else 8
+    save_image(make_grid(images, nrow=nrow, padding=1, pad_value=1.0), path)
+
+
+def main(argv=None):
+    config = parse_config(TrainConfig, argv, description=__doc__.splitlines()[0])
+    started = time.time()
+    run_dir = Path(config.run_dir)
+    stage_dir = run_dir / "prior"
+    accelerator = make_accelerator(config, stage_dir)
+    checkpoints = Checkpoints(stage_dir / "checkpoints", config.keep_checkpoints)
+    check_can_start(checkpoints, config, "stage two")
+
+    from accelerate.utils import set_seed
+
+    set_seed(config.seed)
+    vqvae = load_vqvae(run_dir).to(accelerator.device).eval()
+    train_maps = read_codes(run_dir / "codes", "train", vqvae=vqvae)
+    test_maps = read_codes(run_dir / "codes", "test")
+    metadata = train_maps.metadata
+    conditional = train_maps.labels is not None and not config.unconditional and metadata.class_names
+    class_names = metadata.class_names if conditional else None
+    num_classes = len(class_names or [])
+    prior = build_prior(config, metadata.codebook_size, (metadata.map_height, metadata.map_width), class_names, weights_hash(vqvae))
+
+    def maps(split):
+        return InMemoryBatches(codes=split.codes, labels=split.labels if conditional else None)
+
+    train_loader = DataLoader(
+        maps(train_maps), batch_size=config.batch_size, shuffle=True, collate_fn=collate_batches,
+        drop_last=len(train_maps.codes) > config.batch_size,
+    )
+    setup = set_up_training(
+        accelerator, config, stage_dir, checkpoints, prior, train_loader,
+        eval_loader(maps(test_maps), config.batch_size * 4), "stage two", {"best_nll": float("inf")},
+    )
+    model, state, log = setup.model, setup.state, setup.log
+    unwrapped = accelerator.unwrap_model(model)
+    image_dims = vqvae.in_channels * vqvae.image_size**2
+    codes_per_map = metadata.map_height * metadata.map_width
+    accelerator.print(
+        f"Stage two: {config.prior} prior of {sum(p.numel() for p in unwrapped.parameters()) / 1e6:.2f}M parameters, "
+        f"{len(train_maps.codes)} train maps of {metadata.map_height}x{metadata.map_width} codes (K={metadata.codebook_size}), "
+        f"{'conditional on ' + str(num_classes) + ' classes' if num_classes else 'unconditional'}, {setup.steps} steps"
+    )
+
+    def train_step(batch):
+        labels = batch.get("labels")
+        if labels is not None:
+            labels = drop_labels(labels, unwrapped.null_label, config.label_dropout)
+        logits = model(batch["codes"], labels)
+        loss = F.cross_entropy(logits.float(), batch["codes"])
+        return loss, {"nll_bits_per_code": loss.detach() / LOG2}, len(batch["codes"])
+
+    def evaluate(step):
+        nll = test_nll(accelerator, model, setup.test_loader)
+        bits_per_dim = nll * codes_per_map / image_dims
+        log.log({"test/nll_bits_per_code": nll, "test/prior_bits_per_dim": bits_per_dim}, step)
+        if accelerator.is_main_process:
+            save_sample_grid(unwrapped.eval(), vqvae, config.grid_samples, stage_dir / "samples" / f"step_{step:07d}.png", config.seed)
+            if nll < state["best_nll"]:
+                state["best_nll"] = nll
+                save_pretrained_atomic(unwrapped, stage_dir)
+        accelerator.wait_for_everyone()
+        return f"test nll {nll:.4f} bits/code, prior {bits_per_dim:.4f} bits/dim"
+
+    run_training_loop(accelerator, config, setup, checkpoints, train_step, evaluate, "stage two")
+    if accelerator.is_main_process:
+        save_pretrained_atomic(unwrapped, stage_dir / "final")
+    accelerator.end_training()
+    accelerator.print(
+        f"Stage two done in {format_duration(time.time() - started)}: best test nll {state['best_nll']:.4f} bits/code, "
+        f"prior in {stage_dir}, sample grids in {stage_dir / 'samples'}"
+    )
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,96 @@
+import json
+import shutil
+
+import pytest
+import torch
+
+from stage1_vqvae import train as stage_one
+from stage1_vqvae.codes import read_metadata
+from stage1_vqvae.errors import UserError
+from stage2_prior import train as stage_two
+from stage2_prior.priors import load_prior
+from tests.conftest import TINY_MODEL
+
+TINY_PRIOR = ["--width", "32", "--layers", "2", "--heads", "2", "--channels", "16", "--pixelcnn-layers", "3",
+              "--batch-size", "16", "--warmup-steps", "2", "--grid-samples", "4"]
+
+
+@pytest.fixture(scope="module")
+def stage_one_run(tmp_path_factory, tiny_fashion_dir):
+    run_dir = tmp_path_factory.mktemp("run")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("VQ_DATA_DIR", str(tiny_fashion_dir))
+        stage_one.main(["--run-dir", str(run_dir), *TINY_MODEL, "--max-steps", "20"])
+    return run_dir
+
+
+def copy_run(stage_one_run, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(stage_one_run, run_dir)
+    return run_dir
+
+
+@pytest.mark.parametrize("prior", ["transformer", "pixelcnn"])
+def test_each_prior_trains_and_saves_the_best_weights_and_sample_grids(stage_one_run, tmp_path, prior):
+    run_dir = copy_run(stage_one_run, tmp_path)
+    stage_two.main(["--run-dir", str(run_dir), "--prior", prior, *TINY_PRIOR, "--max-steps", "30", "--eval-every", "15", "--log-every", "5"])
+    loaded = load_prior(run_dir / "prior")
+    assert loaded.prior == prior and loaded.num_classes == 10 and loaded.codebook_size == 16
+    assert json.loads((run_dir / "prior" / "config.json").read_text())["codes_source"] == read_metadata(run_dir / "codes").vqvae_sha256
+    log = [json.loads(line) for line in (run_dir / "prior" / "log.jsonl").read_text().splitlines()]
+    nll = [row["train/nll_bits_per_code"] for row in log if "train/nll_bits_per_code" in row]
+    assert nll[-1] < nll[0]
+    tests = [row for row in log if "test/nll_bits_per_code" in row]
+    assert len(tests) == 2 and all(row["test/prior_bits_per_dim"] > 0 for row in tests)
+    assert sorted(p.name for p in (run_dir / "prior" / "samples").iterdir()) == ["step_0000015.png", "step_0000030.png"]
+
+
+def test_unconditional_flag_ignores_labels(stage_one_run, tmp_path):
+    run_dir = copy_run(stage_one_run, tmp_path)
+    stage_two.main(["--run-dir", str(run_dir), "--unconditional", *TINY_PRIOR, "--max-steps", "2"])
+    assert load_prior(run_dir / "prior").num_classes == 0
+
+
+def test_missing_maps_name_the_command_that_makes_them(stage_one_run, tmp_path):
+    run_dir = copy_run(stage_one_run, tmp_path)
+    shutil.rmtree(run_dir / "codes")
+    with pytest.raises(UserError, match=r"no code maps in .*codes; .*stage1_vqvae/train.py.*dump_codes"):
+        stage_two.main(["--run-dir", str(run_dir), *TINY_PRIOR])
+
+
+def test_missing_vqvae_names_the_command_that_makes_it(tmp_path):
+    with pytest.raises(UserError, match=r"no VQ-VAE in .*; train one with `accelerate launch stage1_vqvae/train.py"):
+        stage_two.main(["--run-dir", str(tmp_path / "empty"), *TINY_PRIOR])
+
+
+def test_maps_with_another_codebook_size_are_refused_naming_both_numbers(stage_one_run, tmp_path):
+    run_dir = copy_run(stage_one_run, tmp_path)
+    path = run_dir / "codes" / "metadata.json"
+    metadata = json.loads(path.read_text())
+    metadata["codebook_size"] = 512
+    path.write_text(json.dumps(metadata))
+    with pytest.raises(UserError, match=r"codebook size 512 but the VQ-VAE has 16; re-encode them with `python -m stage1_vqvae.dump_codes"):
+        stage_two.main(["--run-dir", str(run_dir), *TINY_PRIOR])
+
+
+def test_maps_from_other_weights_are_refused(stage_one_run, tmp_path):
+    run_dir = copy_run(stage_one_run, tmp_path)
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(run_dir / "vqvae" / "model.safetensors")
+    weights["decoder.0.bias"] += 1.0
+    save_file(weights, run_dir / "vqvae" / "model.safetensors")
+    with pytest.raises(UserError, match="came from VQ-VAE weights .* not from the VQ-VAE beside them"):
+        stage_two.main(["--run-dir", str(run_dir), *TINY_PRIOR])
+
+
+def test_resume_of_stage_two_matches_an_uninterrupted_run(stage_one_run, tmp_path):
+    flags = [*TINY_PRIOR, "--max-steps", "8", "--checkpoint-every", "4", "--eval-every", "100"]
+    straight, resumed = copy_run(stage_one_run, tmp_path / "a"), copy_run(stage_one_run, tmp_path / "b")
+    stage_two.main(["--run-dir", str(straight), *flags])
+    stage_two.main(["--run-dir", str(resumed), *flags])
+    shutil.rmtree(resumed / "prior" / "checkpoints" / "step_0000008")
+    stage_two.main(["--run-dir", str(resumed), *flags, "--resume"])
+    a = load_prior(straight / "prior" / "final").state_dict()
+    b = load_prior(resumed / "prior" / "final").state_dict()
+    assert all(torch.equal(a[name], b[name]) for name in a)
