@@ -281,6 +281,8 @@ def run_training_loop(
             model.train()
         if step % config.checkpoint_every == 0 or step == steps:
             checkpoints.save(accelerator, state)
+        if step % config.eval_every == 0 or step % config.checkpoint_every == 0:
+            seen, clock = 0, time.time()  # throughput counts training only
     progress.close()
 
 

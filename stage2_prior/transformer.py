@@ -143,17 +143,17 @@ class TransformerPrior(nn.Module, PyTorchModelHubMixin):
         labels = with_null_labels(prepare_labels(n, labels, self.num_classes, device), self.null_label, guidance)
         batch, length = len(labels), self.map_shape[0] * self.map_shape[1]
         positions = self._positions()
-        tokens = (self.label_embed(labels) + positions[0])[:, None]
+        tokens = (self.label_embed(labels) + positions[0])[:, None]  # the cached path keeps only the newest
         cache = None
         if cached:
             dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else tokens.dtype
             cache = KVCache(self.num_layers, batch, self.heads, length, self.width // self.heads, device, dtype)
         codes = torch.zeros(batch, length, dtype=torch.long, device=device)
         for t in tqdm(range(length), desc="sampling codes", disable=not progress, leave=False):
-            logits = self._run(tokens[:, -1:] if cached else tokens, cache)[:, -1]
+            logits = self._run(tokens, cache)[:, -1]
             sampled = sample_logits(guide(logits, guidance), temperature, top_k, top_p, generator)
             codes[:, t] = sampled.repeat(batch // n)
             if t + 1 < length:
-                next_token = self.code_embed(codes[:, t]) + positions[t + 1]
-                tokens = torch.cat([tokens, next_token[:, None]], dim=1)
+                next_token = (self.code_embed(codes[:, t]) + positions[t + 1])[:, None]
+                tokens = next_token if cached else torch.cat([tokens, next_token], dim=1)
         return rearrange(codes[:n], "b (h w) -> b h w", h=self.map_shape[0])

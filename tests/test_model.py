@@ -41,3 +41,15 @@ def test_l2_normalised_lookup_uses_unit_codes():
 def test_downsample_must_be_a_power_of_two():
     with pytest.raises(ValueError, match="power of two"):
         VQVAE(downsample=3, **TINY)
+
+
+def test_ssim_is_one_for_equal_images_and_falls_with_noise():
+    from stage1_vqvae.metrics import ssim
+
+    torch.manual_seed(0)
+    images = torch.rand(4, 3, 32, 32)
+    assert torch.allclose(ssim(images, images), torch.ones(4))
+    noisy = (images + 0.2 * torch.randn_like(images)).clamp(0, 1)
+    values = ssim(images, noisy)
+    assert (values < 0.9).all() and (values > 0).all()
+    assert ssim(images, (images + 0.05 * torch.randn_like(images)).clamp(0, 1)).mean() > values.mean()

@@ -1,0 +1,243 @@
+"""`python -m pipelines.benchmark`: how fast each stage runs on this machine, side by side.
+
+It needs no trained run: models are built at the sizes of each configuration with random
+weights and fed synthetic inputs of the right shapes. Every figure is the median of several
+timed repetitions after a warm-up (synchronised on the GPU), shown with its spread.
+
+    python -m pipelines.benchmark --quick          # minutes on a laptop CPU
+    python -m pipelines.benchmark --device cuda    # the full set on a GPU
+"""
+
+import json
+import resource
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from pipelines.sample import autocast_for, pick_device
+from stage1_vqvae.cli import parse_config
+from stage1_vqvae.errors import UserError, run_cli
+from stage1_vqvae.model import VQVAE
+from stage1_vqvae.training import bf16_is_fast, use_all_cores
+from stage2_prior.pixelcnn import GatedPixelCNN
+from stage2_prior.transformer import TransformerPrior
+
+# Sizes of each configuration. "small" is the default run on the built-in data set; "large"
+# the scale of the VQ-VAE paper's ImageNet model (128x128x3 images, 32x32 maps, K=1024).
+CONFIGS = {
+    "small": dict(
+        channels=1, image_size=32, downsample=4, codebook_size=512, hidden=128, res_blocks=2,
+        transformer=dict(width=256, layers=4, heads=4), pixelcnn=dict(channels=128, layers=8),
+        train_batch=128, encode_batch=512, prior_batch=128, samples=64,
+    ),
+    "large": dict(
+        channels=3, image_size=128, downsample=4, codebook_size=1024, hidden=128, res_blocks=2,
+        transformer=dict(width=512, layers=12, heads=8), pixelcnn=dict(channels=128, layers=12),
+        train_batch=32, encode_batch=64, prior_batch=16, samples=64,
+    ),
+    "tiny": dict(  # for the test of the benchmark itself
+        channels=1, image_size=16, downsample=4, codebook_size=16, hidden=16, res_blocks=1,
+        transformer=dict(width=32, layers=1, heads=2), pixelcnn=dict(channels=8, layers=2),
+        train_batch=4, encode_batch=4, prior_batch=4, samples=2,
+    ),
+}
+# What `--quick` keeps of each configuration on a CPU: smaller batches, no naive sampling
+# of the large maps (1024 full-prefix passes per map would take hours).
+QUICK_LARGE = dict(train_batch=4, encode_batch=8, prior_batch=2, samples=2)
+
+
+@dataclass
+class BenchmarkConfig:
+    configs: str = field(default="small,large", metadata={"help": "comma-separated: small, large, tiny"})
+    device: str = field(default="auto", metadata={"help": "where to measure", "choices": ["auto", "cuda", "mps", "cpu"]})
+    quick: bool = field(default=False, metadata={"help": "fewer repetitions, and only the CPU-sized parts of 'large'"})
+    repeats: int | None = field(default=None, metadata={"help": "timed repetitions per figure (default 5, quick 3)"})
+    json: str | None = field(default=None, metadata={"help": "also write the results to this JSON file"})
+
+
+class Timer:
+    """Median and spread of `repeats` runs of fn after `warmup` runs, and the peak memory."""
+
+    def __init__(self, device: torch.device, repeats: int, warmup: int = 1):
+        self.device, self.repeats, self.warmup = device, repeats, warmup
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def __call__(self, fn) -> dict:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        for _ in range(self.warmup):
+            fn()
+        self._sync()
+        seconds = []
+        for _ in range(self.repeats):
+            start = time.perf_counter()
+            fn()
+            self._sync()
+            seconds.append(time.perf_counter() - start)
+        if self.device.type == "cuda":
+            memory, kind = torch.cuda.max_memory_allocated() / 2**20, "cuda max allocated"
+        else:
+            memory, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process peak RSS"
+        return {"seconds": statistics.median(seconds), "min": min(seconds), "max": max(seconds),
+                "peak_memory_mb": round(memory, 1), "memory_kind": kind}
+
+
+def row(config, stage, name, unit, items, timing) -> dict:
+    """Throughput in `unit` from a timing of `items` items, with the spread over repetitions."""
+    return {
+        "config": config, "stage": stage, "name": name, "unit": unit,
+        "value": items / timing["seconds"], "low": items / timing["max"], "high": items / timing["min"],
+        "seconds": timing["seconds"], "peak_memory_mb": timing["peak_memory_mb"], "memory_kind": timing["memory_kind"],
+    }
+
+
+def build_vqvae(sizes, device) -> VQVAE:
+    return VQVAE(
+        in_channels=sizes["channels"], image_size=sizes["image_size"], downsample=sizes["downsample"],
+        codebook_size=sizes["codebook_size"], hidden_channels=sizes["hidden"], res_blocks=sizes["res_blocks"],
+    ).to(device)
+
+
+def build_priors(sizes, device) -> dict:
+    side = sizes["image_size"] // sizes["downsample"]
+    common = dict(codebook_size=sizes["codebook_size"], map_height=side, map_width=side, num_classes=10)
+    return {
+        "transformer": TransformerPrior(**common, **sizes["transformer"], dropout=0.0).to(device),
+        "pixelcnn": GatedPixelCNN(**common, **sizes["pixelcnn"]).to(device),
+    }
+
+
+def stage_one_rows(name, sizes, device, timer, autocast_modes) -> list[dict]:
+    rows = []
+    images = torch.rand(sizes["train_batch"], sizes["channels"], sizes["image_size"], sizes["image_size"], device=device)
+    for label, dtype, memory_format in autocast_modes:
+        model = build_vqvae(sizes, device).to(memory_format=memory_format)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        batch = images.contiguous(memory_format=memory_format)
+
+        def train_step():
+            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                loss = model(batch).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        rows.append(row(name, "stage1", f"train {label}", "images/s", len(batch), timer(train_step)))
+    model = build_vqvae(sizes, device).eval()
+    encode_batch = torch.rand(sizes["encode_batch"], *images.shape[1:], device=device)
+    with autocast_for(device):
+        rows.append(row(name, "stage1", "encode (dump)", "images/s", len(encode_batch), timer(lambda: model.encode(encode_batch))))
+    return rows
+
+
+def stage_two_rows(name, sizes, device, timer, dtype) -> list[dict]:
+    rows = []
+    side = sizes["image_size"] // sizes["downsample"]
+    codes = torch.randint(0, sizes["codebook_size"], (sizes["prior_batch"], side, side), device=device)
+    labels = torch.randint(0, 10, (len(codes),), device=device)
+    for kind, prior in build_priors(sizes, device).items():
+        optimizer = torch.optim.AdamW(prior.parameters(), lr=1e-4)
+
+        def train_step():
+            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                loss = F.cross_entropy(prior(codes, labels).float(), codes)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        precision = "bf16" if dtype else "fp32"
+        rows.append(row(name, "stage2", f"train {kind} {precision}", "codes/s", codes.numel(), timer(train_step)))
+    return rows
+
+
+def sampling_rows(name, sizes, device, timer, naive: bool) -> tuple[list[dict], dict]:
+    """End to end: `samples` code maps from each prior, then the decoder; fast and naive loops."""
+    rows, speedups = [], {}
+    vqvae = build_vqvae(sizes, device).eval()
+    n = sizes["samples"]
+    labels = torch.arange(n, device=device) % 10
+    for kind, prior in build_priors(sizes, device).items():
+        prior.eval()
+        results = {}
+        for cached in (True, False) if naive else (True,):
+            def sample_and_decode():
+                with torch.inference_mode(), autocast_for(device):
+                    vqvae.decode(prior.generate(n, labels, cached=cached))
+
+            loop = "fast" if cached else "naive"
+            results[loop] = row(name, "sampling", f"{n} images, {kind}, {loop}", "images/s", n, timer(sample_and_decode))
+            rows.append(results[loop])
+        if naive:
+            speedups[kind] = results["naive"]["seconds"] / results["fast"]["seconds"]
+    return rows, speedups
+
+
+def run_benchmark(config: BenchmarkConfig) -> dict:
+    device = pick_device(config.device)
+    use_all_cores(device)
+    names = [name.strip() for name in config.configs.split(",") if name.strip()]
+    unknown = [name for name in names if name not in CONFIGS]
+    if unknown or not names:
+        raise UserError(f"--configs {config.configs} names no known configuration; choose from {', '.join(CONFIGS)}")
+    repeats = config.repeats or (3 if config.quick else 5)
+    timer = Timer(device, repeats)
+    fast_bf16 = device.type == "cuda" or bf16_is_fast()
+    results = {"device": describe(device), "torch": torch.__version__, "quick": config.quick, "repeats": repeats,
+               "rows": [], "speedup": {}}
+    for name in names:
+        sizes = dict(CONFIGS[name])
+        reduced = name == "large" and device.type == "cpu"
+        if reduced:
+            if not config.quick:
+                raise UserError("the large configuration on a CPU takes hours; add --quick for its CPU-sized parts, or use --configs small")
+            sizes.update(QUICK_LARGE)
+        modes = [("fp32", None, torch.contiguous_format)]
+        if fast_bf16:
+            modes += [("bf16", torch.bfloat16, torch.contiguous_format), ("bf16 channels_last", torch.bfloat16, torch.channels_last)]
+        results["rows"] += stage_one_rows(name, sizes, device, timer, modes)
+        results["rows"] += stage_two_rows(name, sizes, device, timer, torch.bfloat16 if fast_bf16 else None)
+        sampling, speedups = sampling_rows(name, sizes, device, timer, naive=not reduced)
+        results["rows"] += sampling
+        if speedups:
+            results["speedup"][name] = speedups
+    return results
+
+
+def describe(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{device.type} ({torch.get_num_threads()} threads)"
+
+
+def format_table(results: dict) -> str:
+    lines = [f"device: {results['device']}, torch {results['torch']}, median of {results['repeats']} (low-high)"]
+    lines.append(f"{'config':<7} {'stage':<9} {'figure':<40} {'value':>22} {'seconds':>9} {'peak MB':>9}")
+    for r in results["rows"]:
+        value = f"{r['value']:.4g} ({r['low']:.3g}-{r['high']:.3g})"
+        lines.append(f"{r['config']:<7} {r['stage']:<9} {r['name']:<40} {value:>22} {r['seconds']:>9.4f} {r['peak_memory_mb']:>9.0f}  {r['unit']}")
+    for name, speedups in results["speedup"].items():
+        for kind, factor in speedups.items():
+            lines.append(f"{name:<7} speed-up of the fast sampling loop over the naive one, {kind}: {factor:.1f}x")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    config = parse_config(BenchmarkConfig, argv, description=__doc__.splitlines()[0])
+    started = time.time()
+    results = run_benchmark(config)
+    print(format_table(results))
+    if config.json:
+        Path(config.json).write_text(json.dumps(results, indent=2) + "\n")
+        print(f"Wrote {config.json}")
+    print(f"Benchmark took {time.time() - started:.0f}s")
+
+
+if __name__ == "__main__":
+    run_cli(main)

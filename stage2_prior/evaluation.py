@@ -1,0 +1,22 @@
+"""Test negative log-likelihood of a prior, in bits per code."""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+LOG2 = math.log(2)
+
+
+@torch.no_grad()
+def test_nll(accelerator, model, loader) -> float:
+    """Mean NLL in bits per code over a prepared loader of {"codes", "labels"?} batches."""
+    model.eval()
+    total, count = 0.0, 0
+    for batch in loader:
+        with accelerator.autocast():
+            logits = model(batch["codes"], batch.get("labels"))
+        per_map = F.cross_entropy(logits.float(), batch["codes"], reduction="none").flatten(1).sum(1)
+        per_map = accelerator.gather_for_metrics(per_map)
+        total, count = total + per_map.sum().item(), count + per_map.numel() * batch["codes"][0].numel()
+    return total / count / LOG2

@@ -1,0 +1,31 @@
+import json
+import math
+
+import pytest
+
+from pipelines import benchmark
+from stage1_vqvae.errors import UserError
+
+
+def test_the_benchmark_runs_end_to_end_and_every_row_has_a_number(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    benchmark.main(["--configs", "tiny", "--repeats", "1", "--device", "cpu", "--json", str(out)])
+    results = json.loads(out.read_text())
+    names = [r["name"] for r in results["rows"]]
+    assert "train fp32" in names and "encode (dump)" in names
+    assert any(n.startswith("train transformer") for n in names) and any(n.startswith("train pixelcnn") for n in names)
+    assert sum("fast" in n for n in names) == 2 and sum("naive" in n for n in names) == 2
+    for r in results["rows"]:
+        for key in ("value", "low", "high", "seconds", "peak_memory_mb"):
+            assert isinstance(r[key], float) and math.isfinite(r[key]) and r[key] > 0, (r["name"], key)
+        assert r["low"] <= r["value"] <= r["high"]
+    assert set(results["speedup"]["tiny"]) == {"transformer", "pixelcnn"}
+    table = capsys.readouterr().out
+    assert "speed-up of the fast sampling loop" in table and "tiny" in table
+
+
+def test_unknown_configuration_and_large_on_cpu_without_quick_are_clear_errors():
+    with pytest.raises(UserError, match="--configs huge names no known configuration"):
+        benchmark.main(["--configs", "huge", "--device", "cpu"])
+    with pytest.raises(UserError, match="the large configuration on a CPU takes hours; add --quick"):
+        benchmark.main(["--configs", "large", "--device", "cpu"])

@@ -1,0 +1,140 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipelines import evaluate, sample
+from stage1_vqvae import train as stage_one
+from stage1_vqvae.errors import UserError
+from stage2_prior import train as stage_two
+from tests.conftest import REPO, TINY_MODEL, cpu_env
+from tests.test_stage2_training import TINY_PRIOR
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, tiny_fashion_dir):
+    """Both stages, a few steps each, on the tiny Fashion-MNIST look-alike."""
+    run_dir = tmp_path_factory.mktemp("pipeline") / "run"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("VQ_DATA_DIR", str(tiny_fashion_dir))
+        stage_one.main(["--run-dir", str(run_dir), *TINY_MODEL, "--max-steps", "10"])
+        _reset_accelerate()
+        stage_two.main(["--run-dir", str(run_dir), *TINY_PRIOR, "--max-steps", "6"])
+        _reset_accelerate()
+    return run_dir
+
+
+def _reset_accelerate():
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def test_end_to_end_sample_and_evaluate_write_every_file(trained_run, tiny_fashion, capsys):
+    sample.main(["--run-dir", str(trained_run), "--n", "4", "--device", "cpu"])
+    out = trained_run / "samples"
+    assert sorted(p.name for p in out.iterdir()) == ["0000.png", "0001.png", "0002.png", "0003.png", "codes.npy", "grid.png"]
+    assert np.load(out / "codes.npy").shape == (4, 8, 8)
+    assert Image.open(out / "0000.png").size == (32, 32)
+    assert "Wrote 4 samples" in capsys.readouterr().out
+
+    evaluate.main(["--run-dir", str(trained_run), "--n", "8", "--classifier-epochs", "1", "--batch-size", "8"])
+    metrics = json.loads((trained_run / "metrics.json").read_text())
+    for key in ("mse", "psnr", "ssim", "codebook_usage", "perplexity"):
+        assert isinstance(metrics["stage1"][key], float), key
+    assert 0 < metrics["stage2"]["nll_bits_per_code"] < 20
+    assert metrics["stage2"]["bits_per_dim"] == pytest.approx(
+        metrics["stage2"]["decoder_bits_per_dim"] + metrics["stage2"]["prior_bits_per_dim"])
+    assert metrics["samples"]["n"] == 8 and metrics["samples"]["fd"] >= 0 and metrics["samples"]["fd_floor"] >= 0
+    assert 0 <= metrics["samples"]["classifier_accuracy"] <= 1
+    assert (trained_run / "eval_classifier" / "model.safetensors").exists()
+    assert "stage2   nll_bits_per_code" in capsys.readouterr().out
+
+
+def test_the_same_seed_gives_the_same_images_and_another_seed_others(trained_run, tmp_path):
+    runs = {}
+    for name, seed in (("a", 3), ("b", 3), ("c", 4)):
+        sample.main(["--run-dir", str(trained_run), "--n", "6", "--batch-size", "4", "--seed", str(seed), "--out", str(tmp_path / name)])
+        runs[name] = np.load(tmp_path / name / "codes.npy")
+    assert np.array_equal(runs["a"], runs["b"])
+    assert not np.array_equal(runs["a"], runs["c"])
+    assert (tmp_path / "a" / "grid.png").read_bytes() == (tmp_path / "b" / "grid.png").read_bytes()
+
+
+def test_label_all_gives_one_row_per_class(trained_run, tmp_path):
+    sample.main(["--run-dir", str(trained_run), "--n", "20", "--label", "all", "--out", str(tmp_path)])
+    assert len(np.load(tmp_path / "codes.npy")) == 20
+    width, height = Image.open(tmp_path / "grid.png").size
+    assert (width, height) == (2 + 2 * 34, 2 + 10 * 34)  # 2 columns of 32 + padding 2, 10 rows
+    prior = sample.load_run(trained_run, torch.device("cpu"))[1]
+    labels, row = sample.resolve_labels("all", 20, prior)
+    assert row == 2 and labels.tolist() == [c for c in range(10) for _ in range(2)]
+    assert sample.resolve_labels("Sneaker", 3, prior)[0].tolist() == [7, 7, 7]
+    assert sample.resolve_labels("2", 2, prior)[0].tolist() == [2, 2]
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--label", "Hat"], "--label Hat is neither a class name nor an index from 0 to 9"),
+    (["--label", "10"], "--label 10 is neither a class name nor an index"),
+    (["--temperature", "0"], "--temperature 0.0 must be above 0"),
+    (["--top-p", "1.5"], "--top-p 1.5 must lie in"),
+    (["--top-k", "0"], "--top-k 0 must be at least 1"),
+    (["--n", "0"], "--n and --batch-size must be at least 1"),
+])
+def test_bad_sampling_flags_are_one_clear_sentence(trained_run, tmp_path, flags, message):
+    with pytest.raises(UserError, match=message):
+        sample.main(["--run-dir", str(trained_run), "--out", str(tmp_path), *flags])
+    assert not (tmp_path / "grid.png").exists()
+
+
+def test_a_run_without_a_vqvae_or_a_prior_names_the_command_that_makes_it(trained_run, tmp_path):
+    with pytest.raises(UserError, match="no VQ-VAE in .*stage1_vqvae/train.py"):
+        sample.main(["--run-dir", str(tmp_path / "nothing")])
+    import shutil
+
+    partial = tmp_path / "partial"
+    shutil.copytree(trained_run / "vqvae", partial / "vqvae")
+    with pytest.raises(UserError, match="no prior in .*stage2_prior/train.py"):
+        sample.main(["--run-dir", str(partial)])
+    with pytest.raises(UserError, match="no prior in"):
+        evaluate.main(["--run-dir", str(partial)])
+
+
+def test_a_prior_from_another_vqvae_is_refused(trained_run, tmp_path):
+    import shutil
+    from safetensors.torch import load_file, save_file
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    weights = load_file(run / "vqvae" / "model.safetensors")
+    weights["decoder.0.bias"] += 1.0
+    save_file(weights, run / "vqvae" / "model.safetensors")
+    with pytest.raises(UserError, match="was trained on codes of another VQ-VAE"):
+        sample.main(["--run-dir", str(run)])
+
+
+def test_cuda_paths_as_far_as_a_cpu_allows():
+    if torch.cuda.is_available():
+        assert sample.pick_device("auto").type == "cuda"
+        assert sample.pick_device("cuda").type == "cuda"
+    else:
+        assert sample.pick_device("auto").type in ("cpu", "mps")
+        with pytest.raises(UserError, match="--device cuda was asked for but no CUDA GPU is visible"):
+            sample.pick_device("cuda")
+    cuda_autocast = sample.autocast_for(torch.device("cuda"))
+    assert cuda_autocast.fast_dtype == torch.bfloat16 and cuda_autocast.device == "cuda"
+    assert sample.autocast_for(torch.device("cpu"))._enabled is False
+
+
+def test_the_sample_command_line_prints_one_sentence(tmp_path):
+    completed = subprocess.run(
+        [sys.executable, "-m", "pipelines.sample", "--run-dir", str(tmp_path / "none")],
+        env=cpu_env(), capture_output=True, text=True, timeout=120, cwd=REPO,
+    )
+    assert completed.returncode == 2 and "Traceback" not in completed.stderr
+    assert completed.stderr.strip().splitlines()[-1].startswith("error: no VQ-VAE in")
