@@ -20,6 +20,7 @@ import torch
 from accelerate import Accelerator
 
 from pipelines.classifier import FeatureClassifier, features_and_predictions, frechet_distance, train_classifier
+from pipelines.inception import cached_inception, inception_features
 from pipelines.sample import SampleConfig, load_run, pick_device, sample_images
 from stage1_vqvae.atomic import save_pretrained_atomic
 from stage1_vqvae.cli import parse_config
@@ -42,6 +43,9 @@ class EvaluateConfig:
     classifier_epochs: int = field(default=3, metadata={"help": "epochs of the feature classifier (trained once per run)"})
     seed: int = field(default=0, metadata={"help": "seed of the samples"})
     device: str = field(default="auto", metadata={"help": "where to run", "choices": ["auto", "cuda", "mps", "cpu"]})
+    inception: str = field(
+        default="auto", metadata={"help": "also Inception-v3 distances: auto = on a GPU when its weights are cached", "choices": ["auto", "on", "off"]}
+    )
 
 
 def decoder_bits_per_dim(mse: float) -> float:
@@ -83,6 +87,15 @@ def sample_metrics(vqvae, prior, data, classifier, config: EvaluateConfig, devic
     }
     if labels is not None:
         metrics["classifier_accuracy"] = (generated_predictions == labels).float().mean().item()
+    if config.inception == "on" or (config.inception == "auto" and device.type == "cuda"):
+        inception = cached_inception(device)
+        if inception is None and config.inception == "on":
+            raise UserError("--inception on, but torchvision's Inception-v3 weights are not in the torch hub cache; use --inception off")
+        if inception is not None:
+            real = inception_features(inception, test_images, device)
+            fake = inception_features(inception, generated, device)
+            metrics["fd_inception"] = frechet_distance(fake, real[n:])
+            metrics["fd_inception_floor"] = frechet_distance(real[:n], real[n:])
     return metrics
 
 

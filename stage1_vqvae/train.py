@@ -20,7 +20,7 @@ from stage1_vqvae.errors import UserError, run_cli
 from stage1_vqvae.metrics import eval_loader, reconstruction_metrics, to_unit_range
 from stage1_vqvae.model import VQVAE
 from stage1_vqvae.training import (
-    Checkpoints, LoopConfig, check_can_start, format_duration, make_accelerator, run_training_loop, set_up_training,
+    LoopConfig, format_duration, open_stage, run_training_loop, set_up_training,
 )
 
 
@@ -84,13 +84,7 @@ def main(argv=None):
     started = time.time()
     run_dir = Path(config.run_dir)
     stage_dir = run_dir / "vqvae"
-    accelerator = make_accelerator(config, stage_dir)
-    checkpoints = Checkpoints(stage_dir / "checkpoints", config.keep_checkpoints)
-    check_can_start(checkpoints, config, "stage one")
-
-    from accelerate.utils import set_seed
-
-    set_seed(config.seed)
+    accelerator, checkpoints = open_stage(config, stage_dir, "stage one")
     data = load_image_data(config)
     train_loader = DataLoader(
         data.train, batch_size=config.batch_size, shuffle=True, collate_fn=collate_batches,

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, is_tensorboard_available
+from accelerate.utils import DataLoaderConfiguration, is_tensorboard_available, set_seed
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 
@@ -48,6 +48,15 @@ class LoopConfig:
     keep_checkpoints: int = field(default=2, metadata={"help": "how many checkpoints to keep"})
     resume: bool = field(default=False, metadata={"help": "continue from the newest checkpoint"})
     overwrite: bool = field(default=False, metadata={"help": "start again, deleting this stage's checkpoints"})
+
+
+def open_stage(config: LoopConfig, stage_dir: Path, what: str) -> tuple[Accelerator, "Checkpoints"]:
+    """The accelerator and checkpoints of one stage, after refusing a bad start, seeded."""
+    accelerator = make_accelerator(config, stage_dir)
+    checkpoints = Checkpoints(stage_dir / "checkpoints", config.keep_checkpoints)
+    check_can_start(checkpoints, config, what)
+    set_seed(config.seed)
+    return accelerator, checkpoints
 
 
 def bf16_is_fast() -> bool:
@@ -194,12 +203,32 @@ def check_can_start(checkpoints: Checkpoints, config: LoopConfig, what: str) -> 
         )
 
 
+def _differences(saved_config: Path, config) -> str:
+    """The flags that differ from the run being resumed, as `--flag new (was old)`."""
+    if not saved_config.exists():
+        return ""
+    saved = json.loads(saved_config.read_text())
+    changed = [
+        f"--{key.replace('_', '-')} {value} (was {saved[key]})"
+        for key, value in asdict(config).items()
+        if key in saved and saved[key] != value and key not in ("resume", "overwrite")
+    ]
+    return ", ".join(changed)
+
+
 def start_or_resume(accelerator: Accelerator, checkpoints: Checkpoints, config: LoopConfig, what: str) -> dict:
     """Load the newest checkpoint with --resume and return its progress; else start at step 0."""
     check_can_start(checkpoints, config, what)
     if config.resume:
         newest = checkpoints.newest()
-        progress = checkpoints.load(accelerator, newest)
+        try:
+            progress = checkpoints.load(accelerator, newest)
+        except (RuntimeError, ValueError, KeyError) as error:
+            saved = checkpoints.directory.parent / "train_config.json"
+            raise UserError(
+                f"checkpoint {newest} does not fit the model these flags build ({_differences(saved, config) or error}); "
+                f"resume with the flags in {saved} or start again with --overwrite"
+            ) from None
         accelerator.print(f"Resuming {what} from step {progress['step']} ({newest})")
         return progress
     if checkpoints.directory.exists() and accelerator.is_main_process:

@@ -21,7 +21,7 @@ from stage1_vqvae.dump_codes import load_vqvae
 from stage1_vqvae.errors import UserError, run_cli
 from stage1_vqvae.metrics import eval_loader
 from stage1_vqvae.training import (
-    Checkpoints, LoopConfig, check_can_start, format_duration, make_accelerator, run_training_loop, set_up_training,
+    LoopConfig, format_duration, open_stage, run_training_loop, set_up_training,
 )
 from stage2_prior.evaluation import LOG2, test_nll
 from stage2_prior.priors import PRIORS
@@ -87,13 +87,7 @@ def main(argv=None):
     started = time.time()
     run_dir = Path(config.run_dir)
     stage_dir = run_dir / "prior"
-    accelerator = make_accelerator(config, stage_dir)
-    checkpoints = Checkpoints(stage_dir / "checkpoints", config.keep_checkpoints)
-    check_can_start(checkpoints, config, "stage two")
-
-    from accelerate.utils import set_seed
-
-    set_seed(config.seed)
+    accelerator, checkpoints = open_stage(config, stage_dir, "stage two")
     vqvae = load_vqvae(run_dir).to(accelerator.device).eval()
     train_maps = read_codes(run_dir / "codes", "train", vqvae=vqvae)
     test_maps = read_codes(run_dir / "codes", "test")

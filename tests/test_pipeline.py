@@ -138,3 +138,17 @@ def test_the_sample_command_line_prints_one_sentence(tmp_path):
     )
     assert completed.returncode == 2 and "Traceback" not in completed.stderr
     assert completed.stderr.strip().splitlines()[-1].startswith("error: no VQ-VAE in")
+
+
+def test_inception_distances_are_added_when_its_weights_are_there(trained_run, tiny_fashion, monkeypatch):
+    """The real weights cannot be fetched here; a stand-in network checks the wiring."""
+    from pipelines import inception
+
+    stand_in = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 7, stride=8), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    monkeypatch.setattr(evaluate, "cached_inception", lambda device: stand_in)
+    metrics = evaluate.evaluate_run(evaluate.EvaluateConfig(run_dir=str(trained_run), n=8, batch_size=8, inception="on"))
+    assert metrics["samples"]["fd_inception"] >= 0 and metrics["samples"]["fd_inception_floor"] >= 0
+    monkeypatch.setattr(evaluate, "cached_inception", lambda device: None)
+    with pytest.raises(UserError, match="Inception-v3 weights are not in the torch hub cache"):
+        evaluate.evaluate_run(evaluate.EvaluateConfig(run_dir=str(trained_run), n=8, batch_size=8, inception="on"))
+    assert inception.inception_features(stand_in, torch.zeros(3, 1, 32, 32, dtype=torch.uint8), "cpu").shape == (3, 4)

@@ -112,3 +112,11 @@ def test_two_process_training_and_dump_write_every_image_exactly_once(tiny_fashi
         assert len(stored.codes) == len(dataset)  # 64 and 37: none lost, none repeated
         assert torch.equal(stored.codes, model.encode(dataset.images.float() / 255))
         assert torch.equal(stored.labels, dataset.labels)
+
+
+def test_resuming_with_a_different_model_names_the_changed_flag(tiny_fashion, tmp_path):
+    run_stage_one(tmp_path, "--max-steps", "2", "--no-dump")
+    weights = (tmp_path / "vqvae" / "model.safetensors").read_bytes()
+    with pytest.raises(UserError, match=r"does not fit the model these flags build \(--codebook-size 32 \(was 16\).*--overwrite"):
+        run_stage_one(tmp_path, "--max-steps", "4", "--resume", "--codebook-size", "32")
+    assert (tmp_path / "vqvae" / "model.safetensors").read_bytes() == weights
