@@ -45,6 +45,7 @@ def reconstruction_metrics(accelerator, model, loader) -> dict:
 
     `gather_for_metrics` drops the samples accelerate repeats to even out the last batch.
     """
+    was_training = model.training
     model.eval()
     unwrapped = accelerator.unwrap_model(model)
     squared_error, pixels, ssim_sum = 0.0, 0, 0.0
@@ -60,7 +61,7 @@ def reconstruction_metrics(accelerator, model, loader) -> dict:
         ssim_sum += per_image_ssim.sum().item()
         pixels += images[0].numel() * len(per_image)
         counts += torch.bincount(codes.flatten(), minlength=unwrapped.codebook_size)
-    model.train()
+    model.train(was_training)
     mse = squared_error / max(pixels, 1)
     perplexity, usage = histogram_stats(counts)
     return {

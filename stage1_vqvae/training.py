@@ -172,8 +172,9 @@ class Checkpoints:
         step = progress["step"]
         final = self.directory / f"{CHECKPOINT_PREFIX}{step:07d}"
         staging = self.directory / f".tmp-{final.name}"
-        if accelerator.is_main_process:
-            shutil.rmtree(staging, ignore_errors=True)
+        if accelerator.is_main_process and self.directory.exists():
+            for unfinished in self.directory.glob(".tmp-*"):  # left by a killed save
+                shutil.rmtree(unfinished, ignore_errors=True)
         accelerator.wait_for_everyone()
         accelerator.save_state(str(staging))
         accelerator.wait_for_everyone()

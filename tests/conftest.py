@@ -61,15 +61,19 @@ def write_image_folder(root: Path, per_class: int = 6, mode: str = "L", side: in
     return root
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
+def reset_accelerate_state():
     """Accelerate keeps process-wide singletons; reset them so in-process runs don't leak."""
-    yield
     from accelerate.state import AcceleratorState, GradientState, PartialState
 
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
     PartialState._reset_state()
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    yield
+    reset_accelerate_state()
 
 
 def cpu_env(**extra) -> dict:

@@ -11,7 +11,7 @@ from pipelines import evaluate, sample
 from stage1_vqvae import train as stage_one
 from stage1_vqvae.errors import UserError
 from stage2_prior import train as stage_two
-from tests.conftest import REPO, TINY_MODEL, cpu_env
+from tests.conftest import REPO, TINY_MODEL, cpu_env, reset_accelerate_state
 from tests.test_stage2_training import TINY_PRIOR
 
 
@@ -22,17 +22,10 @@ def trained_run(tmp_path_factory, tiny_fashion_dir):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("VQ_DATA_DIR", str(tiny_fashion_dir))
         stage_one.main(["--run-dir", str(run_dir), *TINY_MODEL, "--max-steps", "10"])
-        _reset_accelerate()
+        reset_accelerate_state()
         stage_two.main(["--run-dir", str(run_dir), *TINY_PRIOR, "--max-steps", "6"])
-        _reset_accelerate()
+        reset_accelerate_state()
     return run_dir
-
-
-def _reset_accelerate():
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
 
 
 def test_end_to_end_sample_and_evaluate_write_every_file(trained_run, tiny_fashion, capsys):

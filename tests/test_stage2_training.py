@@ -9,7 +9,7 @@ from stage1_vqvae.codes import read_metadata
 from stage1_vqvae.errors import UserError
 from stage2_prior import train as stage_two
 from stage2_prior.priors import load_prior
-from tests.conftest import TINY_MODEL
+from tests.conftest import TINY_MODEL, reset_accelerate_state
 
 TINY_PRIOR = ["--width", "32", "--layers", "2", "--heads", "2", "--channels", "16", "--pixelcnn-layers", "3",
               "--batch-size", "16", "--warmup-steps", "2", "--grid-samples", "4"]
@@ -21,6 +21,7 @@ def stage_one_run(tmp_path_factory, tiny_fashion_dir):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("VQ_DATA_DIR", str(tiny_fashion_dir))
         stage_one.main(["--run-dir", str(run_dir), *TINY_MODEL, "--max-steps", "20"])
+    reset_accelerate_state()
     return run_dir
 
 

@@ -74,6 +74,7 @@ def test_an_interrupted_checkpoint_write_leaves_the_previous_one_loadable(tiny_f
     run_stage_one(tmp_path, *flags, "--resume")
     assert "Resuming stage one from step 3" in capsys.readouterr().out
     assert (checkpoints / "step_0000006").exists()
+    assert not list(checkpoints.glob(".tmp-*"))  # the unfinished write was cleaned up
 
 
 def test_refuses_to_train_over_an_existing_run_or_to_resume_nothing(tiny_fashion, tmp_path):
