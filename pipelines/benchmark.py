@@ -63,8 +63,8 @@ class Timer:
     """Median and spread of `repeats` runs of fn after `warmup` runs, and the peak memory."""
 
     def __init__(self, device: torch.device, repeats: int, warmup: int = 3):
-        # On a CPU the first few calls are slow (oneDNN builds its kernels): 1 warm-up call
-        # under-reports stage-one training by 15% here, 3 do not.
+        # On a CPU the first few calls are slow (oneDNN builds its kernels): one warm-up call
+        # under-reported stage-one training by 15% here, three did not.
         self.device, self.repeats, self.warmup = device, repeats, warmup
 
     def _sync(self):
@@ -74,9 +74,12 @@ class Timer:
     def __call__(self, fn) -> dict:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        for _ in range(self.warmup):
+        for _ in range(self.warmup):  # a call longer than a second has warmed itself up
+            start = time.perf_counter()
             fn()
-        self._sync()
+            self._sync()
+            if time.perf_counter() - start > 1.0:
+                break
         seconds = []
         for _ in range(self.repeats):
             start = time.perf_counter()
@@ -174,9 +177,7 @@ def sampling_rows(name, sizes, device, timer, naive: bool) -> tuple[list[dict], 
                     vqvae.decode(prior.generate(n, labels, cached=cached))
 
             loop = "fast" if cached else "naive"
-            # a naive call is long enough to warm itself up; one warm-up call is plenty
-            loop_timer = timer if cached else Timer(device, timer.repeats, warmup=1)
-            results[loop] = row(name, "sampling", f"{n} images, {kind}, {loop}", "images/s", n, loop_timer(sample_and_decode))
+            results[loop] = row(name, "sampling", f"{n} images, {kind}, {loop}", "images/s", n, timer(sample_and_decode))
             rows.append(results[loop])
         if naive:
             speedups[kind] = results["naive"]["seconds"] / results["fast"]["seconds"]

@@ -35,8 +35,7 @@ def encode_split(accelerator: Accelerator, model: VQVAE, dataset, batch_size: in
     loader = accelerator.prepare(eval_loader(dataset, batch_size))
     codes, labels = [], []
     for batch in tqdm(loader, desc=desc, disable=not accelerator.is_main_process, leave=False):
-        with accelerator.autocast():
-            batch_codes = model.encode(to_unit_range(batch["images"]))
+        batch_codes = model.encode(to_unit_range(batch["images"]))  # fp32: codes must not depend on the hardware
         gathered = accelerator.gather_for_metrics({"codes": batch_codes, **({"labels": batch["labels"]} if "labels" in batch else {})})
         codes.append(gathered["codes"].cpu())
         if "labels" in gathered:

@@ -39,7 +39,7 @@ class LoopConfig:
     grad_clip: float = field(default=1.0, metadata={"help": "clip gradients to this norm (0: off)"})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
     mixed_precision: str = field(
-        default="no", metadata={"help": "autocast dtype; auto: bf16 where the hardware has it", "choices": ["auto", "no", "bf16", "fp16"]}
+        default="auto", metadata={"help": "autocast dtype; auto: bf16 where the hardware has it", "choices": ["auto", "no", "bf16", "fp16"]}
     )
     seed: int = field(default=0, metadata={"help": "seed of weights, data order and sampling"})
     log_every: int = field(default=25, metadata={"help": "log training metrics every N steps"})

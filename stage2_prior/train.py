@@ -44,9 +44,6 @@ class PriorConfig:
 @dataclass
 class TrainConfig(LoopConfig, PriorConfig):
     epochs: float = field(default=1.5, metadata={"help": "passes over the train maps (ignored with --max-steps)"})
-    mixed_precision: str = field(
-        default="auto", metadata={"help": "autocast dtype; auto: bf16 where the hardware has it", "choices": ["auto", "no", "bf16", "fp16"]}
-    )
     batch_size: int = field(default=128, metadata={"help": "maps per process per step"})
     lr: float = field(default=1e-3, metadata={"help": "peak learning rate of AdamW"})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
