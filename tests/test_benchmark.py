@@ -29,3 +29,16 @@ def test_unknown_configuration_and_large_on_cpu_without_quick_are_clear_errors()
         benchmark.main(["--configs", "huge", "--device", "cpu"])
     with pytest.raises(UserError, match="the large configuration on a CPU takes hours; add --quick"):
         benchmark.main(["--configs", "large", "--device", "cpu"])
+
+
+def test_gpu_timing_synchronises_and_reads_cuda_memory(monkeypatch):
+    """The CUDA branch of the timer, run as far as a CPU allows: torch.cuda is stood in for."""
+    import torch
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: calls.append("sync"))
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda: calls.append("reset"))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: 3 * 2**20)
+    timing = benchmark.Timer(torch.device("cuda"), repeats=2, warmup=1)(lambda: calls.append("run"))
+    assert calls == ["reset", "run", "sync", "run", "sync", "run", "sync"]
+    assert timing["peak_memory_mb"] == 3.0 and timing["memory_kind"] == "cuda max allocated"
