@@ -30,7 +30,7 @@ from stage1_vqvae.dump_codes import data_config_of_run
 from stage1_vqvae.errors import UserError, run_cli
 from stage1_vqvae.metrics import eval_loader, reconstruction_metrics
 from stage1_vqvae.training import use_all_cores
-from stage2_prior.evaluation import test_nll
+from stage2_prior.evaluation import prior_bits_per_dim, test_nll
 
 CLASSIFIER_DIR = "eval_classifier"
 
@@ -112,11 +112,9 @@ def evaluate_run(config: EvaluateConfig) -> dict:
     maps = InMemoryBatches(codes=test_maps.codes, labels=test_maps.labels if prior.num_classes else None)
     loader = accelerator.prepare(eval_loader(maps, config.batch_size))
     nll = test_nll(accelerator, prior, loader)
-    codes_per_map = test_maps.codes[0].numel()
-    image_dims = vqvae.in_channels * vqvae.image_size**2
     stage2 = {
         "nll_bits_per_code": nll,
-        "prior_bits_per_dim": nll * codes_per_map / image_dims,
+        "prior_bits_per_dim": prior_bits_per_dim(nll, vqvae),
         "decoder_bits_per_dim": decoder_bits_per_dim(stage1["mse"]),
     }
     stage2["bits_per_dim"] = stage2["prior_bits_per_dim"] + stage2["decoder_bits_per_dim"]

@@ -72,7 +72,14 @@ class InMemoryImages(InMemoryBatches):
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor | None):
         super().__init__(images=images, labels=labels)
-        self.images, self.labels = images, labels
+
+    @property
+    def images(self) -> torch.Tensor:
+        return self.columns["images"]
+
+    @property
+    def labels(self) -> torch.Tensor | None:
+        return self.columns.get("labels")
 
 
 class ArrowImages(Dataset):

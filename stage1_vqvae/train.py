@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
 from torchvision.utils import make_grid, save_image
 
 from stage1_vqvae.atomic import save_pretrained_atomic
@@ -17,7 +16,7 @@ from stage1_vqvae.cli import parse_config
 from stage1_vqvae.data import DataConfig, collate_batches, load_image_data
 from stage1_vqvae.dump_codes import dump
 from stage1_vqvae.errors import UserError, run_cli
-from stage1_vqvae.metrics import eval_loader, reconstruction_metrics, to_unit_range
+from stage1_vqvae.metrics import reconstruction_metrics, to_unit_range
 from stage1_vqvae.model import VQVAE
 from stage1_vqvae.training import (
     LoopConfig, format_duration, open_stage, run_training_loop, set_up_training,
@@ -86,13 +85,9 @@ def main(argv=None):
     stage_dir = run_dir / "vqvae"
     accelerator, checkpoints = open_stage(config, stage_dir, "stage one")
     data = load_image_data(config)
-    train_loader = DataLoader(
-        data.train, batch_size=config.batch_size, shuffle=True, collate_fn=collate_batches,
-        drop_last=len(data.train) > config.batch_size,
-    )
     setup = set_up_training(
-        accelerator, config, stage_dir, checkpoints, build_model(config, data.channels), train_loader,
-        eval_loader(data.test, config.batch_size * 4), "stage one", {"best_mse": float("inf")},
+        accelerator, config, stage_dir, checkpoints, build_model(config, data.channels), data.train, data.test,
+        "stage one", {"best_mse": float("inf")},
     )
     model, state, log = setup.model, setup.state, setup.log
     unwrapped = accelerator.unwrap_model(model)

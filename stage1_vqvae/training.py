@@ -16,10 +16,13 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, is_tensorboard_available, set_seed
 from torch.optim.lr_scheduler import LambdaLR
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from stage1_vqvae.cli import write_config
+from stage1_vqvae.data import collate_batches
 from stage1_vqvae.errors import UserError
+from stage1_vqvae.metrics import eval_loader
 
 CHECKPOINT_PREFIX = "step_"
 PROGRESS_FILE = "progress.json"
@@ -252,9 +255,15 @@ class TrainingSetup:
 
 def set_up_training(
     accelerator: Accelerator, config: LoopConfig, stage_dir: Path, checkpoints: Checkpoints,
-    model, train_loader, test_loader, what: str, initial_state: dict,
+    model, train_data, test_data, what: str, initial_state: dict,
 ) -> TrainingSetup:
-    """Prepare everything with accelerate, then start at step 0 or resume from a checkpoint."""
+    """Build the loaders, prepare everything with accelerate, then start at step 0 or
+    resume from a checkpoint."""
+    train_loader = DataLoader(
+        train_data, batch_size=config.batch_size, shuffle=True, collate_fn=collate_batches,
+        drop_last=len(train_data) > config.batch_size,
+    )
+    test_loader = eval_loader(test_data, config.batch_size * 4)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
     model, optimizer, train_loader, test_loader = accelerator.prepare(model, optimizer, train_loader, test_loader)

@@ -1,4 +1,4 @@
-"""Test negative log-likelihood of a prior, in bits per code."""
+"""Test negative log-likelihood of a prior, in bits per code and per image dimension."""
 
 import math
 
@@ -20,3 +20,9 @@ def test_nll(accelerator, model, loader) -> float:
         per_map = accelerator.gather_for_metrics(per_map)
         total, count = total + per_map.sum().item(), count + per_map.numel() * batch["codes"][0].numel()
     return total / count / LOG2
+
+
+def prior_bits_per_dim(nll_bits_per_code: float, vqvae) -> float:
+    """The prior's share of the VQ-VAE bound: bits per code map spread over the image's dimensions."""
+    height, width = vqvae.map_shape
+    return nll_bits_per_code * height * width / (vqvae.in_channels * vqvae.image_size**2)

@@ -10,20 +10,18 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
 from torchvision.utils import make_grid, save_image
 
 from stage1_vqvae.atomic import save_pretrained_atomic
 from stage1_vqvae.cli import parse_config
 from stage1_vqvae.codes import read_codes, weights_hash
-from stage1_vqvae.data import InMemoryBatches, collate_batches
+from stage1_vqvae.data import InMemoryBatches
 from stage1_vqvae.dump_codes import load_vqvae
 from stage1_vqvae.errors import UserError, run_cli
-from stage1_vqvae.metrics import eval_loader
 from stage1_vqvae.training import (
     LoopConfig, format_duration, open_stage, run_training_loop, set_up_training,
 )
-from stage2_prior.evaluation import LOG2, test_nll
+from stage2_prior.evaluation import LOG2, prior_bits_per_dim, test_nll
 from stage2_prior.priors import PRIORS
 
 
@@ -97,18 +95,12 @@ def main(argv=None):
     def maps(split):
         return InMemoryBatches(codes=split.codes, labels=split.labels if conditional else None)
 
-    train_loader = DataLoader(
-        maps(train_maps), batch_size=config.batch_size, shuffle=True, collate_fn=collate_batches,
-        drop_last=len(train_maps.codes) > config.batch_size,
-    )
     setup = set_up_training(
-        accelerator, config, stage_dir, checkpoints, prior, train_loader,
-        eval_loader(maps(test_maps), config.batch_size * 4), "stage two", {"best_nll": float("inf")},
+        accelerator, config, stage_dir, checkpoints, prior, maps(train_maps), maps(test_maps),
+        "stage two", {"best_nll": float("inf")},
     )
     model, state, log = setup.model, setup.state, setup.log
     unwrapped = accelerator.unwrap_model(model)
-    image_dims = vqvae.in_channels * vqvae.image_size**2
-    codes_per_map = metadata.map_height * metadata.map_width
     accelerator.print(
         f"Stage two: {config.prior} prior of {sum(p.numel() for p in unwrapped.parameters()) / 1e6:.2f}M parameters, "
         f"{len(train_maps.codes)} train maps of {metadata.map_height}x{metadata.map_width} codes (K={metadata.codebook_size}), "
@@ -125,7 +117,7 @@ def main(argv=None):
 
     def evaluate(step):
         nll = test_nll(accelerator, model, setup.test_loader)
-        bits_per_dim = nll * codes_per_map / image_dims
+        bits_per_dim = prior_bits_per_dim(nll, vqvae)
         log.log({"test/nll_bits_per_code": nll, "test/prior_bits_per_dim": bits_per_dim}, step)
         if accelerator.is_main_process:
             save_sample_grid(unwrapped.eval(), vqvae, config.grid_samples, stage_dir / "samples" / f"step_{step:07d}.png", config.seed)
