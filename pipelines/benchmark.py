@@ -18,12 +18,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from pipelines.sample import autocast_for, pick_device
+from pipelines.sample import pick_device
 from stage1_vqvae.cli import parse_config
 from stage1_vqvae.errors import UserError, run_cli
 from stage1_vqvae.model import VQVAE
 from stage1_vqvae.training import bf16_is_fast, use_all_cores
 from stage2_prior.pixelcnn import GatedPixelCNN
+from stage2_prior.quality import autocast_for
 from stage2_prior.transformer import TransformerPrior
 
 # Sizes of each configuration. "small" is the default run on the built-in data set; "large"

@@ -4,9 +4,12 @@
 - stage2: nll_bits_per_code on the test split; bits_per_dim, the VQ-VAE paper's bound
   (decoder term + prior term per image dimension).
 - samples: the Frechet distance between generated and test images in the feature space of
-  a small classifier trained once on the labelled train split (`fd`), the same distance for
-  held-out real images (`fd_floor`, what a perfect generator would score), and how often
-  the classifier recognises the class a sample was asked for (`classifier_accuracy`).
+  a small classifier (the judge) trained once on the labelled train split (`fd`), drawn with
+  the sampler's defaults; the same distance for held-out real images (`fd_floor`, what a
+  perfect generator would score) and for their reconstructions (`stage1.rfd`, the ceiling
+  stage one sets); how often the judge recognises the class a sample was asked for
+  (`classifier_accuracy`). Every distance is also given as a ratio to `fd_floor`.
+  `--guidance 1,1.5,2,3` adds one row per scale (`samples.guidance`).
 """
 
 import json
@@ -19,20 +22,18 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from pipelines.classifier import FeatureClassifier, features_and_predictions, frechet_distance, train_classifier
 from pipelines.inception import cached_inception, inception_features
-from pipelines.sample import SampleConfig, load_run, pick_device, sample_images
-from stage1_vqvae.atomic import save_pretrained_atomic
+from pipelines.sample import load_run, pick_device
 from stage1_vqvae.cli import parse_config
 from stage1_vqvae.codes import read_codes
 from stage1_vqvae.data import InMemoryBatches, load_image_data
 from stage1_vqvae.dump_codes import data_config_of_run
 from stage1_vqvae.errors import UserError, run_cli
+from stage1_vqvae.judge import features_and_predictions, frechet_distance, load_or_train_judge
 from stage1_vqvae.metrics import eval_loader, reconstruction_metrics
 from stage1_vqvae.training import use_all_cores
 from stage2_prior.evaluation import prior_bits_per_dim, test_nll
-
-CLASSIFIER_DIR = "eval_classifier"
+from stage2_prior.quality import balanced_labels, generate_images, guidance_sweep, judge_images, parse_scales
 
 
 @dataclass
@@ -41,6 +42,7 @@ class EvaluateConfig:
     n: int = field(default=2000, metadata={"help": "generated (and held-out real) images for the Frechet distance"})
     batch_size: int = field(default=500, metadata={"help": "code maps sampled at once"})
     classifier_epochs: int = field(default=3, metadata={"help": "epochs of the feature classifier (trained once per run)"})
+    guidance: str = field(default="", metadata={"help": "also one row per guidance scale, e.g. 1,1.5,2,3"})
     seed: int = field(default=0, metadata={"help": "seed of the samples"})
     device: str = field(default="auto", metadata={"help": "where to run", "choices": ["auto", "cuda", "mps", "cpu"]})
     inception: str = field(
@@ -54,39 +56,55 @@ def decoder_bits_per_dim(mse: float) -> float:
     return 0.5 * math.log2(2 * math.pi * math.e * mse) + 8
 
 
-def feature_classifier(run_dir: Path, data, device, epochs: int):
-    """The run's cached classifier, or a new one trained on the labelled train split."""
-    directory = run_dir / CLASSIFIER_DIR
-    if (directory / "model.safetensors").exists():
-        cached = FeatureClassifier.from_pretrained(str(directory))
-        if cached.source == data.source:
-            return cached.to(device).eval()
-    model = FeatureClassifier(in_channels=data.channels, num_classes=data.num_classes, source=data.source)
-    model = train_classifier(model, data.train.images, data.train.labels, epochs, device)
-    save_pretrained_atomic(model, directory)
-    return model
+@torch.no_grad()
+def reconstruct(vqvae, images: torch.Tensor, device, batch_size: int = 500) -> torch.Tensor:
+    """decode(encode(images)) in fp32, uint8 in, [0, 1] floats out, on the CPU."""
+    return torch.cat([
+        vqvae.decode(vqvae.encode(images[start: start + batch_size].to(device).float() / 255)).float().cpu()
+        for start in range(0, len(images), batch_size)
+    ])
 
 
-def sample_metrics(vqvae, prior, data, classifier, config: EvaluateConfig, device) -> dict:
+def reconstruction_fd(judge, reconstructed: torch.Tensor, reference_features: torch.Tensor, device) -> float:
+    """The Frechet distance of reconstructed held-out images to the reference: stage one's ceiling.
+    Given the held-out images themselves (a perfect reconstruction) it is the floor."""
+    features, _ = features_and_predictions(judge, reconstructed, device)
+    return frechet_distance(features, reference_features)
+
+
+def with_ratio(metrics: dict, key: str, floor: float) -> None:
+    metrics[f"{key}_ratio"] = metrics[key] / floor if floor > 0 else None
+
+
+def sample_metrics(vqvae, prior, data, judge, config: EvaluateConfig, device) -> tuple[dict, dict]:
+    """(the stage-one figures rfd and its ratio, the sample figures) on the same features and n."""
     test_images = data.test.images
     n = min(config.n, len(test_images) // 2)
     if n < 2:
         raise UserError(f"the test split has {len(test_images)} images; the Frechet distance needs at least 4")
-    real_features, real_predictions = features_and_predictions(classifier, test_images, device)
+    real_features, real_predictions = features_and_predictions(judge, test_images, device)
     held_out, reference = real_features[:n], real_features[n:]
-    labels = torch.arange(n) % prior.num_classes if prior.num_classes else None
-    sampling = SampleConfig(batch_size=config.batch_size, seed=config.seed)
-    _, generated = sample_images(vqvae, prior, labels, n, sampling, device)
-    generated_features, generated_predictions = features_and_predictions(classifier, generated, device)
-    metrics = {
-        "fd": frechet_distance(generated_features, reference),
-        "fd_floor": frechet_distance(held_out, reference),
+    floor = frechet_distance(held_out, reference)
+    stage1 = {"rfd": reconstruction_fd(judge, reconstruct(vqvae, test_images[:n], device), reference, device)}
+    with_ratio(stage1, "rfd", floor)
+
+    labels = balanced_labels(n, prior.num_classes)
+    guidance = prior.default_guidance if labels is not None else 1.0
+    _, generated = generate_images(prior, vqvae, labels, n, device, config.batch_size, config.seed, guidance=guidance)
+    metrics = {"guidance": guidance, **judge_images(judge, generated, reference, device, labels), "fd_floor": floor}
+    with_ratio(metrics, "fd", floor)
+    metrics.update({
         "classifier_test_accuracy": (real_predictions == data.test.labels).float().mean().item(),
         "n": n,
         "features": "penultimate layer of a small CNN classifier trained on the run's train split",
-    }
-    if labels is not None:
-        metrics["classifier_accuracy"] = (generated_predictions == labels).float().mean().item()
+        "sampling": "balanced classes, the prior's default guidance" if labels is not None else "unconditional",
+    })
+    scales = parse_scales(config.guidance, "--guidance")
+    if scales and labels is not None:
+        rows = guidance_sweep(prior, vqvae, judge, reference, n, device, scales, config.batch_size, config.seed)
+        for sweep_row in rows:
+            with_ratio(sweep_row, "fd", floor)
+        metrics["guidance_sweep"] = rows
     if config.inception == "on" or (config.inception == "auto" and device.type == "cuda"):
         inception = cached_inception(device)
         if inception is None and config.inception == "on":
@@ -96,10 +114,11 @@ def sample_metrics(vqvae, prior, data, classifier, config: EvaluateConfig, devic
             fake = inception_features(inception, generated, device)
             metrics["fd_inception"] = frechet_distance(fake, real[n:])
             metrics["fd_inception_floor"] = frechet_distance(real[:n], real[n:])
-    return metrics
+    return stage1, metrics
 
 
 def evaluate_run(config: EvaluateConfig) -> dict:
+    parse_scales(config.guidance, "--guidance")  # a typo should stop us before minutes of work
     run_dir = Path(config.run_dir)
     device = pick_device(config.device)
     use_all_cores(device)
@@ -120,8 +139,9 @@ def evaluate_run(config: EvaluateConfig) -> dict:
     stage2["bits_per_dim"] = stage2["prior_bits_per_dim"] + stage2["decoder_bits_per_dim"]
 
     if data.num_classes:
-        classifier = feature_classifier(run_dir, data, device, config.classifier_epochs)
-        samples = sample_metrics(vqvae, prior, data, classifier, config, device)
+        judge = load_or_train_judge(run_dir, data, device, config.classifier_epochs)
+        rfd, samples = sample_metrics(vqvae, prior, data, judge, config, device)
+        stage1.update(rfd)
     else:
         samples = {"fd": None, "note": "the images have no labels to train the feature classifier on"}
     return {"stage1": stage1, "stage2": stage2, "samples": samples, "device": str(device)}
@@ -131,6 +151,11 @@ def format_table(metrics: dict) -> str:
     rows = []
     for section in ("stage1", "stage2", "samples"):
         for key, value in metrics[section].items():
+            if key == "guidance_sweep":
+                for row in value:
+                    shown = ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "guidance")
+                    rows.append(f"{section:<8} {'guidance ' + format(row['guidance'], 'g'):<26} {shown}")
+                continue
             shown = f"{value:.5g}" if isinstance(value, float) else str(value)
             rows.append(f"{section:<8} {key:<26} {shown}")
     return "\n".join(rows)

@@ -1,7 +1,9 @@
 """`python -m pipelines.sample --n 64`: new images from a trained run.
 
 Codes come from the run's prior, images from its VQ-VAE's decoder; on the GPU when there is
-one (bf16 autocast on CUDA), on every core otherwise.
+one (bf16 autocast on CUDA), on every core otherwise. With no flags a class-conditional prior
+draws every class equally, one grid row per class, at the guidance scale stage two measured
+best (stored in the prior's config.json).
 """
 
 import math
@@ -12,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from torchvision.utils import make_grid, save_image
-from tqdm.auto import tqdm
 
 from stage1_vqvae.cli import parse_config
 from stage1_vqvae.codes import weights_hash
@@ -20,6 +21,7 @@ from stage1_vqvae.dump_codes import load_vqvae
 from stage1_vqvae.errors import UserError, run_cli
 from stage1_vqvae.training import use_all_cores
 from stage2_prior.priors import load_prior
+from stage2_prior.quality import autocast_for, generate_images
 from stage2_prior.sampling import check_sampling_args
 
 
@@ -28,11 +30,13 @@ class SampleConfig:
     run_dir: str = field(default="runs/default", metadata={"help": "run holding vqvae/ and prior/"})
     n: int = field(default=64, metadata={"help": "how many images"})
     batch_size: int = field(default=64, metadata={"help": "code maps sampled at once"})
-    label: str | None = field(default=None, metadata={"help": "a class name or index, or 'all' for one row per class"})
+    label: str | None = field(
+        default=None, metadata={"help": "a class name or index, 'all' (the default for a conditional prior: one row per class), or 'none'"}
+    )
     temperature: float = field(default=1.0, metadata={"help": "softmax temperature"})
     top_k: int | None = field(default=None, metadata={"help": "sample among the k likeliest codes"})
     top_p: float | None = field(default=None, metadata={"help": "sample among the likeliest codes of total probability p"})
-    guidance: float = field(default=1.0, metadata={"help": "classifier-free guidance scale (1: none)"})
+    guidance: float | None = field(default=None, metadata={"help": "classifier-free guidance scale (1: none; default: the prior's measured best)"})
     seed: int = field(default=0, metadata={"help": "same seed, same device: same images"})
     device: str = field(default="auto", metadata={"help": "where to sample", "choices": ["auto", "cuda", "mps", "cpu"]})
     out: str | None = field(default=None, metadata={"help": "output folder (default: <run>/samples)"})
@@ -53,11 +57,6 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def autocast_for(device: torch.device):
-    """bf16 autocast on CUDA (the decoder and prior are bandwidth-bound there); none elsewhere."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(device.type, enabled=False)
-
-
 def load_run(run_dir: Path, device: torch.device):
     """The run's VQ-VAE and prior, in eval mode on `device`, checked to belong together."""
     vqvae = load_vqvae(run_dir)
@@ -71,8 +70,12 @@ def load_run(run_dir: Path, device: torch.device):
 
 
 def resolve_labels(label: str | None, n: int, prior) -> tuple[torch.Tensor | None, int | None]:
-    """--label -> (labels for every sample or None, grid row length or None)."""
+    """--label -> (labels for every sample or None, grid row length or None).
+
+    No --label means 'all' for a class-conditional prior and 'none' for an unconditional one."""
     if label is None:
+        label = "all" if prior.num_classes else "none"
+    if label == "none":
         return None, None
     names = prior.class_names or []
     if not prior.num_classes:
@@ -86,28 +89,28 @@ def resolve_labels(label: str | None, n: int, prior) -> tuple[torch.Tensor | Non
         return torch.full((n,), int(label)), None
     raise UserError(
         f"--label {label} is neither a class name nor an index from 0 to {prior.num_classes - 1}; "
-        f"classes: {', '.join(names) if names else prior.num_classes}; or use --label all"
+        f"classes: {', '.join(names) if names else prior.num_classes}; or use --label all or --label none"
     )
 
 
-@torch.inference_mode()
-def sample_images(vqvae, prior, labels, n, config: SampleConfig, device) -> tuple[torch.Tensor, torch.Tensor]:
+def resolve_guidance(guidance: float | None, labels, prior) -> float:
+    """--guidance, else the prior's measured best when there are labels to guide towards."""
+    if guidance is None:
+        return getattr(prior, "default_guidance", 1.0) if labels is not None else 1.0
+    if guidance < 0:
+        raise UserError(f"--guidance {guidance} must be at least 0 (1: no guidance)")
+    if guidance != 1.0 and labels is None:
+        what = "this prior is unconditional" if not prior.num_classes else "--label none asks for no class"
+        raise UserError(f"--guidance {guidance} steers samples towards their class, but {what}; drop --guidance")
+    return guidance
+
+
+def sample_images(vqvae, prior, labels, n, config: SampleConfig, device, guidance: float) -> tuple[torch.Tensor, torch.Tensor]:
     """n code maps and their decoded images (on the CPU), in batches of --batch-size."""
-    generator = torch.Generator(device=device).manual_seed(config.seed)
-    codes, images = [], []
-    batches = range(0, n, config.batch_size)
-    for start in tqdm(batches, desc="sampling", unit="batch", disable=len(batches) == 1):
-        count = min(config.batch_size, n - start)
-        batch_labels = labels[start: start + count].to(device) if labels is not None else None
-        with autocast_for(device):
-            batch_codes = prior.generate(
-                count, batch_labels, temperature=config.temperature, top_k=config.top_k, top_p=config.top_p,
-                generator=generator, guidance=config.guidance, progress=len(batches) == 1,
-            )
-            batch_images = vqvae.decode(batch_codes)
-        codes.append(batch_codes.cpu())
-        images.append(batch_images.float().cpu())
-    return torch.cat(codes), torch.cat(images)
+    return generate_images(
+        prior, vqvae, labels, n, device, config.batch_size, config.seed, progress=True,
+        temperature=config.temperature, top_k=config.top_k, top_p=config.top_p, guidance=guidance,
+    )
 
 
 def write_samples(images: torch.Tensor, codes: torch.Tensor, out: Path, nrow: int) -> None:
@@ -127,18 +130,19 @@ def main(argv=None):
     use_all_cores(device)
     run_dir = Path(config.run_dir)
     vqvae, prior = load_run(run_dir, device)
-    if config.guidance != 1.0 and not prior.num_classes:
-        raise UserError(f"--guidance {config.guidance} needs a class-conditional prior; this one is unconditional")
     labels, row = resolve_labels(config.label, config.n, prior)
+    guidance = resolve_guidance(config.guidance, labels, prior)
     n = len(labels) if labels is not None else config.n
     started = time.time()
-    codes, images = sample_images(vqvae, prior, labels, n, config, device)
+    codes, images = sample_images(vqvae, prior, labels, n, config, device, guidance)
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.time() - started
     out = Path(config.out) if config.out else run_dir / "samples"
     write_samples(images, codes, out, row or config.nrow)
-    print(f"Wrote {n} samples to {out} (grid.png, 0000.png..., codes.npy) in {seconds:.2f}s: {n / seconds:.1f} images/s on {device}")
+    what = f"{row} per class" if row else ("unconditional" if labels is None else "one class")
+    print(f"Wrote {n} samples ({what}, guidance {guidance:g}) to {out} (grid.png, 0000.png..., codes.npy) in "
+          f"{seconds:.2f}s: {n / seconds:.1f} images/s on {device}")
 
 
 if __name__ == "__main__":

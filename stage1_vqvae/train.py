@@ -9,11 +9,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torchvision.utils import make_grid, save_image
 
 from stage1_vqvae.atomic import save_pretrained_atomic
 from stage1_vqvae.cli import parse_config
 from stage1_vqvae.data import DataConfig, collate_batches, load_image_data
+from stage1_vqvae.discriminator import (
+    PatchDiscriminator, adaptive_weight, feature_matching_loss, generator_adversarial_loss,
+    hinge_discriminator_loss, load_lpips, lpips_loss,
+)
 from stage1_vqvae.dump_codes import dump
 from stage1_vqvae.errors import UserError, run_cli
 from stage1_vqvae.metrics import reconstruction_metrics, to_unit_range
@@ -39,7 +44,30 @@ class ModelConfig:
 
 
 @dataclass
-class TrainConfig(LoopConfig, DataConfig, ModelConfig):
+class LossConfig:
+    """What the decoder is trained to match: pixels, and (after --disc-start) a discriminator."""
+
+    pixel_loss: str = field(default="l1", metadata={"help": "pixel term", "choices": ["l1", "mse", "l1+mse"]})
+    disc_start: int = field(default=400, metadata={"help": "optimizer step at which the discriminator starts (-1: never)"})
+    disc_weight: float = field(default=0.5, metadata={"help": "factor on the adaptive weight of the adversarial term (0: none)"})
+    feature_matching_weight: float = field(default=1.0, metadata={"help": "weight of the discriminator feature-matching loss"})
+    lpips_weight: float = field(default=0.0, metadata={"help": "weight of LPIPS (needs the lpips package and its weights)"})
+    disc_channels: int = field(default=64, metadata={"help": "discriminator width"})
+    disc_lr: float = field(default=4e-4, metadata={"help": "discriminator learning rate (Adam, betas 0.5, 0.9)"})
+
+    @property
+    def uses_discriminator(self) -> bool:
+        return self.disc_start >= 0 and (self.disc_weight > 0 or self.feature_matching_weight > 0)
+
+
+def pixel_loss(kind: str, reconstruction: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    l1 = F.l1_loss(reconstruction, images) if "l1" in kind else 0.0
+    mse = F.mse_loss(reconstruction, images) if "mse" in kind else 0.0
+    return l1 + mse
+
+
+@dataclass
+class TrainConfig(LoopConfig, DataConfig, ModelConfig, LossConfig):
     dump: bool = field(default=True, metadata={"help": "write the code maps at the end"})
     grid_images: int = field(default=16, metadata={"help": "test images in each reconstruction grid"})
 
@@ -65,6 +93,8 @@ def check_config(config: TrainConfig) -> None:
         )
     if config.batch_size < 1 or config.codebook_size < 2:
         raise UserError("--batch-size must be at least 1 and --codebook-size at least 2")
+    if min(config.disc_weight, config.feature_matching_weight, config.lpips_weight) < 0:
+        raise UserError("--disc-weight, --feature-matching-weight and --lpips-weight must not be negative; 0 turns a term off")
 
 
 def save_reconstruction_grid(model, images: torch.Tensor, path: Path) -> None:
@@ -83,14 +113,27 @@ def main(argv=None):
     started = time.time()
     run_dir = Path(config.run_dir)
     stage_dir = run_dir / "vqvae"
+    lpips_network = None
+    if config.lpips_weight > 0:
+        try:
+            lpips_network = load_lpips("cpu")
+        except ValueError as error:
+            raise UserError(f"--lpips-weight {config.lpips_weight} needs LPIPS, but {error}; install it where its weights "
+                            "can be downloaded once, or use --lpips-weight 0 (feature matching needs no weights)") from None
     accelerator, checkpoints = open_stage(config, stage_dir, "stage one")
+    lpips_network = lpips_network.to(accelerator.device) if lpips_network is not None else None
     data = load_image_data(config)
+    companions = []
+    if config.uses_discriminator:
+        discriminator = PatchDiscriminator(data.channels, config.disc_channels)
+        companions = [(discriminator, torch.optim.Adam(discriminator.parameters(), lr=config.disc_lr, betas=(0.5, 0.9)))]
     setup = set_up_training(
         accelerator, config, stage_dir, checkpoints, build_model(config, data.channels), data.train, data.test,
-        "stage one", {"best_mse": float("inf")},
+        "stage one", {"best_mse": float("inf")}, companions,
     )
     model, state, log = setup.model, setup.state, setup.log
     unwrapped = accelerator.unwrap_model(model)
+    last_layer = unwrapped.decoder[-1].weight
     grid_images = collate_batches([data.test[i] for i in range(min(config.grid_images, len(data.test)))])["images"]
     grid_images = grid_images.to(accelerator.device)
     accelerator.print(
@@ -101,16 +144,50 @@ def main(argv=None):
     def train_step(batch):
         images = to_unit_range(batch["images"])
         output = model(images)
-        quantizer = output.quantizer
+        reconstruction, quantizer = output.reconstruction.float(), output.quantizer
         metrics = {"mse": output.reconstruction_loss, "commitment": quantizer.commitment,
                    "perplexity": quantizer.perplexity, "codes_used": quantizer.usage}
-        return output.loss, metrics, len(images)
+        reconstruction_loss = pixel_loss(config.pixel_loss, reconstruction, images)
+        if lpips_network is not None:
+            reconstruction_loss = reconstruction_loss + config.lpips_weight * lpips_loss(lpips_network, reconstruction, images)
+        if not setup.companions or state["step"] < config.disc_start:
+            return reconstruction_loss + quantizer.loss, metrics, len(images)
+        return adversarial_step(images, reconstruction, reconstruction_loss, quantizer.loss, metrics), metrics, len(images)
+
+    def adversarial_step(images, reconstruction, reconstruction_loss, quantizer_loss, metrics):
+        """The discriminator learns from real against detached reconstructions; the decoder
+        learns from a copy of the discriminator whose weights take no gradient."""
+        discriminator = setup.companions[0][0]
+        with accelerator.autocast():
+            logits, features = discriminator(torch.cat([images, reconstruction.detach()]))
+        real_logits, fake_logits = logits.float().chunk(2)
+        real_features = [feature.chunk(2)[0] for feature in features]
+        disc_loss = hinge_discriminator_loss(real_logits, fake_logits)
+        frozen = {name: p.detach() for name, p in accelerator.unwrap_model(discriminator).named_parameters()}
+        with accelerator.autocast():
+            logits, features = torch.func.functional_call(accelerator.unwrap_model(discriminator), frozen, (reconstruction,))
+        if config.feature_matching_weight > 0:
+            matching = feature_matching_loss(features, real_features)
+            reconstruction_loss = reconstruction_loss + config.feature_matching_weight * matching
+            metrics["feature_matching"] = matching.detach()
+        loss = reconstruction_loss + quantizer_loss + disc_loss
+        if config.disc_weight > 0:
+            adversarial = generator_adversarial_loss(logits)
+            weight = config.disc_weight * adaptive_weight(reconstruction_loss, adversarial, last_layer)
+            loss = loss + weight * adversarial
+            metrics.update(adversarial=adversarial.detach(), adaptive_weight=weight)
+        metrics.update(disc_loss=disc_loss.detach(), real_logit=real_logits.mean().detach(), fake_logit=fake_logits.mean().detach())
+        return loss
 
     def evaluate(step):
         metrics = reconstruction_metrics(accelerator, model, setup.test_loader)
         log.log({f"test/{k}": v for k, v in metrics.items()}, step)
         if accelerator.is_main_process:
             save_reconstruction_grid(unwrapped, grid_images, stage_dir / "reconstructions" / f"step_{step:07d}.png")
+            # Once the discriminator trades some MSE for sharpness, earlier weights are no candidates.
+            adversarial_started = setup.companions and step > config.disc_start
+            if adversarial_started and not state.get("adversarial_best"):
+                state.update(best_mse=float("inf"), adversarial_best=True)
             if metrics["mse"] < state["best_mse"]:
                 state["best_mse"] = metrics["mse"]
                 save_pretrained_atomic(unwrapped, stage_dir)

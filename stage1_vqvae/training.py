@@ -251,14 +251,17 @@ class TrainingSetup:
     steps: int
     state: dict  # at least {"step": int}; saved in every checkpoint
     log: "MetricsLog"
+    # (module, optimizer) pairs trained beside the model, such as a discriminator: prepared,
+    # accumulated, stepped and checkpointed with it, never clipped or scheduled with it
+    companions: list = field(default_factory=list)
 
 
 def set_up_training(
     accelerator: Accelerator, config: LoopConfig, stage_dir: Path, checkpoints: Checkpoints,
-    model, train_data, test_data, what: str, initial_state: dict,
+    model, train_data, test_data, what: str, initial_state: dict, companions=(),
 ) -> TrainingSetup:
     """Build the loaders, prepare everything with accelerate, then start at step 0 or
-    resume from a checkpoint."""
+    resume from a checkpoint. `companions` are (module, optimizer) pairs trained alongside."""
     train_loader = DataLoader(
         train_data, batch_size=config.batch_size, shuffle=True, collate_fn=collate_batches,
         drop_last=len(train_data) > config.batch_size,
@@ -267,6 +270,7 @@ def set_up_training(
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
     model, optimizer, train_loader, test_loader = accelerator.prepare(model, optimizer, train_loader, test_loader)
+    companions = [tuple(accelerator.prepare(module, companion_optimizer)) for module, companion_optimizer in companions]
     steps = total_steps(config, len(train_loader))
     scheduler = warmup_cosine(optimizer, config.warmup_steps, steps)
     accelerator.register_for_checkpointing(scheduler)
@@ -276,7 +280,7 @@ def set_up_training(
         if state["step"] == 0:
             (stage_dir / "log.jsonl").unlink(missing_ok=True)
     log = MetricsLog(accelerator, stage_dir / "log.jsonl", stage_dir.name, asdict(config))
-    return TrainingSetup(model, optimizer, train_loader, test_loader, scheduler, steps, state, log)
+    return TrainingSetup(model, optimizer, train_loader, test_loader, scheduler, steps, state, log, companions)
 
 
 def run_training_loop(
@@ -296,13 +300,14 @@ def run_training_loop(
     for epoch, batch in batches_from(accelerator, setup.train_loader, state["step"], config.gradient_accumulation_steps):
         if state["step"] >= steps:
             break
-        with accelerator.accumulate(model):
+        with accelerator.accumulate(model, *[module for module, _ in setup.companions]):
             loss, metrics, items = train_step(batch)
             accelerator.backward(loss)
             if config.grad_clip and accelerator.sync_gradients:
                 accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            for step_optimizer in [optimizer, *[companion for _, companion in setup.companions]]:
+                step_optimizer.step()
+                step_optimizer.zero_grad(set_to_none=True)
         seen += items * accelerator.num_processes
         if not accelerator.sync_gradients:
             continue

@@ -73,6 +73,7 @@ class GatedPixelCNN(nn.Module, PyTorchModelHubMixin):
         prior: str = "pixelcnn",
         codes_source: str = "",
         class_names: list[str] | None = None,
+        default_guidance: float = 1.0,
     ):
         super().__init__()
         if kernel_size % 2 == 0:
@@ -80,6 +81,7 @@ class GatedPixelCNN(nn.Module, PyTorchModelHubMixin):
         self.codebook_size, self.map_shape, self.num_classes = codebook_size, (map_height, map_width), num_classes
         # stored in config.json: which prior, which VQ-VAE's codes, what the labels mean
         self.prior, self.codes_source, self.class_names = prior, codes_source, class_names
+        self.default_guidance = default_guidance  # the scale stage two measured best; sampling's default
         self.embed = nn.Embedding(codebook_size, channels)
         self.layers = nn.ModuleList(
             GatedLayer(channels, kernel_size, num_classes + 1, first=i == 0) for i in range(layers)

@@ -22,3 +22,10 @@ def load_prior(directory: Path):
     if kind not in PRIORS:
         raise UserError(f"{config} names prior {kind!r}, not one of {', '.join(PRIORS)}; retrain stage two")
     return PRIORS[kind].from_pretrained(str(directory))
+
+
+def set_default_guidance(prior, scale: float) -> None:
+    """Record the guidance scale sampling should use by default; `save_pretrained` writes it
+    to config.json and `from_pretrained` reads it back."""
+    prior.default_guidance = scale
+    prior._hub_mixin_config["default_guidance"] = scale

@@ -15,14 +15,16 @@ from torchvision.utils import make_grid, save_image
 from stage1_vqvae.atomic import save_pretrained_atomic
 from stage1_vqvae.cli import parse_config
 from stage1_vqvae.codes import read_codes, weights_hash
-from stage1_vqvae.data import InMemoryBatches
-from stage1_vqvae.dump_codes import load_vqvae
+from stage1_vqvae.data import InMemoryBatches, load_image_data
+from stage1_vqvae.dump_codes import data_config_of_run, load_vqvae
 from stage1_vqvae.errors import UserError, run_cli
+from stage1_vqvae.judge import features_and_predictions, load_or_train_judge
 from stage1_vqvae.training import (
     LoopConfig, format_duration, open_stage, run_training_loop, set_up_training,
 )
 from stage2_prior.evaluation import LOG2, prior_bits_per_dim, test_nll
-from stage2_prior.priors import PRIORS
+from stage2_prior.priors import PRIORS, load_prior, set_default_guidance
+from stage2_prior.quality import best_guidance, guidance_sweep, parse_scales
 
 
 @dataclass
@@ -46,6 +48,29 @@ class TrainConfig(LoopConfig, PriorConfig):
     lr: float = field(default=1e-3, metadata={"help": "peak learning rate of AdamW"})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
     grid_samples: int = field(default=32, metadata={"help": "samples in each evaluation grid"})
+    guidance_scales: str = field(
+        default="1,1.5,2,3", metadata={"help": "guidance scales tried at the end; the best becomes sampling's default ('': none)"}
+    )
+    guidance_samples: int = field(default=1000, metadata={"help": "samples judged per guidance scale"})
+
+
+def choose_guidance(accelerator, run_dir: Path, stage_dir: Path, vqvae, scales: list[float], n: int, log, step: int) -> str:
+    """Judge the best prior's samples at each guidance scale and store the best scale in its
+    config.json, where `pipelines.sample` reads its default."""
+    data = load_image_data(data_config_of_run(run_dir))
+    if not hasattr(data.test, "images") or not data.num_classes:
+        return "guidance not measured: the judge needs labelled images held in memory"
+    judge = load_or_train_judge(run_dir, data, accelerator.device)
+    reference, _ = features_and_predictions(judge, data.test.images, accelerator.device)
+    prior = load_prior(stage_dir).to(accelerator.device).eval()
+    rows = guidance_sweep(prior, vqvae, judge, reference, min(n, len(data.test.images)), accelerator.device, scales)
+    for row in rows:
+        log.log({f"guidance/{key}": value for key, value in row.items()}, step)
+    best = best_guidance(rows)
+    set_default_guidance(prior, best)
+    save_pretrained_atomic(prior, stage_dir)
+    table = ", ".join(f"{row['guidance']:g}: fd {row['fd']:.3g} acc {row['classifier_accuracy']:.2f}" for row in rows)
+    return f"guidance {best:g} became the default ({table})"
 
 
 def build_prior(config: TrainConfig, codebook_size: int, map_shape, class_names: list[str] | None, source: str):
@@ -79,6 +104,7 @@ def save_sample_grid(prior, vqvae, count: int, path: Path, seed: int = 0) -> Non
 
 def main(argv=None):
     config = parse_config(TrainConfig, argv, description=__doc__.splitlines()[0])
+    scales = parse_scales(config.guidance_scales, "--guidance-scales")
     started = time.time()
     run_dir = Path(config.run_dir)
     stage_dir = run_dir / "prior"
@@ -128,12 +154,18 @@ def main(argv=None):
         return f"test nll {nll:.4f} bits/code, prior {bits_per_dim:.4f} bits/dim"
 
     run_training_loop(accelerator, config, setup, checkpoints, train_step, evaluate, "stage two")
+    guidance = "unconditional prior: no guidance"
     if accelerator.is_main_process:
         save_pretrained_atomic(unwrapped, stage_dir / "final")
+        if num_classes and scales and config.label_dropout <= 0:
+            guidance = "guidance not measured: with --label-dropout 0 the prior never learned the null label it needs"
+        elif num_classes and scales:
+            guidance = choose_guidance(accelerator, run_dir, stage_dir, vqvae, scales, config.guidance_samples, log, state["step"])
+    accelerator.wait_for_everyone()
     accelerator.end_training()
     accelerator.print(
         f"Stage two done in {format_duration(time.time() - started)}: best test nll {state['best_nll']:.4f} bits/code, "
-        f"prior in {stage_dir}, sample grids in {stage_dir / 'samples'}"
+        f"prior in {stage_dir}, sample grids in {stage_dir / 'samples'}; {guidance}"
     )
 
 

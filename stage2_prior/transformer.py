@@ -80,6 +80,7 @@ class TransformerPrior(nn.Module, PyTorchModelHubMixin):
         prior: str = "transformer",
         codes_source: str = "",
         class_names: list[str] | None = None,
+        default_guidance: float = 1.0,
     ):
         super().__init__()
         if width % heads:
@@ -87,6 +88,7 @@ class TransformerPrior(nn.Module, PyTorchModelHubMixin):
         self.codebook_size, self.map_shape, self.num_classes = codebook_size, (map_height, map_width), num_classes
         # stored in config.json: which prior, which VQ-VAE's codes, what the labels mean
         self.prior, self.codes_source, self.class_names = prior, codes_source, class_names
+        self.default_guidance = default_guidance  # the scale stage two measured best; sampling's default
         self.heads, self.num_layers, self.width = heads, layers, width
         self.code_embed = nn.Embedding(codebook_size, width)
         self.label_embed = nn.Embedding(num_classes + 1, width)  # the last one is "no class"

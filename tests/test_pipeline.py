@@ -1,4 +1,5 @@
 import json
+import shutil
 import subprocess
 import sys
 import warnings
@@ -12,6 +13,7 @@ from pipelines import evaluate, sample
 from stage1_vqvae import train as stage_one
 from stage1_vqvae.errors import UserError
 from stage2_prior import train as stage_two
+from stage2_prior.quality import autocast_for
 from tests.conftest import REPO, TINY_MODEL, cpu_env, reset_accelerate_state
 from tests.test_stage2_training import TINY_PRIOR
 
@@ -37,10 +39,17 @@ def test_end_to_end_sample_and_evaluate_write_every_file(trained_run, tiny_fashi
     assert Image.open(out / "0000.png").size == (32, 32)
     assert "Wrote 4 samples" in capsys.readouterr().out
 
-    evaluate.main(["--run-dir", str(trained_run), "--n", "8", "--classifier-epochs", "1", "--batch-size", "8"])
+    evaluate.main(["--run-dir", str(trained_run), "--n", "8", "--classifier-epochs", "1", "--batch-size", "8",
+                   "--guidance", "1,2"])
     metrics = json.loads((trained_run / "metrics.json").read_text())
-    for key in ("mse", "psnr", "ssim", "codebook_usage", "perplexity"):
+    for key in ("mse", "psnr", "ssim", "codebook_usage", "perplexity", "rfd", "rfd_ratio"):
         assert isinstance(metrics["stage1"][key], float), key
+    samples = metrics["samples"]
+    assert samples["fd_ratio"] == pytest.approx(samples["fd"] / samples["fd_floor"])
+    assert metrics["stage1"]["rfd_ratio"] == pytest.approx(metrics["stage1"]["rfd"] / samples["fd_floor"])
+    assert samples["guidance"] == sample.load_run(trained_run, torch.device("cpu"))[1].default_guidance
+    assert [row["guidance"] for row in samples["guidance_sweep"]] == [1.0, 2.0]
+    assert all(row["fd"] >= 0 and 0 <= row["classifier_accuracy"] <= 1 for row in samples["guidance_sweep"])
     assert 0 < metrics["stage2"]["nll_bits_per_code"] < 20
     assert metrics["stage2"]["bits_per_dim"] == pytest.approx(
         metrics["stage2"]["decoder_bits_per_dim"] + metrics["stage2"]["prior_bits_per_dim"])
@@ -122,9 +131,9 @@ def test_cuda_paths_as_far_as_a_cpu_allows():
             sample.pick_device("cuda")
     with warnings.catch_warnings():  # without a GPU torch warns that it disables CUDA autocast
         warnings.simplefilter("ignore")
-        cuda_autocast = sample.autocast_for(torch.device("cuda"))
+        cuda_autocast = autocast_for(torch.device("cuda"))
     assert cuda_autocast.fast_dtype == torch.bfloat16 and cuda_autocast.device == "cuda"
-    assert sample.autocast_for(torch.device("cpu"))._enabled is False
+    assert autocast_for(torch.device("cpu"))._enabled is False
 
 
 def test_the_sample_command_line_prints_one_sentence(tmp_path):
@@ -148,3 +157,49 @@ def test_inception_distances_are_added_when_its_weights_are_there(trained_run, t
     with pytest.raises(UserError, match="Inception-v3 weights are not in the torch hub cache"):
         evaluate.evaluate_run(evaluate.EvaluateConfig(run_dir=str(trained_run), n=8, batch_size=8, inception="on"))
     assert inception.inception_features(stand_in, torch.zeros(3, 1, 32, 32, dtype=torch.uint8), "cpu").shape == (3, 4)
+
+
+def test_the_default_guidance_comes_from_the_priors_config_and_the_flag_overrides_it(trained_run, tmp_path, capsys):
+    from stage2_prior.priors import load_prior, set_default_guidance
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    prior = load_prior(run / "prior")
+    set_default_guidance(prior, 2.5)
+    prior.save_pretrained(run / "prior")
+    assert json.loads((run / "prior" / "config.json").read_text())["default_guidance"] == 2.5
+    assert load_prior(run / "prior").default_guidance == 2.5
+
+    codes = {}
+    for name, flags in (("default", []), ("explicit", ["--guidance", "2.5"]), ("override", ["--guidance", "1"])):
+        sample.main(["--run-dir", str(run), "--n", "10", "--out", str(tmp_path / name), *flags])
+        codes[name] = np.load(tmp_path / name / "codes.npy")
+    printed = capsys.readouterr().out.splitlines()
+    assert "(1 per class, guidance 2.5)" in printed[0] and "guidance 1)" in printed[2]
+    assert np.array_equal(codes["default"], codes["explicit"])
+    assert not np.array_equal(codes["default"], codes["override"])
+
+
+def test_label_none_samples_without_a_class(trained_run, tmp_path, capsys):
+    sample.main(["--run-dir", str(trained_run), "--n", "5", "--label", "none", "--seed", "7", "--out", str(tmp_path)])
+    assert "(unconditional, guidance 1)" in capsys.readouterr().out
+    vqvae, prior = sample.load_run(trained_run, torch.device("cpu"))
+    expected = prior.generate(5, None, generator=torch.Generator().manual_seed(7))
+    assert np.array_equal(np.load(tmp_path / "codes.npy"), expected.numpy())
+    with pytest.raises(UserError, match="--guidance 2.0 steers samples towards their class, but --label none"):
+        sample.main(["--run-dir", str(trained_run), "--label", "none", "--guidance", "2", "--out", str(tmp_path / "x")])
+
+
+def test_the_reconstruction_fd_of_a_perfect_reconstruction_is_the_floor():
+    from stage1_vqvae.judge import FeatureClassifier, features_and_predictions, frechet_distance
+
+    torch.manual_seed(0)
+    judge = FeatureClassifier(in_channels=1, num_classes=3, feature_dim=6).eval()
+    images = torch.randint(0, 256, (40, 1, 16, 16), dtype=torch.uint8)
+    features, _ = features_and_predictions(judge, images, "cpu")
+    held_out, reference = features[:20], features[20:]
+    floor = frechet_distance(held_out, reference)
+    identity = evaluate.reconstruction_fd(judge, images[:20].float() / 255, reference, "cpu")
+    assert floor > 0 and identity == pytest.approx(floor, rel=1e-9)
+    blurred = torch.nn.functional.avg_pool2d(images[:20].float() / 255, 3, stride=1, padding=1)
+    assert evaluate.reconstruction_fd(judge, blurred, reference, "cpu") > floor

@@ -12,7 +12,7 @@ from stage2_prior.priors import load_prior
 from tests.conftest import TINY_MODEL, reset_accelerate_state
 
 TINY_PRIOR = ["--width", "32", "--layers", "2", "--heads", "2", "--channels", "16", "--pixelcnn-layers", "3",
-              "--batch-size", "16", "--warmup-steps", "2", "--grid-samples", "4"]
+              "--batch-size", "16", "--warmup-steps", "2", "--grid-samples", "4", "--guidance-samples", "12"]
 
 
 @pytest.fixture(scope="module")
@@ -95,3 +95,21 @@ def test_resume_of_stage_two_matches_an_uninterrupted_run(stage_one_run, tmp_pat
     a = load_prior(straight / "prior" / "final").state_dict()
     b = load_prior(resumed / "prior" / "final").state_dict()
     assert all(torch.equal(a[name], b[name]) for name in a)
+
+
+def test_the_final_evaluation_stores_the_guidance_scale_of_lowest_fd(stage_one_run, tmp_path, capsys):
+    run_dir = copy_run(stage_one_run, tmp_path)
+    stage_two.main(["--run-dir", str(run_dir), *TINY_PRIOR, "--max-steps", "4", "--guidance-scales", "1,3"])
+    log = [json.loads(line) for line in (run_dir / "prior" / "log.jsonl").read_text().splitlines()]
+    rows = [row for row in log if "guidance/guidance" in row]
+    assert [row["guidance/guidance"] for row in rows] == [1.0, 3.0]
+    best = min(rows, key=lambda row: row["guidance/fd"])["guidance/guidance"]
+    assert json.loads((run_dir / "prior" / "config.json").read_text())["default_guidance"] == best
+    assert load_prior(run_dir / "prior").default_guidance == best
+    assert f"guidance {best:g} became the default" in capsys.readouterr().out
+    assert (run_dir / "eval_classifier" / "model.safetensors").exists()  # the judge, cached for evaluate
+
+
+def test_bad_guidance_scales_are_one_sentence(stage_one_run, tmp_path):
+    with pytest.raises(UserError, match="--guidance-scales '1,x' is not a comma-separated list of numbers"):
+        stage_two.main(["--run-dir", str(tmp_path), *TINY_PRIOR, "--guidance-scales", "1,x"])

@@ -99,13 +99,14 @@ def test_decoding_the_stored_codes_equals_the_models_reconstruction(tiny_fashion
     assert torch.equal(model.decode(stored.codes), model.decode(model.encode(images)))
 
 
-def test_two_process_training_and_dump_write_every_image_exactly_once(tiny_fashion, tmp_path):
+def test_two_process_training_with_the_discriminator_and_dump_write_every_image_exactly_once(tiny_fashion, tmp_path):
     command = accelerate_command(2) + [
         str(REPO / "stage1_vqvae" / "train.py"), "--run-dir", str(tmp_path), *TINY_MODEL,
-        "--max-steps", "3", "--batch-size", "5",
+        "--max-steps", "4", "--batch-size", "5", "--disc-start", "2", "--disc-channels", "8", "--log-every", "1",
     ]
     completed = subprocess.run(command, env=cpu_env(VQ_DATA_DIR=str(tiny_fashion)), capture_output=True, text=True, timeout=240)
     assert completed.returncode == 0, completed.stderr[-3000:]
+    assert any("train/disc_loss" in row for row in read_log(tmp_path))
     model = VQVAE.from_pretrained(str(tmp_path / "vqvae")).eval()
     data = load_image_data(DataConfig())
     for split, dataset in (("train", data.train), ("test", data.test)):

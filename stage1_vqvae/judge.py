@@ -1,9 +1,15 @@
-"""A small CNN whose penultimate layer is the feature space for the Frechet distance.
+"""The judge of images: a small CNN whose penultimate layer is the feature space for the
+Frechet distance, and whose predictions say whether a sample shows the class asked for.
 
 Inception weights cannot be fetched on every machine, and Inception features of 32x32
 grayscale clothing say little anyway; a classifier trained once on the run's own labelled
 train split gives features that separate its classes. It is cached in `<run>/eval_classifier`.
+
+It sits in stage one, beside the images it is trained on, because both stage two (which
+picks its guidance scale by it) and the pipelines use it, and imports only run downstream.
 """
+
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +35,24 @@ class FeatureClassifier(nn.Module, PyTorchModelHubMixin):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(images))
+
+
+JUDGE_DIR = "eval_classifier"
+
+
+def load_or_train_judge(run_dir: Path, data, device, epochs: int = 3) -> "FeatureClassifier":
+    """The run's cached judge, or a new one trained on the labelled train split and cached."""
+    from stage1_vqvae.atomic import save_pretrained_atomic
+
+    directory = Path(run_dir) / JUDGE_DIR
+    if (directory / "model.safetensors").exists():
+        cached = FeatureClassifier.from_pretrained(str(directory))
+        if cached.source == data.source:
+            return cached.to(device).eval()
+    model = FeatureClassifier(in_channels=data.channels, num_classes=data.num_classes, source=data.source)
+    model = train_classifier(model, data.train.images, data.train.labels, epochs, device)
+    save_pretrained_atomic(model, directory)
+    return model
 
 
 def train_classifier(model, images, labels, epochs: int, device, batch_size: int = 256, seed: int = 0):

@@ -1,0 +1,80 @@
+"""How good a prior's images look to the run's judge, and the guidance scale that serves it best.
+
+Stage two's final evaluation sweeps classifier-free guidance scales with these functions and
+stores the best in the prior's config.json (`default_guidance`), so that sampling with no
+flags uses what the prior learned; `pipelines.evaluate` reports the same figures.
+"""
+
+import torch
+from tqdm.auto import tqdm
+
+from stage1_vqvae.errors import UserError
+from stage1_vqvae.judge import features_and_predictions, frechet_distance
+
+GUIDANCE_SCALES = (1.0, 1.5, 2.0, 3.0)
+
+
+def parse_scales(text: str, flag: str) -> list[float]:
+    """'1,1.5,2' -> [1.0, 1.5, 2.0]; '' -> []."""
+    try:
+        scales = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise UserError(f"{flag} {text!r} is not a comma-separated list of numbers, e.g. 1,1.5,2,3") from None
+    if any(scale < 0 for scale in scales):
+        raise UserError(f"{flag} {text!r} holds a negative scale; use scales of 0 or more (1: no guidance)")
+    return scales
+
+
+def autocast_for(device: torch.device):
+    """bf16 autocast on CUDA (the decoder and prior are bandwidth-bound there); none elsewhere."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(device.type, enabled=False)
+
+
+def balanced_labels(n: int, num_classes: int) -> torch.Tensor | None:
+    """0, 1, ..., K-1, 0, 1, ...: every class equally often, or None for an unconditional prior."""
+    return torch.arange(n) % num_classes if num_classes else None
+
+
+@torch.inference_mode()
+def generate_images(prior, vqvae, labels, n: int, device, batch_size: int = 500, seed: int = 0,
+                    progress: bool = False, **sampling) -> tuple[torch.Tensor, torch.Tensor]:
+    """n code maps and their decoded images (both on the CPU), in batches; `sampling` holds
+    generate's temperature, top_k, top_p and guidance."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+    codes, images = [], []
+    batches = range(0, n, batch_size)
+    for start in tqdm(batches, desc="sampling", unit="batch", disable=not progress or len(batches) == 1):
+        count = min(batch_size, n - start)
+        batch_labels = labels[start: start + count].to(device) if labels is not None else None
+        with autocast_for(device):
+            batch_codes = prior.generate(count, batch_labels, generator=generator, progress=progress and len(batches) == 1, **sampling)
+            batch_images = vqvae.decode(batch_codes)
+        codes.append(batch_codes.cpu())
+        images.append(batch_images.float().cpu())
+    return torch.cat(codes), torch.cat(images)
+
+
+def judge_images(judge, images: torch.Tensor, reference_features: torch.Tensor, device, labels=None) -> dict:
+    """Frechet distance of `images` to the reference features, and the judge's accuracy on the
+    classes they were asked to show (when given)."""
+    features, predictions = features_and_predictions(judge, images, device)
+    result = {"fd": frechet_distance(features, reference_features)}
+    if labels is not None:
+        result["classifier_accuracy"] = (predictions == labels).float().mean().item()
+    return result
+
+
+def guidance_sweep(prior, vqvae, judge, reference_features, n: int, device, scales=GUIDANCE_SCALES,
+                   batch_size: int = 500, seed: int = 0) -> list[dict]:
+    """One row per guidance scale: {guidance, fd, classifier_accuracy}, on balanced classes."""
+    labels = balanced_labels(n, prior.num_classes)
+    rows = []
+    for scale in scales:
+        _, images = generate_images(prior, vqvae, labels, n, device, batch_size, seed, guidance=scale)
+        rows.append({"guidance": scale, **judge_images(judge, images, reference_features, device, labels)})
+    return rows
+
+
+def best_guidance(rows: list[dict]) -> float:
+    """The scale of lowest Frechet distance: the best balance of fidelity and variety."""
+    return min(rows, key=lambda row: row["fd"])["guidance"]
