@@ -52,7 +52,7 @@ class LossConfig:
     disc_weight: float = field(default=0.5, metadata={"help": "factor on the adaptive weight of the adversarial term (0: none)"})
     feature_matching_weight: float = field(default=1.0, metadata={"help": "weight of the discriminator feature-matching loss"})
     lpips_weight: float = field(default=0.0, metadata={"help": "weight of LPIPS (needs the lpips package and its weights)"})
-    disc_channels: int = field(default=64, metadata={"help": "discriminator width"})
+    disc_channels: int = field(default=32, metadata={"help": "discriminator width"})
     disc_lr: float = field(default=4e-4, metadata={"help": "discriminator learning rate (Adam, betas 0.5, 0.9)"})
 
     @property
@@ -184,11 +184,9 @@ def main(argv=None):
         log.log({f"test/{k}": v for k, v in metrics.items()}, step)
         if accelerator.is_main_process:
             save_reconstruction_grid(unwrapped, grid_images, stage_dir / "reconstructions" / f"step_{step:07d}.png")
-            # Once the discriminator trades some MSE for sharpness, earlier weights are no candidates.
-            adversarial_started = setup.companions and step > config.disc_start
-            if adversarial_started and not state.get("adversarial_best"):
-                state.update(best_mse=float("inf"), adversarial_best=True)
-            if metrics["mse"] < state["best_mse"]:
+            # Once the discriminator trades MSE for sharpness, MSE no longer ranks weights: the newest are kept.
+            adversarial = bool(setup.companions) and step > config.disc_start
+            if adversarial or metrics["mse"] < state["best_mse"]:
                 state["best_mse"] = metrics["mse"]
                 save_pretrained_atomic(unwrapped, stage_dir)
         accelerator.wait_for_everyone()
@@ -199,7 +197,7 @@ def main(argv=None):
     if accelerator.is_main_process:
         save_pretrained_atomic(unwrapped, stage_dir / "final")
     accelerator.wait_for_everyone()
-    summary = f"best test mse {state['best_mse']:.5f}, weights in {stage_dir}"
+    summary = f"test mse {state['best_mse']:.5f} of the weights kept in {stage_dir}"
     if config.dump:
         best = type(unwrapped).from_pretrained(str(stage_dir)).to(accelerator.device)
         summary += f", code maps in {dump(accelerator, best, data, run_dir)}"

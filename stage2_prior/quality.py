@@ -11,9 +11,6 @@ from tqdm.auto import tqdm
 from stage1_vqvae.errors import UserError
 from stage1_vqvae.judge import features_and_predictions, frechet_distance
 
-GUIDANCE_SCALES = (1.0, 1.5, 2.0, 3.0)
-
-
 def parse_scales(text: str, flag: str) -> list[float]:
     """'1,1.5,2' -> [1.0, 1.5, 2.0]; '' -> []."""
     try:
@@ -40,6 +37,7 @@ def generate_images(prior, vqvae, labels, n: int, device, batch_size: int = 500,
                     progress: bool = False, **sampling) -> tuple[torch.Tensor, torch.Tensor]:
     """n code maps and their decoded images (both on the CPU), in batches; `sampling` holds
     generate's temperature, top_k, top_p and guidance."""
+    device = torch.device(device)
     generator = torch.Generator(device=device).manual_seed(seed)
     codes, images = [], []
     batches = range(0, n, batch_size)
@@ -64,7 +62,7 @@ def judge_images(judge, images: torch.Tensor, reference_features: torch.Tensor, 
     return result
 
 
-def guidance_sweep(prior, vqvae, judge, reference_features, n: int, device, scales=GUIDANCE_SCALES,
+def guidance_sweep(prior, vqvae, judge, reference_features, n: int, device, scales,
                    batch_size: int = 500, seed: int = 0) -> list[dict]:
     """One row per guidance scale: {guidance, fd, classifier_accuracy}, on balanced classes."""
     labels = balanced_labels(n, prior.num_classes)
