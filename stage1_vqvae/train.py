@@ -148,6 +148,7 @@ def main(argv=None):
         metrics = {"mse": output.reconstruction_loss, "commitment": quantizer.commitment,
                    "perplexity": quantizer.perplexity, "codes_used": quantizer.usage}
         reconstruction_loss = pixel_loss(config.pixel_loss, reconstruction, images)
+        metrics["pixel_loss"] = reconstruction_loss.detach()
         if lpips_network is not None:
             reconstruction_loss = reconstruction_loss + config.lpips_weight * lpips_loss(lpips_network, reconstruction, images)
         if not setup.companions or state["step"] < config.disc_start:

@@ -57,7 +57,10 @@ class TrainConfig(LoopConfig, PriorConfig):
 def choose_guidance(accelerator, run_dir: Path, stage_dir: Path, vqvae, scales: list[float], n: int, log, step: int) -> str:
     """Judge the best prior's samples at each guidance scale and store the best scale in its
     config.json, where `pipelines.sample` reads its default."""
-    data = load_image_data(data_config_of_run(run_dir))
+    try:
+        data = load_image_data(data_config_of_run(run_dir))
+    except UserError as error:  # the prior is saved already; only the sweep is lost
+        return f"guidance not measured: {error}"
     if not hasattr(data.test, "images") or not data.num_classes:
         return "guidance not measured: the judge needs labelled images held in memory"
     judge = load_or_train_judge(run_dir, data, accelerator.device)

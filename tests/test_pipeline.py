@@ -32,12 +32,12 @@ def trained_run(tmp_path_factory, tiny_fashion_dir):
 
 
 def test_end_to_end_sample_and_evaluate_write_every_file(trained_run, tiny_fashion, capsys):
-    sample.main(["--run-dir", str(trained_run), "--n", "4", "--device", "cpu"])
+    sample.main(["--run-dir", str(trained_run), "--n", "20", "--device", "cpu"])
     out = trained_run / "samples"
-    assert sorted(p.name for p in out.iterdir()) == ["0000.png", "0001.png", "0002.png", "0003.png", "codes.npy", "grid.png"]
-    assert np.load(out / "codes.npy").shape == (4, 8, 8)
+    assert sorted(p.name for p in out.iterdir()) == [f"{i:04d}.png" for i in range(20)] + ["codes.npy", "grid.png"]
+    assert np.load(out / "codes.npy").shape == (20, 8, 8)
     assert Image.open(out / "0000.png").size == (32, 32)
-    assert "Wrote 4 samples" in capsys.readouterr().out
+    assert "Wrote 20 samples (2 per class" in capsys.readouterr().out  # a conditional prior: balanced by default
 
     evaluate.main(["--run-dir", str(trained_run), "--n", "8", "--classifier-epochs", "1", "--batch-size", "8",
                    "--guidance", "1,2"])
@@ -174,7 +174,7 @@ def test_the_default_guidance_comes_from_the_priors_config_and_the_flag_override
     for name, flags in (("default", []), ("explicit", ["--guidance", "2.5"]), ("override", ["--guidance", "1"])):
         sample.main(["--run-dir", str(run), "--n", "10", "--out", str(tmp_path / name), *flags])
         codes[name] = np.load(tmp_path / name / "codes.npy")
-    printed = capsys.readouterr().out.splitlines()
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("Wrote")]
     assert "(1 per class, guidance 2.5)" in printed[0] and "guidance 1)" in printed[2]
     assert np.array_equal(codes["default"], codes["explicit"])
     assert not np.array_equal(codes["default"], codes["override"])

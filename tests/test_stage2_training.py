@@ -12,7 +12,7 @@ from stage2_prior.priors import load_prior
 from tests.conftest import TINY_MODEL, reset_accelerate_state
 
 TINY_PRIOR = ["--width", "32", "--layers", "2", "--heads", "2", "--channels", "16", "--pixelcnn-layers", "3",
-              "--batch-size", "16", "--warmup-steps", "2", "--grid-samples", "4", "--guidance-samples", "12"]
+              "--batch-size", "16", "--warmup-steps", "2", "--grid-samples", "4", "--guidance-scales", ""]
 
 
 @pytest.fixture(scope="module")
@@ -97,9 +97,9 @@ def test_resume_of_stage_two_matches_an_uninterrupted_run(stage_one_run, tmp_pat
     assert all(torch.equal(a[name], b[name]) for name in a)
 
 
-def test_the_final_evaluation_stores_the_guidance_scale_of_lowest_fd(stage_one_run, tmp_path, capsys):
+def test_the_final_evaluation_stores_the_guidance_scale_of_lowest_fd(stage_one_run, tiny_fashion, tmp_path, capsys):
     run_dir = copy_run(stage_one_run, tmp_path)
-    stage_two.main(["--run-dir", str(run_dir), *TINY_PRIOR, "--max-steps", "4", "--guidance-scales", "1,3"])
+    stage_two.main(["--run-dir", str(run_dir), *TINY_PRIOR, "--max-steps", "4", "--guidance-scales", "1,3", "--guidance-samples", "12"])
     log = [json.loads(line) for line in (run_dir / "prior" / "log.jsonl").read_text().splitlines()]
     rows = [row for row in log if "guidance/guidance" in row]
     assert [row["guidance/guidance"] for row in rows] == [1.0, 3.0]
@@ -113,3 +113,13 @@ def test_the_final_evaluation_stores_the_guidance_scale_of_lowest_fd(stage_one_r
 def test_bad_guidance_scales_are_one_sentence(stage_one_run, tmp_path):
     with pytest.raises(UserError, match="--guidance-scales '1,x' is not a comma-separated list of numbers"):
         stage_two.main(["--run-dir", str(tmp_path), *TINY_PRIOR, "--guidance-scales", "1,x"])
+
+
+def test_without_its_images_the_sweep_is_skipped_and_the_prior_kept(stage_one_run, tmp_path, monkeypatch, capsys):
+    run_dir = copy_run(stage_one_run, tmp_path)
+    monkeypatch.setenv("VQ_DATA_DIR", str(tmp_path / "moved"))
+    monkeypatch.setattr("stage1_vqvae.data.DEBIAN_FASHION_MNIST_DIR", str(tmp_path / "moved"))
+    monkeypatch.setattr("stage1_vqvae.data._load_hub", lambda *a, **k: (_ for _ in ()).throw(UserError("Fashion-MNIST is gone")))
+    stage_two.main(["--run-dir", str(run_dir), *TINY_PRIOR, "--max-steps", "2", "--guidance-scales", "1,2"])
+    assert "guidance not measured: Fashion-MNIST is gone" in capsys.readouterr().out
+    assert load_prior(run_dir / "prior").default_guidance == 1.0
