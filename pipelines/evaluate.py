@@ -9,7 +9,7 @@
   perfect generator would score) and for their reconstructions (`stage1.rfd`, the ceiling
   stage one sets); how often the judge recognises the class a sample was asked for
   (`classifier_accuracy`). Every distance is also given as a ratio to `fd_floor`.
-  `--guidance 1,1.5,2,3` adds one row per scale (`samples.guidance`).
+  `--guidance 1,1.5,2,3` adds one row per scale (`samples.guidance_sweep`).
 """
 
 import json
