@@ -21,7 +21,7 @@ from stage1_vqvae.dump_codes import load_vqvae
 from stage1_vqvae.errors import UserError, run_cli
 from stage1_vqvae.training import use_all_cores
 from stage2_prior.priors import load_prior
-from stage2_prior.quality import autocast_for, generate_images
+from stage2_prior.quality import generate_images
 from stage2_prior.sampling import check_sampling_args
 
 

@@ -29,12 +29,12 @@ class PatchDiscriminator(nn.Module):
             width = channels * 2**i
             stages.append(nn.Sequential(
                 nn.Conv2d(previous, width, 4, stride=2, padding=1),
-                nn.GroupNorm(min(32, width // 4), width) if i else nn.Identity(),
+                nn.GroupNorm(max(1, min(32, width // 4)), width) if i else nn.Identity(),
                 nn.LeakyReLU(0.2),
             ))
             previous = width
         stages.append(nn.Sequential(
-            nn.Conv2d(previous, 2 * previous, 3, padding=1), nn.GroupNorm(min(32, previous // 2), 2 * previous), nn.LeakyReLU(0.2),
+            nn.Conv2d(previous, 2 * previous, 3, padding=1), nn.GroupNorm(max(1, min(32, previous // 2)), 2 * previous), nn.LeakyReLU(0.2),
         ))
         self.stages = nn.ModuleList(stages)
         self.to_logits = nn.Conv2d(2 * previous, 1, 3, padding=1)

@@ -17,6 +17,8 @@ from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 from tqdm.auto import tqdm
 
+from stage1_vqvae.atomic import save_pretrained_atomic
+
 
 class FeatureClassifier(nn.Module, PyTorchModelHubMixin):
     def __init__(self, in_channels: int = 1, num_classes: int = 10, feature_dim: int = 128, source: str = ""):
@@ -42,8 +44,6 @@ JUDGE_DIR = "eval_classifier"
 
 def load_or_train_judge(run_dir: Path, data, device, epochs: int = 3) -> "FeatureClassifier":
     """The run's cached judge, or a new one trained on the labelled train split and cached."""
-    from stage1_vqvae.atomic import save_pretrained_atomic
-
     directory = Path(run_dir) / JUDGE_DIR
     if (directory / "model.safetensors").exists():
         cached = FeatureClassifier.from_pretrained(str(directory))

@@ -95,6 +95,8 @@ def check_config(config: TrainConfig) -> None:
         raise UserError("--batch-size must be at least 1 and --codebook-size at least 2")
     if min(config.disc_weight, config.feature_matching_weight, config.lpips_weight) < 0:
         raise UserError("--disc-weight, --feature-matching-weight and --lpips-weight must not be negative; 0 turns a term off")
+    if config.disc_channels < 1:
+        raise UserError(f"--disc-channels {config.disc_channels} must be at least 1 (32 is the default); use --disc-start -1 for no discriminator")
 
 
 def save_reconstruction_grid(model, images: torch.Tensor, path: Path) -> None:

@@ -88,6 +88,11 @@ def test_lpips_without_its_weights_is_one_sentence_and_writes_nothing(tiny_fashi
     assert not (tmp_path / "vqvae").exists()
 
 
-def test_a_negative_loss_weight_is_refused(tiny_fashion, tmp_path):
-    with pytest.raises(UserError, match="must not be negative; 0 turns a term off"):
-        train.main(["--run-dir", str(tmp_path), *TINY_MODEL, "--disc-weight", "-1"])
+@pytest.mark.parametrize("flags,message", [
+    (["--disc-weight", "-1"], "must not be negative; 0 turns a term off"),
+    (["--disc-channels", "0"], "--disc-channels 0 must be at least 1"),
+])
+def test_bad_discriminator_flags_are_refused_before_anything_is_written(tiny_fashion, tmp_path, flags, message):
+    with pytest.raises(UserError, match=message):
+        train.main(["--run-dir", str(tmp_path), *TINY_MODEL, *flags])
+    assert not (tmp_path / "vqvae").exists()
