@@ -23,7 +23,7 @@ import torch
 from accelerate import Accelerator
 
 from pipelines.inception import cached_inception, inception_features
-from pipelines.sample import load_run, pick_device
+from pipelines.sample import load_run, pick_device, resolve_guidance
 from stage1_vqvae.cli import parse_config
 from stage1_vqvae.codes import read_codes
 from stage1_vqvae.data import InMemoryBatches, load_image_data
@@ -89,7 +89,7 @@ def sample_metrics(vqvae, prior, data, judge, config: EvaluateConfig, device) ->
     with_ratio(stage1, "rfd", floor)
 
     labels = balanced_labels(n, prior.num_classes)
-    guidance = prior.default_guidance if labels is not None else 1.0
+    guidance = resolve_guidance(None, labels, prior)  # what `pipelines.sample` uses with no flags
     _, generated = generate_images(prior, vqvae, labels, n, device, config.batch_size, config.seed, guidance=guidance)
     metrics = {"guidance": guidance, **judge_images(judge, generated, reference, device, labels), "fd_floor": floor}
     with_ratio(metrics, "fd", floor)

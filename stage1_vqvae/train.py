@@ -136,6 +136,8 @@ def main(argv=None):
     model, state, log = setup.model, setup.state, setup.log
     unwrapped = accelerator.unwrap_model(model)
     last_layer = unwrapped.decoder[-1].weight
+    discriminator = setup.companions[0][0] if setup.companions else None
+    bare_discriminator = accelerator.unwrap_model(discriminator) if discriminator is not None else None
     grid_images = collate_batches([data.test[i] for i in range(min(config.grid_images, len(data.test)))])["images"]
     grid_images = grid_images.to(accelerator.device)
     accelerator.print(
@@ -153,22 +155,21 @@ def main(argv=None):
         metrics["pixel_loss"] = reconstruction_loss.detach()
         if lpips_network is not None:
             reconstruction_loss = reconstruction_loss + config.lpips_weight * lpips_loss(lpips_network, reconstruction, images)
-        if not setup.companions or state["step"] < config.disc_start:
+        if discriminator is None or state["step"] < config.disc_start:
             return reconstruction_loss + quantizer.loss, metrics, len(images)
         return adversarial_step(images, reconstruction, reconstruction_loss, quantizer.loss, metrics), metrics, len(images)
 
     def adversarial_step(images, reconstruction, reconstruction_loss, quantizer_loss, metrics):
         """The discriminator learns from real against detached reconstructions; the decoder
         learns from a copy of the discriminator whose weights take no gradient."""
-        discriminator = setup.companions[0][0]
         with accelerator.autocast():
             logits, features = discriminator(torch.cat([images, reconstruction.detach()]))
         real_logits, fake_logits = logits.float().chunk(2)
         real_features = [feature.chunk(2)[0] for feature in features]
         disc_loss = hinge_discriminator_loss(real_logits, fake_logits)
-        frozen = {name: p.detach() for name, p in accelerator.unwrap_model(discriminator).named_parameters()}
+        frozen = {name: p.detach() for name, p in bare_discriminator.named_parameters()}
         with accelerator.autocast():
-            logits, features = torch.func.functional_call(accelerator.unwrap_model(discriminator), frozen, (reconstruction,))
+            logits, features = torch.func.functional_call(bare_discriminator, frozen, (reconstruction,))
         if config.feature_matching_weight > 0:
             matching = feature_matching_loss(features, real_features)
             reconstruction_loss = reconstruction_loss + config.feature_matching_weight * matching

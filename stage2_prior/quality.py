@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 from stage1_vqvae.errors import UserError
 from stage1_vqvae.judge import features_and_predictions, frechet_distance
 
+
 def parse_scales(text: str, flag: str) -> list[float]:
     """'1,1.5,2' -> [1.0, 1.5, 2.0]; '' -> []."""
     try:

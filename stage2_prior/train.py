@@ -24,7 +24,7 @@ from stage1_vqvae.training import (
 )
 from stage2_prior.evaluation import LOG2, prior_bits_per_dim, test_nll
 from stage2_prior.priors import PRIORS, load_prior, set_default_guidance
-from stage2_prior.quality import best_guidance, guidance_sweep, parse_scales
+from stage2_prior.quality import balanced_labels, best_guidance, guidance_sweep, parse_scales
 
 
 @dataclass
@@ -96,7 +96,7 @@ def drop_labels(labels: torch.Tensor, null: int, fraction: float) -> torch.Tenso
 @torch.no_grad()
 def save_sample_grid(prior, vqvae, count: int, path: Path, seed: int = 0) -> None:
     """Decode `count` samples (cycling through the classes, if any) into a PNG grid."""
-    labels = torch.arange(count) % prior.num_classes if prior.num_classes else None
+    labels = balanced_labels(count, prior.num_classes)
     generator = torch.Generator(device=vqvae.quantizer.codebook.device).manual_seed(seed)
     codes = prior.generate(count, labels, generator=generator)
     images = vqvae.decode(codes).float().cpu()
