@@ -31,7 +31,7 @@ from stage1_vqvae.dump_codes import data_config_of_run
 from stage1_vqvae.errors import UserError, run_cli
 from stage1_vqvae.judge import features_and_predictions, frechet_distance, load_or_train_judge
 from stage1_vqvae.metrics import eval_loader, reconstruction_metrics
-from stage1_vqvae.training import use_all_cores
+from stage1_vqvae.training import bf16_is_fast, use_all_cores
 from stage2_prior.evaluation import prior_bits_per_dim, test_nll
 from stage2_prior.quality import balanced_labels, generate_images, guidance_sweep, judge_images, parse_scales
 
@@ -130,9 +130,13 @@ def evaluate_run(config: EvaluateConfig) -> dict:
     test_maps = read_codes(run_dir / "codes", "test", vqvae=vqvae)
     maps = InMemoryBatches(codes=test_maps.codes, labels=test_maps.labels if prior.num_classes else None)
     loader = accelerator.prepare(eval_loader(maps, config.batch_size))
-    nll = test_nll(accelerator, prior, loader)
+    # In bf16 where the hardware has it, as stage two measures it: 3x faster on a CPU with AMX,
+    # and 0.0003 bits/code from fp32 on the demo's prior (stage one's figures stay in fp32).
+    bf16 = bf16_is_fast(device.type)
+    nll = test_nll(accelerator, prior, loader, lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16))
     stage2 = {
         "nll_bits_per_code": nll,
+        "nll_precision": "bf16" if bf16 else "fp32",
         "prior_bits_per_dim": prior_bits_per_dim(nll, vqvae),
         "decoder_bits_per_dim": decoder_bits_per_dim(stage1["mse"]),
     }

@@ -9,12 +9,13 @@ LOG2 = math.log(2)
 
 
 @torch.no_grad()
-def test_nll(accelerator, model, loader) -> float:
-    """Mean NLL in bits per code over a prepared loader of {"codes", "labels"?} batches."""
+def test_nll(accelerator, model, loader, autocast=None) -> float:
+    """Mean NLL in bits per code over a prepared loader of {"codes", "labels"?} batches, under
+    the accelerator's autocast unless another context factory is given."""
     model.eval()
     total, count = 0.0, 0
     for batch in loader:
-        with accelerator.autocast():
+        with (autocast or accelerator.autocast)():
             logits = model(batch["codes"], batch.get("labels"))
         per_map = F.cross_entropy(logits.float(), batch["codes"], reduction="none").flatten(1).sum(1)
         per_map = accelerator.gather_for_metrics(per_map)

@@ -43,7 +43,8 @@ class PriorConfig:
 
 @dataclass
 class TrainConfig(LoopConfig, PriorConfig):
-    epochs: float = field(default=1.25, metadata={"help": "passes over the train maps (ignored with --max-steps)"})
+    epochs: float = field(default=1.15, metadata={"help": "passes over the train maps (ignored with --max-steps)"})
+    eval_every: int = field(default=1000, metadata={"help": "evaluate on the test split every N steps"})
     batch_size: int = field(default=32, metadata={"help": "maps per process per step (small batches: more updates in the same time)"})
     lr: float = field(default=1e-3, metadata={"help": "peak learning rate of AdamW"})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})

@@ -129,3 +129,16 @@ def test_a_label_out_of_range_is_a_clear_error(kind):
         model.generate(2, 7)
     with pytest.raises(UserError, match="label -1 is out of range"):
         model(torch.zeros(1, H, W, dtype=torch.long), torch.tensor([-1]))
+
+
+def test_the_cpu_matmul_attention_gives_the_fused_kernels_logits(monkeypatch):
+    """Training on a CPU takes the matmul attention for short maps; it must compute the same thing."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from stage2_prior import transformer
+
+    model = make_prior("transformer", 2)
+    codes, labels = torch.randint(0, K, (3, H, W)), torch.tensor([0, 1, 3])
+    matmul = model(codes, labels)
+    monkeypatch.setattr(transformer, "attention_kernel", lambda device, length: sdpa_kernel(SDPBackend.FLASH_ATTENTION))
+    torch.testing.assert_close(model(codes, labels), matmul, atol=1e-5, rtol=1e-4)
