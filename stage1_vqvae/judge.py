@@ -50,7 +50,9 @@ def load_or_train_judge(run_dir: Path, data, device, epochs: int = 3) -> "Featur
         cached = FeatureClassifier.from_pretrained(str(directory))
         if cached.source == data.source:
             return cached.to(device).eval()
-    model = FeatureClassifier(in_channels=data.channels, num_classes=data.num_classes, source=data.source)
+    with torch.random.fork_rng(devices=[]):  # the same judge whatever ran before: figures stay comparable
+        torch.manual_seed(0)
+        model = FeatureClassifier(in_channels=data.channels, num_classes=data.num_classes, source=data.source)
     model = train_classifier(model, data.train.images, data.train.labels, epochs, device)
     save_pretrained_atomic(model, directory)
     return model
