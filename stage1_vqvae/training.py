@@ -55,6 +55,9 @@ class LoopConfig:
 
 def open_stage(config: LoopConfig, stage_dir: Path, what: str) -> tuple[Accelerator, "Checkpoints"]:
     """The accelerator and checkpoints of one stage, after refusing a bad start, seeded."""
+    if config.keep_checkpoints < 1:
+        raise UserError(f"--keep-checkpoints {config.keep_checkpoints} would leave nothing to --resume from; "
+                        f"use 1 or more (the default 2 keeps the newest two)")
     accelerator = make_accelerator(config, stage_dir)
     checkpoints = Checkpoints(stage_dir / "checkpoints", config.keep_checkpoints)
     check_can_start(checkpoints, config, what)
@@ -153,6 +156,15 @@ class MetricsLog:
         if self.accelerator.is_main_process:
             with open(self.path, "a") as file:
                 file.write(json.dumps({"step": step, "time": round(time.time(), 1), **metrics}) + "\n")
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """Keep the lines of steps up to `step`, where this run starts or resumes: a resumed run
+    logs again what followed its checkpoint, and must not repeat it."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines(keepends=True) if line.strip() and json.loads(line)["step"] <= step]
+    path.write_text("".join(kept))
 
 
 class Checkpoints:
@@ -281,8 +293,7 @@ def set_up_training(
     state = {**initial_state, **start_or_resume(accelerator, checkpoints, config, what)}
     if accelerator.is_main_process:
         write_config(config, stage_dir / "train_config.json")
-        if state["step"] == 0:
-            (stage_dir / "log.jsonl").unlink(missing_ok=True)
+        truncate_log(stage_dir / "log.jsonl", state["step"])
     log = MetricsLog(accelerator, stage_dir / "log.jsonl", stage_dir.name, asdict(config))
     return TrainingSetup(model, optimizer, train_loader, test_loader, scheduler, steps, state, log, companions)
 

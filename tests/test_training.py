@@ -36,7 +36,7 @@ def test_a_tiny_run_lowers_the_loss_and_writes_its_artifacts(tiny_fashion, tmp_p
 
 
 def test_resumed_run_ends_with_exactly_the_weights_of_an_uninterrupted_run(tiny_fashion, tmp_path):
-    flags = ["--max-steps", "12", "--checkpoint-every", "5", "--eval-every", "100", "--no-dump"]
+    flags = ["--max-steps", "12", "--checkpoint-every", "5", "--eval-every", "100", "--no-dump", "--log-every", "2"]
     run_stage_one(tmp_path / "straight", *flags)
     run_stage_one(tmp_path / "resumed", *flags)
     checkpoints = tmp_path / "resumed" / "vqvae" / "checkpoints"
@@ -49,6 +49,8 @@ def test_resumed_run_ends_with_exactly_the_weights_of_an_uninterrupted_run(tiny_
     assert straight.keys() == resumed.keys()
     for name in straight:
         assert torch.equal(straight[name], resumed[name]), name
+    # the log holds each step once, as the uninterrupted run's does
+    assert [row["step"] for row in read_log(tmp_path / "resumed")] == [row["step"] for row in read_log(tmp_path / "straight")]
 
 
 def test_an_interrupted_checkpoint_write_leaves_the_previous_one_loadable(tiny_fashion, tmp_path, monkeypatch, capsys):
@@ -75,6 +77,12 @@ def test_an_interrupted_checkpoint_write_leaves_the_previous_one_loadable(tiny_f
     assert "Resuming stage one from step 3" in capsys.readouterr().out
     assert (checkpoints / "step_0000006").exists()
     assert not list(checkpoints.glob(".tmp-*"))  # the unfinished write was cleaned up
+
+
+def test_keeping_no_checkpoint_is_refused_in_one_sentence(tmp_path):
+    with pytest.raises(UserError, match="--keep-checkpoints 0 would leave nothing to --resume from; use 1 or more"):
+        run_stage_one(tmp_path, "--keep-checkpoints", "0")
+    assert not (tmp_path / "vqvae").exists()
 
 
 def test_refuses_to_train_over_an_existing_run_or_to_resume_nothing(tiny_fashion, tmp_path):
