@@ -91,7 +91,9 @@ class VectorQuantizer(nn.Module):
         batch, _, height, width = z.shape
         flat = rearrange(z, "b d h w -> (b h w) d").float()
         indices = self.nearest(flat)
-        counts = _all_reduce_sum(torch.bincount(indices, minlength=self.codebook_size).float())
+        counts = torch.bincount(indices, minlength=self.codebook_size).float()
+        if self.training:  # the EMA and restarts need every rank's counts; evaluation never waits on other ranks
+            counts = _all_reduce_sum(counts)
 
         if self.training and self.ema:
             self._ema_update(flat.detach(), indices, counts)

@@ -1,6 +1,6 @@
 """Run under `accelerate launch --multi_gpu --num_processes 2`: each rank feeds its own
 data to a quantizer for a few training steps, then rank 0 reports whether the codebooks
-and EMA buffers of the ranks are identical."""
+and EMA buffers of the ranks are identical, and whether it can evaluate alone."""
 
 import json
 import sys
@@ -37,7 +37,9 @@ report = {
     "max_codebook_difference": spread(quantizer.codebook.data),
     "max_buffer_difference": max(spread(quantizer.embed_avg), spread(quantizer.cluster_size)),
 }
-if accelerator.is_main_process:
+if accelerator.is_main_process:  # one rank alone evaluates, as the main process does for grids
+    quantizer.eval()(torch.randn(2, 4, 3, 3))
+    report["lone_eval_returned"] = True
     with open(sys.argv[1], "w") as file:
         json.dump(report, file)
 accelerator.wait_for_everyone()

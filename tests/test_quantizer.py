@@ -91,3 +91,4 @@ def test_two_ddp_processes_end_with_identical_codebooks(tmp_path):
     assert report["restarts"] > 0, "the run must exercise the broadcast of restarted codes"
     assert report["max_codebook_difference"] == 0.0
     assert report["max_buffer_difference"] == 0.0
+    assert report["lone_eval_returned"]
