@@ -12,7 +12,7 @@ def test_the_benchmark_runs_end_to_end_and_every_row_has_a_number(tmp_path, caps
     benchmark.main(["--configs", "tiny", "--repeats", "1", "--device", "cpu", "--json", str(out)])
     results = json.loads(out.read_text())
     names = [r["name"] for r in results["rows"]]
-    assert "train fp32" in names and "encode (dump)" in names
+    assert "train fp32" in names and "encode (dump, fp32)" in names
     assert any(n.startswith("train transformer") for n in names) and any(n.startswith("train pixelcnn") for n in names)
     assert sum("fast" in n for n in names) == 2 and sum("naive" in n for n in names) == 2
     for r in results["rows"]:
@@ -24,11 +24,32 @@ def test_the_benchmark_runs_end_to_end_and_every_row_has_a_number(tmp_path, caps
     assert "speed-up of the fast sampling loop" in table and "tiny" in table
 
 
-def test_unknown_configuration_and_large_on_cpu_without_quick_are_clear_errors():
+def test_an_unknown_configuration_is_a_clear_error():
     with pytest.raises(UserError, match="--configs huge names no known configuration"):
         benchmark.main(["--configs", "huge", "--device", "cpu"])
-    with pytest.raises(UserError, match="the large configuration on a CPU takes hours; add --quick"):
-        benchmark.main(["--configs", "large", "--device", "cpu"])
+
+
+def test_without_quick_a_cpu_skips_large_says_so_and_keeps_what_it_measured(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    benchmark.main(["--configs", "tiny,large", "--repeats", "1", "--device", "cpu", "--json", str(out)])
+    results = json.loads(out.read_text())
+    assert {r["config"] for r in results["rows"]} == {"tiny"}
+    assert results["skipped"] == ["large: takes hours on a CPU; --quick measures its CPU-sized parts"]
+    assert results["sizes"] == {"tiny": {"train_batch": 4, "encode_batch": 4, "prior_batch": 4, "samples": 2}}
+    table = capsys.readouterr().out
+    assert "skipped large: takes hours on a CPU" in table and "tiny    sizes: train batch 4" in table
+
+
+def test_each_cpu_figure_reports_its_own_peak_memory():
+    """A large allocation in one figure must not show up as the next figure's peak."""
+    import torch
+
+    timer = benchmark.Timer(torch.device("cpu"), repeats=1, warmup=0)
+    big = timer(lambda: torch.ones(100 * 2**20 // 4).sum())  # 100 MiB
+    small = timer(lambda: torch.ones(16).sum())
+    if small["memory_kind"] != "peak RSS of this figure":
+        pytest.skip("this system cannot reset a process's peak RSS")
+    assert big["peak_memory_mb"] - small["peak_memory_mb"] > 50
 
 
 def test_gpu_timing_synchronises_and_reads_cuda_memory(monkeypatch):
