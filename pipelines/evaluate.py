@@ -23,7 +23,7 @@ import torch
 from accelerate import Accelerator
 
 from pipelines.inception import cached_inception, inception_features
-from pipelines.sample import load_run, pick_device, resolve_guidance
+from pipelines.sample import check_null_label_was_trained, load_run, pick_device, resolve_guidance
 from stage1_vqvae.cli import parse_config
 from stage1_vqvae.codes import read_codes
 from stage1_vqvae.data import InMemoryBatches, load_image_data
@@ -123,6 +123,8 @@ def evaluate_run(config: EvaluateConfig) -> dict:
     device = pick_device(config.device)
     use_all_cores(device)
     vqvae, prior = load_run(run_dir, device)
+    if any(scale != 1 for scale in parse_scales(config.guidance, "--guidance")):
+        check_null_label_was_trained(prior, f"--guidance {config.guidance}")
     data = load_image_data(data_config_of_run(run_dir))
     accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision="bf16" if device.type == "cuda" else "no")
 

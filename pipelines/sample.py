@@ -93,8 +93,20 @@ def resolve_labels(label: str | None, n: int, prior) -> tuple[torch.Tensor | Non
     )
 
 
+def check_null_label_was_trained(prior, asked: str) -> None:
+    """Guidance and unconditional samples of a class-conditional prior use its null label,
+    which it only learned if training dropped labels (--label-dropout above 0)."""
+    if prior.num_classes and getattr(prior, "label_dropout", None) == 0:
+        raise UserError(
+            f"{asked} needs the prior's null label, but it was trained with --label-dropout 0 and never learned it; "
+            f"sample with a class and no guidance, or retrain stage two with --label-dropout 0.1"
+        )
+
+
 def resolve_guidance(guidance: float | None, labels, prior) -> float:
     """--guidance, else the prior's measured best when there are labels to guide towards."""
+    if labels is None and prior.num_classes:
+        check_null_label_was_trained(prior, "--label none")
     if guidance is None:
         return getattr(prior, "default_guidance", 1.0) if labels is not None else 1.0
     if guidance < 0:
@@ -102,6 +114,8 @@ def resolve_guidance(guidance: float | None, labels, prior) -> float:
     if guidance != 1.0 and labels is None:
         what = "this prior is unconditional" if not prior.num_classes else "--label none asks for no class"
         raise UserError(f"--guidance {guidance} steers samples towards their class, but {what}; drop --guidance")
+    if guidance != 1.0:
+        check_null_label_was_trained(prior, f"--guidance {guidance:g}")
     return guidance
 
 

@@ -74,6 +74,7 @@ class GatedPixelCNN(nn.Module, PyTorchModelHubMixin):
         codes_source: str = "",
         class_names: list[str] | None = None,
         default_guidance: float = 1.0,
+        label_dropout: float | None = None,
     ):
         super().__init__()
         if kernel_size % 2 == 0:
@@ -82,6 +83,7 @@ class GatedPixelCNN(nn.Module, PyTorchModelHubMixin):
         # stored in config.json: which prior, which VQ-VAE's codes, what the labels mean
         self.prior, self.codes_source, self.class_names = prior, codes_source, class_names
         self.default_guidance = default_guidance  # the scale stage two measured best; sampling's default
+        self.label_dropout = label_dropout  # how often training showed the null label (None: not recorded)
         self.embed = nn.Embedding(codebook_size, channels)
         self.layers = nn.ModuleList(
             GatedLayer(channels, kernel_size, num_classes + 1, first=i == 0) for i in range(layers)

@@ -81,7 +81,8 @@ def choose_guidance(accelerator, run_dir: Path, stage_dir: Path, vqvae, scales: 
 
 def build_prior(config: TrainConfig, codebook_size: int, map_shape, class_names: list[str] | None, source: str):
     common = dict(codebook_size=codebook_size, map_height=map_shape[0], map_width=map_shape[1],
-                  num_classes=len(class_names or []), codes_source=source, class_names=class_names)
+                  num_classes=len(class_names or []), codes_source=source, class_names=class_names,
+                  label_dropout=config.label_dropout if class_names else None)
     if config.prior == "transformer":
         return PRIORS["transformer"](width=config.width, layers=config.layers, heads=config.heads, dropout=config.dropout, **common)
     if config.kernel_size % 2 == 0:

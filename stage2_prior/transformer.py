@@ -92,6 +92,7 @@ class TransformerPrior(nn.Module, PyTorchModelHubMixin):
         codes_source: str = "",
         class_names: list[str] | None = None,
         default_guidance: float = 1.0,
+        label_dropout: float | None = None,
     ):
         super().__init__()
         if width % heads:
@@ -100,6 +101,7 @@ class TransformerPrior(nn.Module, PyTorchModelHubMixin):
         # stored in config.json: which prior, which VQ-VAE's codes, what the labels mean
         self.prior, self.codes_source, self.class_names = prior, codes_source, class_names
         self.default_guidance = default_guidance  # the scale stage two measured best; sampling's default
+        self.label_dropout = label_dropout  # how often training showed the null label (None: not recorded)
         self.heads, self.num_layers, self.width = heads, layers, width
         self.code_embed = nn.Embedding(codebook_size, width)
         self.label_embed = nn.Embedding(num_classes + 1, width)  # the last one is "no class"

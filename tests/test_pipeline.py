@@ -203,3 +203,21 @@ def test_the_reconstruction_fd_of_a_perfect_reconstruction_is_the_floor():
     assert floor > 0 and identity == pytest.approx(floor, rel=1e-9)
     blurred = torch.nn.functional.avg_pool2d(images[:20].float() / 255, 3, stride=1, padding=1)
     assert evaluate.reconstruction_fd(judge, blurred, reference, "cpu") > floor
+
+
+def test_guidance_and_unconditional_samples_are_refused_for_a_prior_that_never_saw_the_null_label(trained_run, tmp_path):
+    from stage2_prior.priors import load_prior
+
+    assert load_prior(trained_run / "prior").label_dropout == 0.1  # stage two records it
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    config_path = run / "prior" / "config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "label_dropout": 0.0}))
+    for flags in (["--guidance", "2"], ["--label", "none"]):
+        with pytest.raises(UserError, match="null label, but it was trained with --label-dropout 0"):
+            sample.main(["--run-dir", str(run), "--out", str(tmp_path / "x"), *flags])
+    with pytest.raises(UserError, match="--guidance 1,2 needs the prior's null label"):
+        evaluate.main(["--run-dir", str(run), "--guidance", "1,2"])
+    sample.main(["--run-dir", str(run), "--n", "4", "--out", str(tmp_path / "ok")])  # a class, no guidance: fine
+    assert not (tmp_path / "x").exists() and (tmp_path / "ok" / "grid.png").exists()
