@@ -79,6 +79,20 @@ def choose_guidance(accelerator, run_dir: Path, stage_dir: Path, vqvae, scales: 
     return f"guidance {best:g} became the default ({table})"
 
 
+PRIOR_FLAGS = {"transformer": ("width", "layers", "heads", "dropout"), "pixelcnn": ("channels", "pixelcnn_layers", "kernel_size")}
+
+
+def check_prior_flags(config: TrainConfig) -> None:
+    """Refuse flags of the other prior, which would otherwise be silently ignored."""
+    defaults = PriorConfig()
+    for other, names in PRIOR_FLAGS.items():
+        changed = [f"--{name.replace('_', '-')} {getattr(config, name)}" for name in names
+                   if other != config.prior and getattr(config, name) != getattr(defaults, name)]
+        if changed:
+            raise UserError(f"{', '.join(changed)} only apply to --prior {other}, not {config.prior}; "
+                            f"drop {'them' if len(changed) > 1 else 'it'} or choose --prior {other}")
+
+
 def build_prior(config: TrainConfig, codebook_size: int, map_shape, class_names: list[str] | None, source: str):
     common = dict(codebook_size=codebook_size, map_height=map_shape[0], map_width=map_shape[1],
                   num_classes=len(class_names or []), codes_source=source, class_names=class_names,
@@ -112,6 +126,7 @@ def save_sample_grid(prior, vqvae, count: int, path: Path, seed: int = 0) -> Non
 def main(argv=None):
     config = parse_config(TrainConfig, argv, description=__doc__.splitlines()[0])
     scales = parse_scales(config.guidance_scales, "--guidance-scales")
+    check_prior_flags(config)
     started = time.time()
     run_dir = Path(config.run_dir)
     stage_dir = run_dir / "prior"

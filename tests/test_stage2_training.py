@@ -11,8 +11,9 @@ from stage2_prior import train as stage_two
 from stage2_prior.priors import load_prior
 from tests.conftest import TINY_MODEL, reset_accelerate_state
 
-TINY_PRIOR = ["--width", "32", "--layers", "2", "--heads", "2", "--channels", "16", "--pixelcnn-layers", "3",
+TINY_PRIOR = ["--width", "32", "--layers", "2", "--heads", "2",
               "--batch-size", "16", "--warmup-steps", "2", "--grid-samples", "4", "--guidance-scales", ""]
+TINY_PIXELCNN = ["--prior", "pixelcnn", "--channels", "16", "--pixelcnn-layers", "3", *TINY_PRIOR[6:]]
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +35,8 @@ def copy_run(stage_one_run, tmp_path):
 @pytest.mark.parametrize("prior", ["transformer", "pixelcnn"])
 def test_each_prior_trains_and_saves_the_best_weights_and_sample_grids(stage_one_run, tmp_path, prior):
     run_dir = copy_run(stage_one_run, tmp_path)
-    stage_two.main(["--run-dir", str(run_dir), "--prior", prior, *TINY_PRIOR, "--max-steps", "30", "--eval-every", "15", "--log-every", "5"])
+    tiny = TINY_PIXELCNN if prior == "pixelcnn" else TINY_PRIOR
+    stage_two.main(["--run-dir", str(run_dir), *tiny, "--max-steps", "30", "--eval-every", "15", "--log-every", "5"])
     loaded = load_prior(run_dir / "prior")
     assert loaded.prior == prior and loaded.num_classes == 10 and loaded.codebook_size == 16
     assert json.loads((run_dir / "prior" / "config.json").read_text())["codes_source"] == read_metadata(run_dir / "codes").vqvae_sha256
@@ -123,3 +125,11 @@ def test_without_its_images_the_sweep_is_skipped_and_the_prior_kept(stage_one_ru
     stage_two.main(["--run-dir", str(run_dir), *TINY_PRIOR, "--max-steps", "2", "--guidance-scales", "1,2"])
     assert "guidance not measured: Fashion-MNIST is gone" in capsys.readouterr().out
     assert load_prior(run_dir / "prior").default_guidance == 1.0
+
+
+def test_flags_of_the_other_prior_are_refused_in_one_sentence(tmp_path):
+    with pytest.raises(UserError, match="--channels 64 only apply to --prior pixelcnn, not transformer; drop it"):
+        stage_two.main(["--run-dir", str(tmp_path), "--channels", "64"])
+    with pytest.raises(UserError, match="--width 64, --heads 2 only apply to --prior transformer, not pixelcnn; drop them"):
+        stage_two.main(["--run-dir", str(tmp_path), "--prior", "pixelcnn", "--width", "64", "--heads", "2"])
+    assert not any(tmp_path.iterdir())
