@@ -22,7 +22,6 @@ from stage1_vqvae.errors import UserError, run_cli
 from stage1_vqvae.training import use_all_cores
 from stage2_prior.priors import load_prior
 from stage2_prior.quality import generate_images
-from stage2_prior.sampling import check_sampling_args
 
 
 @dataclass
@@ -91,6 +90,16 @@ def resolve_labels(label: str | None, n: int, prior) -> tuple[torch.Tensor | Non
         f"--label {label} is neither a class name nor an index from 0 to {prior.num_classes - 1}; "
         f"classes: {', '.join(names) if names else prior.num_classes}; or use --label all or --label none"
     )
+
+
+def check_sampling_args(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    """The sampling flags, refused in one sentence before any model sees them."""
+    if not temperature > 0:
+        raise UserError(f"--temperature {temperature} must be above 0 (1.0 samples the prior as trained)")
+    if top_k is not None and top_k < 1:
+        raise UserError(f"--top-k {top_k} must be at least 1")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise UserError(f"--top-p {top_p} must lie in (0, 1]")
 
 
 def check_null_label_was_trained(prior, asked: str) -> None:

@@ -1,17 +1,8 @@
-"""Turning one step's logits into a sampled code: temperature, top-k, top-p."""
+"""Turning one step's logits into a sampled code: temperature, top-k, top-p.
+
+Model code: it raises ValueError; the commands check their flags before they get here."""
 
 import torch
-
-from stage1_vqvae.errors import UserError
-
-
-def check_sampling_args(temperature: float, top_k: int | None, top_p: float | None) -> None:
-    if not temperature > 0:
-        raise UserError(f"--temperature {temperature} must be above 0 (1.0 samples the prior as trained)")
-    if top_k is not None and top_k < 1:
-        raise UserError(f"--top-k {top_k} must be at least 1")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise UserError(f"--top-p {top_p} must lie in (0, 1]")
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
@@ -59,10 +50,10 @@ def prepare_labels(n: int, labels, num_classes: int, device) -> torch.Tensor:
     if labels.numel() == 1:
         labels = labels.expand(n).clone()
     if labels.numel() != n:
-        raise UserError(f"got {labels.numel()} labels for {n} samples; give one label or one per sample")
+        raise ValueError(f"got {labels.numel()} labels for {n} samples; give one label or one per sample")
     bad = labels[(labels < 0) | (labels > null)]
     if bad.numel():
-        raise UserError(
+        raise ValueError(
             f"label {bad[0].item()} is out of range for a prior trained on {num_classes} classes; "
             f"use 0 to {num_classes - 1}" + (f", or {null} for no class" if num_classes else "")
             if num_classes else f"label {bad[0].item()} given to an unconditional prior; drop --label"

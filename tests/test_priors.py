@@ -4,7 +4,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from stage1_vqvae.errors import UserError
 from stage2_prior.pixelcnn import GatedPixelCNN
 from stage2_prior.sampling import filter_logits, sample_logits
 from stage2_prior.transformer import TransformerPrior
@@ -125,9 +124,9 @@ def test_a_label_changes_the_output_and_the_null_label_works(kind):
 @pytest.mark.parametrize("kind", ["pixelcnn", "transformer"])
 def test_a_label_out_of_range_is_a_clear_error(kind):
     model = make_prior(kind, 1)
-    with pytest.raises(UserError, match="label 7 is out of range for a prior trained on 3 classes; use 0 to 2"):
+    with pytest.raises(ValueError, match="label 7 is out of range for a prior trained on 3 classes; use 0 to 2"):
         model.generate(2, 7)
-    with pytest.raises(UserError, match="label -1 is out of range"):
+    with pytest.raises(ValueError, match="label -1 is out of range"):
         model(torch.zeros(1, H, W, dtype=torch.long), torch.tensor([-1]))
 
 
