@@ -218,7 +218,7 @@ def run_benchmark(config: BenchmarkConfig) -> dict:
         raise UserError(f"--configs {config.configs} names no known configuration; choose from {', '.join(CONFIGS)}")
     repeats = config.repeats or (3 if config.quick else 5)
     timer = Timer(device, repeats)
-    fast_bf16 = device.type == "cuda" or bf16_is_fast()
+    fast_bf16 = bf16_is_fast(device.type)
     results = {"device": describe(device), "torch": torch.__version__, "quick": config.quick, "repeats": repeats,
                "rows": [], "speedup": {}, "sizes": {}, "skipped": []}
     for name in names:

@@ -68,7 +68,7 @@ def train_classifier(model, images, labels, epochs: int, device, batch_size: int
     generator = torch.Generator().manual_seed(seed)
     batch_size = min(batch_size, len(images))
     model.to(device, memory_format=torch.channels_last).train()
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16_is_fast())
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16_is_fast(device.type))
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
     steps = epochs * (len(images) // batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-3, total_steps=max(steps, 1))

@@ -130,3 +130,14 @@ def test_resuming_with_a_different_model_names_the_changed_flag(tiny_fashion, tm
     with pytest.raises(UserError, match=r"does not fit the model these flags build \(--codebook-size 32 \(was 16\).*--overwrite"):
         run_stage_one(tmp_path, "--max-steps", "4", "--resume", "--codebook-size", "32")
     assert (tmp_path / "vqvae" / "model.safetensors").read_bytes() == weights
+
+
+def test_auto_mixed_precision_takes_native_bf16_only(monkeypatch):
+    """A T4 or V100 reports bf16 only when emulation counts; emulated bf16 is slower than fp32."""
+    from stage1_vqvae.training import bf16_is_fast
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert not bf16_is_fast("cuda")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # an A100, an H100
+    assert bf16_is_fast("cuda")
+    assert not bf16_is_fast("mps")
