@@ -126,7 +126,8 @@ def evaluate_run(config: EvaluateConfig) -> dict:
     if any(scale != 1 for scale in parse_scales(config.guidance, "--guidance")):
         check_null_label_was_trained(prior, f"--guidance {config.guidance}")
     data = load_image_data(data_config_of_run(run_dir))
-    accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision="bf16" if device.type == "cuda" else "no")
+    # fp32 for stage one's figures on every device, so that metrics.json does not depend on the GPU
+    accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision="no")
 
     stage1 = reconstruction_metrics(accelerator, vqvae, accelerator.prepare(eval_loader(data.test, config.batch_size)))
     test_maps = read_codes(run_dir / "codes", "test", vqvae=vqvae)
