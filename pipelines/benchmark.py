@@ -150,16 +150,15 @@ def stage_one_rows(name, sizes, device, timer, autocast_modes) -> list[dict]:
     for label, dtype in autocast_modes:
         model = build_vqvae(sizes, device)
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-        batch = images
 
         def train_step():
             with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                loss = model(batch).loss
+                loss = model(images).loss
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-        rows.append(row(name, "stage1", f"train {label}", "images/s", len(batch), timer(train_step)))
+        rows.append(row(name, "stage1", f"train {label}", "images/s", len(images), timer(train_step)))
     model = build_vqvae(sizes, device).eval()
     encode_batch = torch.rand(sizes["encode_batch"], *images.shape[1:], device=device)
     with torch.inference_mode():  # in fp32, as the dump encodes, so that code maps never depend on the hardware
