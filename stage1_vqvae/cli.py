@@ -1,14 +1,12 @@
 """Command-line flags generated from a dataclass of defaults, so a config has one source.
 
 Each field becomes `--field-name`; `metadata={"help": ..., "choices": ...}` documents it.
-The resolved dataclass is what the scripts write next to their outputs.
+The resolved dataclass is what the scripts write next to their outputs (training.record_config).
 """
 
 import argparse
 import dataclasses
-import json
 import typing
-from pathlib import Path
 
 
 def _argument_type(annotation):
@@ -40,8 +38,3 @@ def parse_config(config_class, argv=None, description: str = ""):
     args = build_parser(config_class, description).parse_args(argv)
     return config_class(**vars(args))
 
-
-def write_config(config, path: Path) -> None:
-    """Write the resolved config as JSON, so every output says how it was made."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")

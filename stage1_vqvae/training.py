@@ -19,7 +19,6 @@ from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from stage1_vqvae.cli import write_config
 from stage1_vqvae.data import collate_batches
 from stage1_vqvae.errors import UserError
 from stage1_vqvae.metrics import eval_loader
@@ -50,6 +49,7 @@ class LoopConfig:
     checkpoint_every: int = field(default=500, metadata={"help": "save a resumable checkpoint every N steps"})
     keep_checkpoints: int = field(default=2, metadata={"help": "how many checkpoints to keep"})
     resume: bool = field(default=False, metadata={"help": "continue from the newest checkpoint"})
+    allow_changes: bool = field(default=False, metadata={"help": "with --resume: continue although flags differ from the run's (it is then no longer exact)"})
     overwrite: bool = field(default=False, metadata={"help": "start again, deleting this stage's checkpoints"})
 
 
@@ -61,6 +61,9 @@ def open_stage(config: LoopConfig, stage_dir: Path, what: str) -> tuple[Accelera
     accelerator = make_accelerator(config, stage_dir)
     checkpoints = Checkpoints(stage_dir / "checkpoints", config.keep_checkpoints)
     check_can_start(checkpoints, config, what)
+    changes = check_resume_flags(config, stage_dir / "train_config.json", what)
+    if changes:
+        accelerator.print(f"Resuming {what} with changed flags (--allow-changes): {describe_changes(changes)}")
     set_seed(config.seed)
     return accelerator, checkpoints
 
@@ -224,17 +227,45 @@ def check_can_start(checkpoints: Checkpoints, config: LoopConfig, what: str) -> 
         )
 
 
-def _differences(saved_config: Path, config) -> str:
-    """The flags that differ from the run being resumed, as `--flag new (was old)`."""
-    if not saved_config.exists():
-        return ""
-    saved = json.loads(saved_config.read_text())
-    changed = [
-        f"--{key.replace('_', '-')} {value} (was {saved[key]})"
-        for key, value in asdict(config).items()
-        if key in saved and saved[key] != value and key not in ("resume", "overwrite")
-    ]
-    return ", ".join(changed)
+# Flags that change what is logged, kept or evaluated, but not the weights a run trains.
+BOOKKEEPING_FLAGS = {"resume", "overwrite", "allow_changes", "log_every", "eval_every", "checkpoint_every",
+                     "keep_checkpoints", "dump", "grid_images", "grid_samples", "guidance_scales", "guidance_samples"}
+
+
+def changed_flags(saved: dict, config) -> dict:
+    """{flag: (was, now)} for the flags that differ from a saved run's and change its training."""
+    return {key: (saved[key], value) for key, value in asdict(config).items()
+            if key in saved and saved[key] != value and key not in BOOKKEEPING_FLAGS}
+
+
+def describe_changes(changes: dict) -> str:
+    return ", ".join(f"--{key.replace('_', '-')} {now} (was {was})" for key, (was, now) in changes.items())
+
+
+def check_resume_flags(config: LoopConfig, saved_config: Path, what: str) -> dict:
+    """With --resume, refuse flags that differ from the run's (a new learning rate or horizon,
+    another batch size: the optimizer and data order in the checkpoint no longer fit), unless
+    --allow-changes says so; returns the changes allowed."""
+    if not config.resume or not saved_config.exists():
+        return {}
+    changes = changed_flags(json.loads(saved_config.read_text()), config)
+    if changes and not config.allow_changes:
+        raise UserError(
+            f"--resume would continue {what} with other flags than it was trained with: {describe_changes(changes)}; "
+            f"resume with the flags in {saved_config}, or add --allow-changes to continue anyway (no longer exact)"
+        )
+    return changes
+
+
+def record_config(config: LoopConfig, path: Path, step: int) -> None:
+    """The flags in force, and, for every resume, the step it started from and what it changed."""
+    resumes = []
+    if config.resume and path.exists():
+        saved = json.loads(path.read_text())
+        changes = {key: {"was": was, "now": now} for key, (was, now) in changed_flags(saved, config).items()}
+        resumes = saved.get("resumes", []) + [{"step": step, "changed": changes}]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({**asdict(config), "resumes": resumes}, indent=2) + "\n")
 
 
 def start_or_resume(accelerator: Accelerator, checkpoints: Checkpoints, config: LoopConfig, what: str) -> dict:
@@ -246,8 +277,9 @@ def start_or_resume(accelerator: Accelerator, checkpoints: Checkpoints, config: 
             progress = checkpoints.load(accelerator, newest)
         except (RuntimeError, ValueError, KeyError) as error:
             saved = checkpoints.directory.parent / "train_config.json"
+            changes = describe_changes(changed_flags(json.loads(saved.read_text()), config)) if saved.exists() else ""
             raise UserError(
-                f"checkpoint {newest} does not fit the model these flags build ({_differences(saved, config) or error}); "
+                f"checkpoint {newest} does not fit the model these flags build ({changes or error}); "
                 f"resume with the flags in {saved} or start again with --overwrite"
             ) from None
         accelerator.print(f"Resuming {what} from step {progress['step']} ({newest})")
@@ -293,7 +325,7 @@ def set_up_training(
     accelerator.register_for_checkpointing(scheduler)
     state = {**initial_state, **start_or_resume(accelerator, checkpoints, config, what)}
     if accelerator.is_main_process:
-        write_config(config, stage_dir / "train_config.json")
+        record_config(config, stage_dir / "train_config.json", state["step"])
         truncate_log(stage_dir / "log.jsonl", state["step"])
     log = MetricsLog(accelerator, stage_dir / "log.jsonl", stage_dir.name, asdict(config))
     return TrainingSetup(model, optimizer, train_loader, test_loader, scheduler, steps, state, log, companions)

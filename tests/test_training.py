@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import shutil
 import subprocess
 
@@ -128,8 +129,25 @@ def test_resuming_with_a_different_model_names_the_changed_flag(tiny_fashion, tm
     run_stage_one(tmp_path, "--max-steps", "2", "--no-dump")
     weights = (tmp_path / "vqvae" / "model.safetensors").read_bytes()
     with pytest.raises(UserError, match=r"does not fit the model these flags build \(--codebook-size 32 \(was 16\).*--overwrite"):
-        run_stage_one(tmp_path, "--max-steps", "4", "--resume", "--codebook-size", "32")
+        run_stage_one(tmp_path, "--max-steps", "2", "--resume", "--allow-changes", "--codebook-size", "32")
     assert (tmp_path / "vqvae" / "model.safetensors").read_bytes() == weights
+
+
+def test_resume_refuses_changed_flags_unless_allowed_and_keeps_a_history(tiny_fashion, tmp_path):
+    run_stage_one(tmp_path, "--max-steps", "4", "--checkpoint-every", "2", "--no-dump")
+    config_path = tmp_path / "vqvae" / "train_config.json"
+    shutil.rmtree(tmp_path / "vqvae" / "checkpoints" / "step_0000004")  # as if killed after step 2
+    before = config_path.read_text()
+    for flags, named in ((["--lr", "0.003"], "--lr 0.003 (was 0.002)"), (["--batch-size", "4"], "--batch-size 4 (was 8)"),
+                         (["--max-steps", "6"], "--max-steps 6 (was 4)")):
+        with pytest.raises(UserError, match=rf"--resume would continue stage one with other flags than it was trained with: {re.escape(named)}; .*--allow-changes"):
+            run_stage_one(tmp_path, "--max-steps", "4", "--checkpoint-every", "2", "--no-dump", "--resume", *flags)
+    assert config_path.read_text() == before
+    # bookkeeping flags may differ; --allow-changes continues and records what changed
+    run_stage_one(tmp_path, "--max-steps", "6", "--checkpoint-every", "2", "--no-dump", "--resume", "--allow-changes", "--log-every", "1")
+    config = json.loads(config_path.read_text())
+    assert config["max_steps"] == 6
+    assert config["resumes"] == [{"step": 2, "changed": {"max_steps": {"was": 4, "now": 6}}}]
 
 
 def test_auto_mixed_precision_takes_native_bf16_only(monkeypatch):
