@@ -2,7 +2,9 @@
 
 The codebook learns by exponential moving averages (van den Oord et al. 2017, appendix;
 Laplace-smoothed counts) by default, or by the loss-based rule as an option. Codes unused
-for `dead_code_steps` steps are restarted from the current batch's encoder outputs. Under
+for `dead_code_steps` optimizer steps are restarted from the current batch's encoder outputs;
+under gradient accumulation the codebook learns once per optimizer step, from all its
+micro-batches, as it would from one batch of them all. Under
 DDP every statistic is all-reduced and every restart is broadcast from rank 0, so all
 processes keep the same codebook without DDP having to sync it.
 """
@@ -69,6 +71,12 @@ class VectorQuantizer(nn.Module):
         # Starting every code as long unused makes the first training step seed the whole
         # codebook from encoder outputs, so no code starts far from the data.
         self.register_buffer("steps_unused", torch.full((codebook_size,), dead_code_steps, dtype=torch.long))
+        # Under gradient accumulation the training loop sets `defer_updates` on every micro-batch
+        # but the last: their counts and sums wait here, and the EMA and the dead-code counters
+        # advance once per optimizer step, as with one batch of all the micro-batches.
+        self.defer_updates = False
+        self.register_buffer("pending_counts", torch.zeros(codebook_size), persistent=False)
+        self.register_buffer("pending_sums", torch.zeros(codebook_size, dim), persistent=False)
 
     def _normalized(self, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(x, dim=-1) if self.l2_normalize else x
@@ -95,10 +103,10 @@ class VectorQuantizer(nn.Module):
         if self.training:  # the EMA and restarts need every rank's counts; evaluation never waits on other ranks
             counts = _all_reduce_sum(counts)
 
-        if self.training and self.ema:
-            self._ema_update(flat.detach(), indices, counts)
         if self.training:
-            self._restart_dead_codes(flat.detach(), counts)
+            self._add_pending(flat.detach(), indices, counts)
+            if not self.defer_updates:
+                self._apply_pending(flat.detach())
 
         flat_target = self._normalized(flat)
         quantized = self._normalized(self.codebook)[indices]
@@ -119,11 +127,26 @@ class VectorQuantizer(nn.Module):
         )
 
     @torch.no_grad()
-    def _ema_update(self, flat: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor) -> None:
+    def _add_pending(self, flat: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor) -> None:
+        """Counts (already summed over processes) and sums of assigned vectors, summed over
+        processes too, so the buffers stay identical on every rank (DDP broadcasts buffers)."""
+        self.pending_counts.add_(counts)
+        if self.ema:
+            embed_sum = torch.zeros_like(self.pending_sums).index_add_(0, indices, self._normalized(flat))
+            self.pending_sums.add_(_all_reduce_sum(embed_sum))
+
+    @torch.no_grad()
+    def _apply_pending(self, flat: torch.Tensor) -> None:
+        """One optimizer step's worth of codebook learning, then the pending sums start again."""
+        if self.ema:
+            self._ema_update(self.pending_counts, self.pending_sums)
+        self._restart_dead_codes(flat, self.pending_counts)
+        self.pending_counts.zero_()
+        self.pending_sums.zero_()
+
+    @torch.no_grad()
+    def _ema_update(self, counts: torch.Tensor, embed_sum: torch.Tensor) -> None:
         """cluster_size and embed_avg follow EMAs of the counts and sums of assigned vectors."""
-        target = self._normalized(flat)
-        embed_sum = torch.zeros_like(self.embed_avg).index_add_(0, indices, target)
-        _all_reduce_sum(embed_sum)
         self.cluster_size.mul_(self.decay).add_(counts, alpha=1 - self.decay)
         self.embed_avg.mul_(self.decay).add_(embed_sum, alpha=1 - self.decay)
         total = self.cluster_size.sum()

@@ -146,6 +146,7 @@ def main(argv=None):
     )
 
     def train_step(batch):
+        unwrapped.quantizer.defer_updates = not accelerator.sync_gradients  # codebook learns once per optimizer step
         images = to_unit_range(batch["images"])
         output = model(images)
         reconstruction, quantizer = output.reconstruction.float(), output.quantizer

@@ -1,3 +1,4 @@
+import copy
 import json
 import subprocess
 
@@ -92,3 +93,21 @@ def test_two_ddp_processes_end_with_identical_codebooks(tmp_path):
     assert report["max_codebook_difference"] == 0.0
     assert report["max_buffer_difference"] == 0.0
     assert report["lone_eval_returned"]
+
+
+def test_under_accumulation_the_codebook_learns_once_per_optimizer_step_as_with_the_whole_batch():
+    torch.manual_seed(0)
+    whole = VectorQuantizer(codebook_size=8, dim=4, dead_code_steps=0).train()
+    split = copy.deepcopy(whole)
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(3):  # three optimizer steps of two micro-batches each
+        z = torch.randn(4, 4, 2, 2, generator=generator)
+        whole(z)
+        split.defer_updates = True
+        split(z[:2])
+        split.defer_updates = False
+        split(z[2:])
+    for name in ("codebook", "cluster_size", "embed_avg"):
+        torch.testing.assert_close(getattr(split, name), getattr(whole, name), msg=name)
+    assert torch.equal(split.steps_unused, whole.steps_unused) and whole.steps_unused.max() <= 3
+    assert split.pending_counts.sum() == 0 and "pending_sums" not in split.state_dict()
