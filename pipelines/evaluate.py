@@ -140,6 +140,7 @@ def evaluate_run(config: EvaluateConfig) -> dict:
     stage2 = {
         "nll_bits_per_code": nll,
         "nll_precision": "bf16" if bf16 else "fp32",
+        "conditional_on_labels": bool(prior.num_classes),  # the NLL and bits/dim are of p(codes | label) then
         "prior_bits_per_dim": prior_bits_per_dim(nll, vqvae),
         "decoder_bits_per_dim": decoder_bits_per_dim(stage1["mse"]),
     }

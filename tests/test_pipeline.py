@@ -51,6 +51,7 @@ def test_end_to_end_sample_and_evaluate_write_every_file(trained_run, tiny_fashi
     assert [row["guidance"] for row in samples["guidance_sweep"]] == [1.0, 2.0]
     assert all(row["fd"] >= 0 and 0 <= row["classifier_accuracy"] <= 1 for row in samples["guidance_sweep"])
     assert 0 < metrics["stage2"]["nll_bits_per_code"] < 20
+    assert metrics["stage2"]["conditional_on_labels"] is True and metrics["stage2"]["nll_precision"] in ("bf16", "fp32")
     assert metrics["stage2"]["bits_per_dim"] == pytest.approx(
         metrics["stage2"]["decoder_bits_per_dim"] + metrics["stage2"]["prior_bits_per_dim"])
     assert metrics["samples"]["n"] == 8 and metrics["samples"]["fd"] >= 0 and metrics["samples"]["fd_floor"] >= 0
