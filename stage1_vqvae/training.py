@@ -228,7 +228,7 @@ def check_can_start(checkpoints: Checkpoints, config: LoopConfig, what: str) -> 
 
 
 # Flags that change what is logged, kept or evaluated, but not the weights a run trains.
-BOOKKEEPING_FLAGS = {"resume", "overwrite", "allow_changes", "log_every", "eval_every", "checkpoint_every",
+BOOKKEEPING_FLAGS = {"run_dir", "resume", "overwrite", "allow_changes", "log_every", "eval_every", "checkpoint_every",
                      "keep_checkpoints", "dump", "grid_images", "grid_samples", "guidance_scales", "guidance_samples"}
 
 

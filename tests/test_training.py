@@ -143,8 +143,11 @@ def test_resume_refuses_changed_flags_unless_allowed_and_keeps_a_history(tiny_fa
         with pytest.raises(UserError, match=rf"--resume would continue stage one with other flags than it was trained with: {re.escape(named)}; .*--allow-changes"):
             run_stage_one(tmp_path, "--max-steps", "4", "--checkpoint-every", "2", "--no-dump", "--resume", *flags)
     assert config_path.read_text() == before
-    # bookkeeping flags may differ; --allow-changes continues and records what changed
-    run_stage_one(tmp_path, "--max-steps", "6", "--checkpoint-every", "2", "--no-dump", "--resume", "--allow-changes", "--log-every", "1")
+    # bookkeeping flags may differ, the folder too (a run moved elsewhere); --allow-changes continues and records what changed
+    moved = tmp_path / "moved"
+    shutil.copytree(tmp_path / "vqvae", moved / "vqvae")
+    config_path = moved / "vqvae" / "train_config.json"
+    run_stage_one(moved, "--max-steps", "6", "--checkpoint-every", "2", "--no-dump", "--resume", "--allow-changes", "--log-every", "1")
     config = json.loads(config_path.read_text())
     assert config["max_steps"] == 6
     assert config["resumes"] == [{"step": 2, "changed": {"max_steps": {"was": 4, "now": 6}}}]
