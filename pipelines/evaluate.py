@@ -118,12 +118,12 @@ def sample_metrics(vqvae, prior, data, judge, config: EvaluateConfig, device) ->
 
 
 def evaluate_run(config: EvaluateConfig) -> dict:
-    parse_scales(config.guidance, "--guidance")  # a typo should stop us before minutes of work
+    scales = parse_scales(config.guidance, "--guidance")  # a typo should stop us before minutes of work
     run_dir = Path(config.run_dir)
     device = pick_device(config.device)
     use_all_cores(device)
     vqvae, prior = load_run(run_dir, device)
-    if any(scale != 1 for scale in parse_scales(config.guidance, "--guidance")):
+    if any(scale != 1 for scale in scales):
         check_null_label_was_trained(prior, f"--guidance {config.guidance}")
     data = load_image_data(data_config_of_run(run_dir))
     # fp32 for stage one's figures on every device, so that metrics.json does not depend on the GPU
