@@ -2,7 +2,8 @@
 
 Three sources, one result:
 - `fashion_mnist` (default): the four IDX files from $VQ_DATA_DIR or Debian's
-  /usr/share/datasets/fashion-mnist, else the Hub (zalando-datasets/fashion_mnist);
+  /usr/share/datasets/fashion-mnist, else the Hub (zalando-datasets/fashion_mnist); both
+  give the same tensors and class names;
 - a local folder of images, through `datasets`' imagefolder loader;
 - any Hub id with an image column.
 
@@ -129,7 +130,7 @@ def load_image_data(config: DataConfig) -> ImageData:
         local = _find_fashion_mnist()
         if local is not None:
             return _load_fashion_mnist_idx(local, config.image_size)
-        return from_hf_dataset(_load_hub(FASHION_MNIST_HUB_ID, fashion=True), config, FASHION_MNIST_HUB_ID)
+        return fashion_mnist_from_hub_dataset(_load_hub(FASHION_MNIST_HUB_ID, fashion=True), config.image_size)
     path = Path(config.dataset).expanduser()
     if path.exists() or config.dataset.startswith((".", "/", "~")):
         return from_hf_dataset(_load_folder(path, config), config, str(path))
@@ -165,15 +166,40 @@ def read_idx(path: Path) -> np.ndarray:
 
 
 def _load_fashion_mnist_idx(directory: Path, image_size: int) -> ImageData:
+    splits = {
+        split: (read_idx(directory / f"{prefix}-images-idx3-ubyte.gz"), read_idx(directory / f"{prefix}-labels-idx1-ubyte.gz"))
+        for split, prefix in (("train", "train"), ("test", "t10k"))
+    }
+    return fashion_mnist_from_arrays(splits, image_size, f"fashion_mnist ({directory})")
+
+
+def fashion_mnist_from_hub_dataset(data, image_size: int) -> ImageData:
+    """The Hub's copy (PNG cells, its own spelling of the class names) -> exactly the tensors
+    and names the IDX files give, so MSE, FD and `--label` do not depend on the source found."""
+    import datasets
+
     splits = {}
-    for split, prefix in (("train", "train"), ("test", "t10k")):
-        images = torch.from_numpy(read_idx(directory / f"{prefix}-images-idx3-ubyte.gz").copy())
-        labels = torch.from_numpy(read_idx(directory / f"{prefix}-labels-idx1-ubyte.gz").astype(np.int64))
-        images = torch.nn.functional.pad(images.unsqueeze(1), (2, 2, 2, 2))  # 28x28 -> 32x32
+    for split in ("train", "test"):
+        table = data[split]
+        images = np.stack([np.asarray(_open_image(cell, f"row {i} of the Hub's Fashion-MNIST {split} split"))
+                           for i, cell in enumerate(table.cast_column("image", datasets.Image(decode=False))["image"])])
+        if images.shape[1:] != (28, 28) or images.dtype != np.uint8:
+            raise UserError(f"the Hub's Fashion-MNIST {split} split holds {images.shape[1:]} {images.dtype} images, "
+                            "not 28x28 grayscale; install the IDX files with `apt-get install dataset-fashion-mnist`")
+        splits[split] = (images, np.asarray(table["label"]))
+    return fashion_mnist_from_arrays(splits, image_size, FASHION_MNIST_HUB_ID)
+
+
+def fashion_mnist_from_arrays(splits: dict, image_size: int, source: str) -> ImageData:
+    """{split: (uint8 [N, 28, 28], labels [N])} -> ImageData: padded to 32x32 (the garments
+    keep their 28 pixels), then resized only when another size is asked for."""
+    result = {}
+    for split, (images, labels) in splits.items():
+        images = torch.nn.functional.pad(torch.from_numpy(np.array(images, dtype=np.uint8)).unsqueeze(1), (2, 2, 2, 2))
         if image_size != 32:
             images = v2.functional.resize(images, [image_size, image_size], antialias=True)
-        splits[split] = InMemoryImages(images, labels)
-    return ImageData(splits["train"], splits["test"], 1, image_size, FASHION_MNIST_CLASSES, f"fashion_mnist ({directory})")
+        result[split] = InMemoryImages(images, torch.from_numpy(np.array(labels, dtype=np.int64)))
+    return ImageData(result["train"], result["test"], 1, image_size, FASHION_MNIST_CLASSES, source)
 
 
 # ---------------------------------------------------------------- folders and the Hub, through datasets

@@ -24,6 +24,37 @@ def test_fashion_mnist_from_idx_files_is_padded_to_32_with_labels_and_class_name
     assert torch.equal(batch["images"], data.train.images[[3, 1]]) and batch["labels"].dtype == torch.int64
 
 
+HUB_FASHION_NAMES = ["T - shirt / top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+
+
+def hub_copy_of(idx_dir, tmp_path):
+    """An Arrow copy of the IDX files as the Hub stores Fashion-MNIST: PNG cells, its own class names."""
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=HUB_FASHION_NAMES)})
+    splits = {}
+    for split, prefix in (("train", "train"), ("test", "t10k")):
+        images = data_module.read_idx(idx_dir / f"{prefix}-images-idx3-ubyte.gz")
+        labels = data_module.read_idx(idx_dir / f"{prefix}-labels-idx1-ubyte.gz")
+        rows = {"image": [Image.fromarray(image) for image in images], "label": labels.tolist()}
+        splits[split] = datasets.Dataset.from_dict(rows, features=features)
+    datasets.DatasetDict(splits).save_to_disk(tmp_path / "hub_copy")
+    return datasets.load_from_disk(tmp_path / "hub_copy")
+
+
+@pytest.mark.parametrize("image_size", [32, 16])
+def test_fashion_mnist_from_the_hub_gives_the_same_tensors_and_names_as_the_idx_files(tiny_fashion, tmp_path, monkeypatch, image_size):
+    from_idx = load_image_data(DataConfig(image_size=image_size))
+    hub_copy = hub_copy_of(tiny_fashion, tmp_path)
+    monkeypatch.setattr(data_module, "_find_fashion_mnist", lambda: None)
+    monkeypatch.setattr(data_module, "_load_hub", lambda dataset_id, fashion=False: hub_copy)
+    from_hub = load_image_data(DataConfig(image_size=image_size))
+    assert from_hub.source == data_module.FASHION_MNIST_HUB_ID
+    assert from_hub.class_names == from_idx.class_names == data_module.FASHION_MNIST_CLASSES
+    for split in ("train", "test"):
+        idx_split, hub_split = getattr(from_idx, split), getattr(from_hub, split)
+        assert torch.equal(hub_split.images, idx_split.images) and torch.equal(hub_split.labels, idx_split.labels)
+    assert from_hub.train.images.shape[-1] == image_size
+
+
 def test_folder_with_class_subfolders_gets_labels_and_a_seeded_split(tmp_path):
     write_image_folder(tmp_path / "images", per_class=10)
     config = DataConfig(dataset=str(tmp_path / "images"), image_size=16, test_fraction=0.25)
