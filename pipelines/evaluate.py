@@ -10,6 +10,8 @@
   stage one sets); how often the judge recognises the class a sample was asked for
   (`classifier_accuracy`). Every distance is also given as a ratio to `fd_floor`.
   `--guidance 1,1.5,2,3` adds one row per scale (`samples.guidance_sweep`).
+- with `--inception on` (or `auto` on a GPU), the standard Inception FID of the same samples
+  and its real-vs-real floor (`samples.fid`, `samples.fid_floor`), through torchmetrics.
 """
 
 import json
@@ -22,7 +24,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from pipelines.inception import cached_inception, inception_features
+from pipelines.inception import load_fid_metric, standard_fid
 from pipelines.sample import check_null_label_was_trained, load_run, pick_device, resolve_guidance
 from stage1_vqvae.cli import parse_config
 from stage1_vqvae.codes import read_codes
@@ -46,7 +48,8 @@ class EvaluateConfig:
     seed: int = field(default=0, metadata={"help": "seed of the samples"})
     device: str = field(default="auto", metadata={"help": "where to run", "choices": ["auto", "cuda", "mps", "cpu"]})
     inception: str = field(
-        default="auto", metadata={"help": "also Inception-v3 distances: auto = on a GPU when its weights are cached", "choices": ["auto", "on", "off"]}
+        default="auto", metadata={"help": "also the standard Inception FID (torchmetrics): auto = on a GPU, skipped with a note "
+                                          "where its weights cannot be had", "choices": ["auto", "on", "off"]}
     )
 
 
@@ -106,14 +109,15 @@ def sample_metrics(vqvae, prior, data, judge, config: EvaluateConfig, device) ->
             with_ratio(sweep_row, "fd", floor)
         metrics["guidance_sweep"] = rows
     if config.inception == "on" or (config.inception == "auto" and device.type == "cuda"):
-        inception = cached_inception(device)
-        if inception is None and config.inception == "on":
-            raise UserError("--inception on, but torchvision's Inception-v3 weights are not in the torch hub cache; use --inception off")
-        if inception is not None:
-            real = inception_features(inception, test_images, device)
-            fake = inception_features(inception, generated, device)
-            metrics["fd_inception"] = frechet_distance(fake, real[n:])
-            metrics["fd_inception_floor"] = frechet_distance(real[:n], real[n:])
+        try:
+            metric = load_fid_metric(device)
+        except ValueError as error:
+            if config.inception == "on":
+                raise UserError(f"--inception on needs the standard FID, but {error}; use --inception off") from None
+            metrics["fid_note"] = f"standard FID skipped: {error}"
+        else:
+            metrics.update(standard_fid(metric, test_images[n:], generated, test_images[:n]))
+            with_ratio(metrics, "fid", metrics["fid_floor"])
     return stage1, metrics
 
 

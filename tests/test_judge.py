@@ -1,5 +1,6 @@
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from stage1_vqvae.judge import features_and_predictions, load_or_train_judge
@@ -25,3 +26,19 @@ def test_the_judge_is_the_same_whatever_ran_before_and_is_cached(tmp_path):
     cached = load_or_train_judge(tmp_path / "a", data, "cpu")
     features, _ = features_and_predictions(cached, data.train.images, "cpu")
     torch.testing.assert_close(features, features_and_predictions(first, data.train.images, "cpu")[0])
+
+
+def test_frechet_distance_matches_a_direct_scipy_computation():
+    """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 sqrtm(S_a S_b)), as pytorch-fid computes it."""
+    import numpy as np
+    from scipy import linalg
+
+    from stage1_vqvae.judge import frechet_distance
+
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(500, 16)) @ rng.normal(size=(16, 16))
+    b = rng.normal(loc=0.3, size=(400, 16)) @ rng.normal(size=(16, 16))
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    root = linalg.sqrtm(cov_a @ cov_b).real
+    expected = np.sum((a.mean(0) - b.mean(0)) ** 2) + np.trace(cov_a + cov_b - 2 * root)
+    assert frechet_distance(torch.from_numpy(a), torch.from_numpy(b)) == pytest.approx(expected, rel=1e-6)

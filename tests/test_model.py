@@ -53,3 +53,20 @@ def test_ssim_is_one_for_equal_images_and_falls_with_noise():
     values = ssim(images, noisy)
     assert (values < 0.9).all() and (values > 0).all()
     assert ssim(images, (images + 0.05 * torch.randn_like(images)).clamp(0, 1)).mean() > values.mean()
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_ssim_matches_torchmetrics(channels):
+    """torchmetrics' SSIM map (11x11 Gaussian window, sigma 1.5, data range 1), averaged over the
+    positions the window fits, as Wang et al.'s code and scikit-image do (torchmetrics' own mean
+    also counts the reflect-padded border)."""
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
+    from stage1_vqvae.metrics import ssim
+
+    torch.manual_seed(channels)
+    images = torch.rand(4, channels, 32, 32)
+    other = (images + 0.15 * torch.randn_like(images)).clamp(0, 1)
+    _, full_map = structural_similarity_index_measure(other, images, data_range=1.0, reduction="none", return_full_image=True)
+    reference = full_map[..., 5:-5, 5:-5].mean((1, 2, 3))
+    torch.testing.assert_close(ssim(other, images), reference, rtol=1e-4, atol=1e-4)

@@ -146,18 +146,35 @@ def test_the_sample_command_line_prints_one_sentence(tmp_path):
     assert completed.stderr.strip().splitlines()[-1].startswith("error: no VQ-VAE in")
 
 
-def test_inception_distances_are_added_when_its_weights_are_there(trained_run, tiny_fashion, monkeypatch):
-    """The real weights cannot be fetched here; a stand-in network checks the wiring."""
+def test_the_standard_fid_is_added_where_torchmetrics_can_run_and_refused_in_one_sentence_otherwise(trained_run, tiny_fashion, monkeypatch):
+    """The real Inception weights cannot be fetched here: torchmetrics' own FID runs on a
+    stand-in feature network, which checks the wiring (uint8 RGB in, floor from held-out images)."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    class StandIn(torch.nn.Module):
+        def forward(self, images):
+            assert images.dtype == torch.uint8 and images.shape[1] == 3
+            return torch.nn.functional.adaptive_avg_pool2d(images.float(), 2).flatten(1)
+
+    monkeypatch.setattr(evaluate, "load_fid_metric", lambda device: FrechetInceptionDistance(feature=StandIn(), reset_real_features=False))
+    config = evaluate.EvaluateConfig(run_dir=str(trained_run), n=8, batch_size=8, inception="on")
+    samples = evaluate.evaluate_run(config)["samples"]
+    assert samples["fid"] > 0 and samples["fid_floor"] > 0 and samples["fid_ratio"] == samples["fid"] / samples["fid_floor"]
+
+    def unavailable(device):
+        raise ValueError("its Inception weights could not be loaded (no network)")
+
+    monkeypatch.setattr(evaluate, "load_fid_metric", unavailable)
+    with pytest.raises(UserError, match="^--inception on needs the standard FID, but its Inception weights could not be loaded"):
+        evaluate.evaluate_run(config)
+
+
+def test_without_its_weights_the_standard_fid_loader_gives_the_reason(monkeypatch):
     from pipelines import inception
 
-    stand_in = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 7, stride=8), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
-    monkeypatch.setattr(evaluate, "cached_inception", lambda device: stand_in)
-    metrics = evaluate.evaluate_run(evaluate.EvaluateConfig(run_dir=str(trained_run), n=8, batch_size=8, inception="on"))
-    assert metrics["samples"]["fd_inception"] >= 0 and metrics["samples"]["fd_inception_floor"] >= 0
-    monkeypatch.setattr(evaluate, "cached_inception", lambda device: None)
-    with pytest.raises(UserError, match="Inception-v3 weights are not in the torch hub cache"):
-        evaluate.evaluate_run(evaluate.EvaluateConfig(run_dir=str(trained_run), n=8, batch_size=8, inception="on"))
-    assert inception.inception_features(stand_in, torch.zeros(3, 1, 32, 32, dtype=torch.uint8), "cpu").shape == (3, 4)
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
+    with pytest.raises(ValueError, match="Inception weights could not be loaded"):
+        inception.load_fid_metric("cpu")
 
 
 def test_the_default_guidance_comes_from_the_priors_config_and_the_flag_overrides_it(trained_run, tmp_path, capsys):

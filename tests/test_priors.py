@@ -141,3 +141,24 @@ def test_the_cpu_matmul_attention_gives_the_fused_kernels_logits(monkeypatch):
     matmul = model(codes, labels)
     monkeypatch.setattr(transformer, "attention_kernel", lambda device, length: sdpa_kernel(SDPBackend.FLASH_ATTENTION))
     torch.testing.assert_close(model(codes, labels), matmul, atol=1e-5, rtol=1e-4)
+
+
+def test_guidance_pushes_away_from_the_unconditional_logits_not_towards_them():
+    """A prior built by hand (no blocks, 1x1 maps) whose logits for the first code are
+    conditional [1, 1, -10, -10] and unconditional [0, 2, -10, -10]. Guidance 3 gives
+    [3, -1, ...]: code 0 nearly always. Were the two halves swapped, it would give
+    [-2, 4, ...]: code 1 nearly always. Without guidance, codes 0 and 1 are even."""
+    model = TransformerPrior(codebook_size=4, map_height=1, map_width=1, num_classes=1, width=4, layers=0, heads=1, dropout=0.0)
+    with torch.no_grad():
+        model.row_embed.zero_()
+        model.col_embed.zero_()
+        model.label_embed.weight.copy_(torch.tensor([[1.0, 1, -1, -1], [1, -1, 1, -1]]))  # class 0, then the null label
+        model.head.weight.copy_(torch.tensor([[0.5, 0.5, 0, 0], [1.5, -0.5, 0, 0], [-5, 0, 0, 5], [-5, 0, 0, 5]]))
+    labels = torch.zeros(2000, dtype=torch.long)
+
+    def share_of_code_0(guidance):
+        codes = model.eval().generate(2000, labels, guidance=guidance, generator=torch.Generator().manual_seed(0))
+        return (codes == 0).float().mean().item()
+
+    assert 0.45 < share_of_code_0(1.0) < 0.55
+    assert share_of_code_0(3.0) > 0.95
