@@ -135,6 +135,9 @@ def batches_from(accelerator: Accelerator, dataloader, start_step: int, accumula
 
     The seedable sampler makes each epoch's order a function of (seed, epoch), and skipping
     the batches already seen makes a resumed run see exactly what an uninterrupted one would.
+    Starting an epoch draws a worker seed from the global RNG; a resumed run starts its first
+    epoch at another step, so that draw is kept off the global RNG, which label dropout,
+    dead-code restarts and dropout use and every checkpoint restores.
     """
     steps_per_epoch = math.ceil(len(dataloader) / accumulation)
     epoch, step_in_epoch = divmod(start_step, steps_per_epoch)
@@ -142,8 +145,12 @@ def batches_from(accelerator: Accelerator, dataloader, start_step: int, accumula
     while True:
         loader = accelerator.skip_first_batches(dataloader, skip) if skip else dataloader
         loader.set_epoch(epoch)
-        for batch in loader:
+        batches = iter(loader)
+        with torch.random.fork_rng(devices=[]):
+            batch = next(batches, None)
+        while batch is not None:
             yield epoch, batch
+            batch = next(batches, None)
         epoch, skip = epoch + 1, 0
 
 

@@ -87,12 +87,15 @@ def test_maps_from_other_weights_are_refused(stage_one_run, tmp_path):
         stage_two.main(["--run-dir", str(run_dir), *TINY_PRIOR])
 
 
-def test_resume_of_stage_two_matches_an_uninterrupted_run(stage_one_run, tmp_path):
-    flags = [*TINY_PRIOR, "--max-steps", "8", "--checkpoint-every", "4", "--eval-every", "100"]
+@pytest.mark.parametrize("accumulation", ["1", "2"])
+def test_resume_of_stage_two_matches_an_uninterrupted_run(stage_one_run, tmp_path, accumulation):
+    """Killed after step 5, mid-epoch (4 or 2 steps per epoch), and resumed there."""
+    flags = [*TINY_PRIOR, "--max-steps", "9", "--checkpoint-every", "5", "--eval-every", "100",
+             "--gradient-accumulation-steps", accumulation]
     straight, resumed = copy_run(stage_one_run, tmp_path / "a"), copy_run(stage_one_run, tmp_path / "b")
     stage_two.main(["--run-dir", str(straight), *flags])
     stage_two.main(["--run-dir", str(resumed), *flags])
-    shutil.rmtree(resumed / "prior" / "checkpoints" / "step_0000008")
+    shutil.rmtree(resumed / "prior" / "checkpoints" / "step_0000009")
     stage_two.main(["--run-dir", str(resumed), *flags, "--resume"])
     a = load_prior(straight / "prior" / "final").state_dict()
     b = load_prior(resumed / "prior" / "final").state_dict()
