@@ -39,7 +39,7 @@ CONFIGS = {
     ),
     "large": dict(
         channels=3, image_size=128, downsample=4, codebook_size=1024, hidden=128, res_blocks=2,
-        transformer=dict(width=512, layers=12, heads=8), pixelcnn=dict(channels=128, layers=12),
+        transformer=dict(width=512, layers=12, heads=8), pixelcnn=dict(channels=128, layers=16),  # 16 x 2 codes: sees all 32x32
         train_batch=32, encode_batch=64, prior_batch=16, samples=64,
     ),
     "tiny": dict(  # for the test of the benchmark itself

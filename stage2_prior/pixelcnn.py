@@ -5,10 +5,14 @@ A vertical stack sees the rows above, a horizontal stack the codes to the left i
 current row; joining them at every layer leaves no blind spot. Each layer is a gated unit
 tanh(a) * sigmoid(b) with the class embedding added inside the gate.
 
-Because the vertical stack never looks at the current row, generation runs it once per
-row, on the rows generated so far, and runs only the horizontal stack, on the current row
-up to the current column, once per code: the caching idea of Ramachandran et al. 2017
-("Fast Generation for Convolutional Autoregressive Models") at the granularity of rows.
+Each layer widens the view by kernel_size // 2 codes up, left and right; construction
+checks that the layers see the whole map before the current code, so no code is blind to
+part of its past on large maps.
+
+Generation caches every layer's recent inputs, as Fast PixelCNN++ does (Ramachandran et
+al. 2017, "Fast Generation for Convolutional Autoregressive Models"): a new code costs one
+position of each layer's horizontal stack, and a finished row one row of each layer's
+vertical stack, so a map costs O(h w) layer positions instead of O(h^2 w).
 """
 
 import torch
@@ -79,6 +83,13 @@ class GatedPixelCNN(nn.Module, PyTorchModelHubMixin):
         super().__init__()
         if kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be odd, got {kernel_size}")
+        needed = max(map_height, map_width) - 1
+        if layers * (kernel_size // 2) < needed:
+            raise ValueError(
+                f"{layers} layers of kernel {kernel_size} see {layers * (kernel_size // 2)} codes up and to the left, "
+                f"fewer than the {needed} a {map_height}x{map_width} map needs; use at least "
+                f"{-(-needed // (kernel_size // 2))} layers or a larger kernel"
+            )
         self.codebook_size, self.map_shape, self.num_classes = codebook_size, (map_height, map_width), num_classes
         # stored in config.json: which prior, which VQ-VAE's codes, what the labels mean
         self.prior, self.codes_source, self.class_names = prior, codes_source, class_names
@@ -130,19 +141,85 @@ class GatedPixelCNN(nn.Module, PyTorchModelHubMixin):
         biases = self._label_biases(labels)
         height, width = self.map_shape
         codes = torch.zeros(len(labels), height, width, dtype=torch.long, device=device)
+        cache = LayerCache(self, len(labels), width, device) if cached else None
         bar = tqdm(total=height * width, desc="sampling codes", disable=not progress, leave=False)
         for row in range(height):
-            if cached:
-                above = [c[:, :, row: row + 1] for c in self.vertical_stack(codes[:, : row + 1], biases)]
             for col in range(width):
                 if cached:
-                    logits = self.horizontal_stack(
-                        codes[:, row: row + 1, : col + 1], [c[..., : col + 1] for c in above], biases
-                    )[:, :, 0, col]
+                    logits = cache.next_code_logits(col, biases)
                 else:
                     logits = self.horizontal_stack(codes, self.vertical_stack(codes, biases), biases)[:, :, row, col]
                 sampled = sample_logits(guide(logits, guidance), temperature, top_k, top_p, generator)
                 codes[:, row, col] = sampled.repeat(len(labels) // n)
+                if cached:
+                    cache.add_code(codes[:, row, col], col)
                 bar.update(1)
+            if cached:
+                cache.finish_row(biases)
         bar.close()
         return codes[:n]
+
+
+def pointwise(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """A convolution applied at one position: x [B, C_in, k_h, k_w] or [B, C_in] -> [B, C_out].
+    As a matrix product it skips the convolution's per-call set-up, most of its cost here."""
+    return F.linear(x.flatten(1), conv.weight.flatten(1), conv.bias)
+
+
+class LayerCache:
+    """Each layer's last inputs during generation, so every new code runs each layer once.
+
+    - vertical[l]: the last `half + 1` rows of layer l's vertical input, zero-padded by
+      `half` columns on each side (the conv's own padding); `from_above[l]` is layer l's
+      contribution to the horizontal stack of the current row (from the row above).
+    - horizontal[l]: the last `half + 1` columns of layer l's horizontal input in the
+      current row (layer 0 sees the codes left of the current one, the others include it).
+    """
+
+    def __init__(self, model: GatedPixelCNN, batch: int, width: int, device):
+        self.model, self.half = model, model.layers[0].half
+        channels, dtype = model.embed.embedding_dim, model.embed.weight.dtype
+        self.vertical = [torch.zeros(batch, channels, self.half + 1, width + 2 * self.half, device=device, dtype=dtype)
+                         for _ in model.layers]
+        self.from_above = [torch.zeros(batch, 2 * channels, width, device=device, dtype=dtype) for _ in model.layers]
+        self.embedded_row = torch.zeros(batch, channels, 1, width, device=device, dtype=dtype)
+        self._start_row()
+
+    def _start_row(self):
+        batch, channels = self.embedded_row.shape[:2]
+        self.horizontal = [self.embedded_row.new_zeros(batch, channels, 1, self.half + 1) for _ in self.model.layers]
+
+    @staticmethod
+    def _push(window: torch.Tensor, newest: torch.Tensor, dim: int) -> torch.Tensor:
+        """Drop the oldest row or column of `window` and append `newest`."""
+        return torch.cat([window.narrow(dim, 1, window.shape[dim] - 1), newest.to(window.dtype)], dim=dim)
+
+    def next_code_logits(self, col: int, biases) -> torch.Tensor:
+        """Logits [B, K] of the code at `col` of the current row, one position per layer."""
+        h, skip = None, 0
+        for i, (layer, bias) in enumerate(zip(self.model.layers, biases)):
+            if i:  # layers after the first see the current position too: add it to the window
+                self.horizontal[i] = self._push(self.horizontal[i], rearrange(h, "b c -> b c 1 1"), 3)
+            pre = pointwise(layer.horizontal_conv, self.horizontal[i]) + self.from_above[i][..., col]
+            gated = gate(pre + bias[:, pre.shape[1]:, 0, 0])
+            out = pointwise(layer.horizontal_out, gated)
+            h = out if layer.first else h + out
+            skip = skip + pointwise(layer.skip, gated)
+        hidden = pointwise(self.model.head[1], F.relu(skip))
+        return pointwise(self.model.head[3], F.relu(hidden))
+
+    def add_code(self, code: torch.Tensor, col: int) -> None:
+        """The code just sampled at `col` becomes the newest input of the first layer."""
+        embedded = rearrange(self.model.embed(code), "b c -> b c 1 1")
+        self.embedded_row[..., col: col + 1] = embedded
+        self.horizontal[0] = self._push(self.horizontal[0], embedded, 3)
+
+    def finish_row(self, biases) -> None:
+        """Run one row of every layer's vertical stack on the finished row."""
+        v = self.embedded_row
+        for i, (layer, bias) in enumerate(zip(self.model.layers, biases)):
+            self.vertical[i] = self._push(self.vertical[i], F.pad(v, (self.half, self.half)), 2)
+            pre = layer.vertical_conv(self.vertical[i])
+            v = gate(pre + bias[:, : pre.shape[1]])
+            self.from_above[i] = layer.vertical_to_horizontal(pre)[:, :, 0]
+        self._start_row()

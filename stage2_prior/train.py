@@ -101,7 +101,10 @@ def build_prior(config: TrainConfig, codebook_size: int, map_shape, class_names:
         return PRIORS["transformer"](width=config.width, layers=config.layers, heads=config.heads, dropout=config.dropout, **common)
     if config.kernel_size % 2 == 0:
         raise UserError(f"--kernel-size {config.kernel_size} must be odd, e.g. {config.kernel_size + 1}")
-    return PRIORS["pixelcnn"](channels=config.channels, layers=config.pixelcnn_layers, kernel_size=config.kernel_size, **common)
+    try:
+        return PRIORS["pixelcnn"](channels=config.channels, layers=config.pixelcnn_layers, kernel_size=config.kernel_size, **common)
+    except ValueError as error:  # too few layers to see the whole map
+        raise UserError(f"--pixelcnn-layers {config.pixelcnn_layers} --kernel-size {config.kernel_size}: {error}") from None
 
 
 def drop_labels(labels: torch.Tensor, null: int, fraction: float) -> torch.Tensor:

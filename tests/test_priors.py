@@ -123,11 +123,28 @@ def test_a_label_changes_the_output_and_the_null_label_works(kind):
 
 @pytest.mark.parametrize("kind", ["pixelcnn", "transformer"])
 def test_a_label_out_of_range_is_a_clear_error(kind):
-    model = make_prior(kind, 1)
+    model = make_prior(kind, 2)
     with pytest.raises(ValueError, match="label 7 is out of range for a prior trained on 3 classes; use 0 to 2"):
         model.generate(2, 7)
     with pytest.raises(ValueError, match="label -1 is out of range"):
         model(torch.zeros(1, H, W, dtype=torch.long), torch.tensor([-1]))
+
+
+@pytest.mark.parametrize("kernel, layers", [(3, 6), (5, 3), (7, 2)])
+def test_the_pixelcnn_layer_cache_samples_what_the_whole_network_would(kernel, layers):
+    torch.manual_seed(kernel)
+    model = GatedPixelCNN(K, 6, 7, num_classes=3, channels=16, layers=layers, kernel_size=kernel).eval()
+    for labels, guidance in ((None, 1.0), (torch.tensor([0, 1, 2, 0, 1, 2]), 2.0)):
+        fast = model.generate(6, labels, generator=torch.Generator().manual_seed(1), guidance=guidance)
+        slow = model.generate(6, labels, generator=torch.Generator().manual_seed(1), guidance=guidance, cached=False)
+        assert torch.equal(fast, slow)
+
+
+def test_a_pixelcnn_too_shallow_to_see_its_whole_map_is_refused():
+    with pytest.raises(ValueError, match="see 24 codes up and to the left, fewer than the 31 a 32x32 map needs; use at least 16 layers"):
+        GatedPixelCNN(K, 32, 32, channels=8, layers=12, kernel_size=5)
+    GatedPixelCNN(K, 32, 32, channels=8, layers=16, kernel_size=5)  # and one that does is built
+    GatedPixelCNN(K, 32, 32, channels=8, layers=11, kernel_size=7)
 
 
 def test_the_cpu_matmul_attention_gives_the_fused_kernels_logits(monkeypatch):

@@ -136,3 +136,10 @@ def test_flags_of_the_other_prior_are_refused_in_one_sentence(tmp_path):
     with pytest.raises(UserError, match="--width 64, --heads 2 only apply to --prior transformer, not pixelcnn; drop them"):
         stage_two.main(["--run-dir", str(tmp_path), "--prior", "pixelcnn", "--width", "64", "--heads", "2"])
     assert not any(tmp_path.iterdir())
+
+
+def test_a_pixelcnn_too_shallow_for_the_maps_is_refused_in_one_sentence(stage_one_run, tmp_path):
+    run_dir = copy_run(stage_one_run, tmp_path / "run")
+    with pytest.raises(UserError, match=r"^--pixelcnn-layers 2 --kernel-size 3: 2 layers of kernel 3 see 2 codes .* 8x8 map needs; use at least 7 layers"):
+        stage_two.main(["--run-dir", str(run_dir), *TINY_PIXELCNN[:4], "--pixelcnn-layers", "2", "--kernel-size", "3", *TINY_PRIOR[6:]])
+    assert not (run_dir / "prior").exists()
