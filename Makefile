@@ -1,4 +1,5 @@
 # `make demo`: set up and run the whole job on Fashion-MNIST. `make test`: set up and run the tests.
+# `make gpu-check`: on a CUDA machine, the GPU tests, a default run and the GPU benchmark, as one JSON.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -6,7 +7,7 @@ RUN_DIR ?= runs/default
 # The scripts pick their own precision (--mixed-precision auto: bf16 where the hardware has it).
 LAUNCH := $(BIN)/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no
 
-.PHONY: demo test data install clean
+.PHONY: demo test data install clean gpu-check
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +28,10 @@ demo: data
 	$(BIN)/python -m pipelines.sample --run-dir $(RUN_DIR) --n 64
 	$(BIN)/python -m pipelines.evaluate --run-dir $(RUN_DIR)
 	@echo "Samples: $(RUN_DIR)/samples/grid.png   Metrics: $(RUN_DIR)/metrics.json"
+
+# No install step: a GPU machine may be offline; the script says what it lacks (see its header).
+gpu-check:
+	PYTHON=$$( [ -x $(BIN)/python ] && echo $(BIN)/python || echo $(PYTHON) ) scripts/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) runs

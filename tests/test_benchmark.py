@@ -1,10 +1,14 @@
 import json
 import math
+import subprocess
+import sys
 
 import pytest
+import torch
 
 from pipelines import benchmark
 from stage1_vqvae.errors import UserError
+from tests.conftest import REPO, cpu_env
 
 
 def test_the_benchmark_runs_end_to_end_and_every_row_has_a_number(tmp_path, capsys):
@@ -63,3 +67,13 @@ def test_gpu_timing_synchronises_and_reads_cuda_memory(monkeypatch):
     timing = benchmark.Timer(torch.device("cuda"), repeats=2, warmup=1)(lambda: calls.append("run"))
     assert calls == ["reset", "run", "sync", "run", "sync", "run", "sync"]
     assert timing["peak_memory_mb"] == 3.0 and timing["memory_kind"] == "cuda max allocated"
+
+
+def test_the_gpu_check_says_in_one_sentence_that_there_is_no_gpu():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: `make gpu-check` runs for real")
+    completed = subprocess.run(["bash", "scripts/gpu_check.sh"], env={**cpu_env(), "PYTHON": sys.executable},
+                               capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert completed.returncode == 2
+    assert completed.stderr.strip() == ("gpu-check: no CUDA GPU is visible to " + sys.executable + " (torch.cuda.is_available() "
+                                        "is False); run this on a machine with an NVIDIA GPU")

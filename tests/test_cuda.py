@@ -1,0 +1,58 @@
+"""The CUDA paths themselves, on a CUDA GPU only: skipped elsewhere, run by `make gpu-check`.
+
+Without a GPU, `test_cuda_paths_as_far_as_a_cpu_allows` and the benchmark's timer test
+stand in for `torch.cuda` as far as a CPU allows."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from pipelines import benchmark, evaluate, sample
+from stage1_vqvae import train as stage_one
+from stage1_vqvae.quantizer import VectorQuantizer
+from stage2_prior import train as stage_two
+from tests.conftest import TINY_MODEL, reset_accelerate_state
+from tests.test_priors import make_prior
+from tests.test_stage2_training import TINY_PRIOR
+
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+def test_bf16_autocast_on_the_gpu_keeps_the_nearest_codes():
+    torch.manual_seed(1)
+    quantizer = VectorQuantizer(codebook_size=512, dim=64, dead_code_steps=0).cuda().eval()
+    quantizer.codebook.data = torch.randn(1, 64, device="cuda") + 1e-3 * torch.randn(512, 64, device="cuda")
+    z = quantizer.codebook.data[:64].T.reshape(1, 64, 8, 8).clone() + 1e-5
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        indices = quantizer(z).indices
+    assert torch.equal(indices.flatten().cpu(), torch.arange(64))
+
+
+@pytest.mark.parametrize("kind", ["pixelcnn", "transformer"])
+def test_cached_sampling_on_the_gpu_draws_the_codes_of_the_whole_network(kind):
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    model = make_prior(kind, 2).cuda()
+    labels = torch.tensor([0, 1, 2], device="cuda")
+    fast = model.generate(3, labels, generator=torch.Generator("cuda").manual_seed(5), guidance=2.0)
+    slow = model.generate(3, labels, generator=torch.Generator("cuda").manual_seed(5), guidance=2.0, cached=False)
+    assert fast.device.type == "cuda" and torch.equal(fast, slow)
+
+
+def test_both_stages_train_sample_and_evaluate_on_the_gpu(tiny_fashion, tmp_path, capsys):
+    stage_one.main(["--run-dir", str(tmp_path), *TINY_MODEL, "--max-steps", "10", "--disc-start", "5", "--disc-channels", "8"])
+    reset_accelerate_state()
+    stage_two.main(["--run-dir", str(tmp_path), *TINY_PRIOR, "--max-steps", "6"])
+    reset_accelerate_state()
+    sample.main(["--run-dir", str(tmp_path), "--n", "20", "--device", "cuda"])
+    assert np.load(tmp_path / "samples" / "codes.npy").shape == (20, 8, 8)
+    metrics = evaluate.evaluate_run(evaluate.EvaluateConfig(run_dir=str(tmp_path), n=8, batch_size=8, device="cuda", inception="off"))
+    assert metrics["device"].startswith("cuda") and metrics["samples"]["fd"] >= 0
+
+
+def test_the_benchmark_times_the_gpu(tmp_path):
+    out = tmp_path / "bench.json"
+    benchmark.main(["--configs", "tiny", "--repeats", "1", "--device", "cuda", "--json", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert rows and all(row["memory_kind"] == "cuda max allocated" and row["seconds"] > 0 for row in rows)
