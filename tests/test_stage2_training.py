@@ -13,7 +13,7 @@ from tests.conftest import TINY_MODEL, reset_accelerate_state
 
 TINY_PRIOR = ["--width", "32", "--layers", "2", "--heads", "2",
               "--batch-size", "16", "--warmup-steps", "2", "--grid-samples", "4", "--guidance-scales", ""]
-TINY_PIXELCNN = ["--prior", "pixelcnn", "--channels", "16", "--pixelcnn-layers", "3", *TINY_PRIOR[6:]]
+TINY_PIXELCNN = ["--prior", "pixelcnn", "--channels", "16", "--pixelcnn-layers", "4", *TINY_PRIOR[6:]]
 
 
 @pytest.fixture(scope="module")
