@@ -34,7 +34,7 @@ from stage2_prior.transformer import TransformerPrior
 CONFIGS = {
     "small": dict(
         channels=1, image_size=32, downsample=4, codebook_size=512, hidden=128, res_blocks=2,
-        transformer=dict(width=256, layers=4, heads=4), pixelcnn=dict(channels=128, layers=8),
+        transformer=dict(width=128, layers=4, heads=2), pixelcnn=dict(channels=128, layers=8),
         train_batch=128, encode_batch=512, prior_batch=128, samples=64,
     ),
     "large": dict(
