@@ -183,6 +183,8 @@ def test_the_default_guidance_comes_from_the_priors_config_and_the_flag_override
     run = tmp_path / "run"
     shutil.copytree(trained_run, run)
     prior = load_prior(run / "prior")
+    with torch.no_grad():  # labels that matter, so that guidance changes the draws of a 6-step prior
+        prior.label_embed.weight.normal_(generator=torch.Generator().manual_seed(0))
     set_default_guidance(prior, 2.5)
     prior.save_pretrained(run / "prior")
     assert json.loads((run / "prior" / "config.json").read_text())["default_guidance"] == 2.5

@@ -133,8 +133,8 @@ def test_without_its_images_the_sweep_is_skipped_and_the_prior_kept(stage_one_ru
 def test_flags_of_the_other_prior_are_refused_in_one_sentence(tmp_path):
     with pytest.raises(UserError, match="--channels 64 only apply to --prior pixelcnn, not transformer; drop it"):
         stage_two.main(["--run-dir", str(tmp_path), "--channels", "64"])
-    with pytest.raises(UserError, match="--width 64, --heads 2 only apply to --prior transformer, not pixelcnn; drop them"):
-        stage_two.main(["--run-dir", str(tmp_path), "--prior", "pixelcnn", "--width", "64", "--heads", "2"])
+    with pytest.raises(UserError, match="--width 64, --heads 4 only apply to --prior transformer, not pixelcnn; drop them"):
+        stage_two.main(["--run-dir", str(tmp_path), "--prior", "pixelcnn", "--width", "64", "--heads", "4"])
     assert not any(tmp_path.iterdir())
 
 
