@@ -51,7 +51,7 @@ class TrainConfig(LoopConfig, PriorConfig):
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
     grid_samples: int = field(default=32, metadata={"help": "samples in each evaluation grid"})
     guidance_scales: str = field(
-        default="1,1.25,1.5", metadata={"help": "guidance scales tried at the end; the best becomes sampling's default ('': none)"}
+        default="1,1.25,1.35,1.5", metadata={"help": "guidance scales tried at the end; the best becomes sampling's default ('': none)"}
     )
     guidance_samples: int = field(default=2000, metadata={"help": "samples judged per guidance scale (FD is noisy below 2000)"})
 
