@@ -140,6 +140,12 @@ def test_flags_of_the_other_prior_are_refused_in_one_sentence(tmp_path):
 
 def test_a_pixelcnn_too_shallow_for_the_maps_is_refused_in_one_sentence(stage_one_run, tmp_path):
     run_dir = copy_run(stage_one_run, tmp_path / "run")
-    with pytest.raises(UserError, match=r"^--pixelcnn-layers 2 --kernel-size 3: 2 layers of kernel 3 see 2 codes .* 8x8 map needs; use at least 7 layers"):
+    with pytest.raises(UserError, match=r"^--channels 16 --pixelcnn-layers 2 --kernel-size 3: 2 layers of kernel 3 see 2 codes .* 8x8 map needs; use at least 7 layers"):
         stage_two.main(["--run-dir", str(run_dir), *TINY_PIXELCNN[:4], "--pixelcnn-layers", "2", "--kernel-size", "3", *TINY_PRIOR[6:]])
     assert not (run_dir / "prior").exists()
+
+
+def test_a_width_that_the_heads_do_not_divide_is_refused_in_one_sentence(stage_one_run, tmp_path):
+    run_dir = copy_run(stage_one_run, tmp_path / "run")
+    with pytest.raises(UserError, match=r"^--width 100 --layers 2 --heads 3: width 100 must be a multiple of heads 3$"):
+        stage_two.main(["--run-dir", str(run_dir), "--width", "100", "--layers", "2", "--heads", "3", *TINY_PRIOR[6:]])
