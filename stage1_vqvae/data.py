@@ -309,6 +309,8 @@ def from_hf_dataset(data, config: DataConfig, source: str) -> ImageData:
 
     train_table = splits[config.train_split]
     label_column = config.label_column if config.label_column in train_table.column_names else None
+    if label_column is not None and all(value is None or value == -1 for value in train_table[label_column]):
+        label_column = None  # no label at all: e.g. imagefolder on train/ and test/ with the images directly inside
     class_names = None
     if label_column is not None:
         feature = train_table.features[label_column]

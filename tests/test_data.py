@@ -11,7 +11,7 @@ from stage1_vqvae import data as data_module
 from stage1_vqvae.data import DataConfig, from_hf_dataset, load_image_data
 from stage1_vqvae.errors import UserError
 from stage1_vqvae.train import TrainConfig, check_config
-from tests.conftest import REPO, cpu_env, write_image_folder
+from tests.conftest import REPO, cpu_env, synthetic_images, write_image_folder
 
 
 def test_fashion_mnist_from_idx_files_is_padded_to_32_with_labels_and_class_names(tiny_fashion):
@@ -64,6 +64,17 @@ def test_folder_with_class_subfolders_gets_labels_and_a_seeded_split(tmp_path):
     assert data.train.images.shape[1:] == (1, 16, 16)
     again = load_image_data(config)
     assert torch.equal(again.test.images, data.test.images)
+
+
+def test_train_and_test_folders_with_the_images_directly_inside_are_unlabelled(tmp_path):
+    """datasets' imagefolder takes the split folders for classes and leaves every label None."""
+    for split, count in (("train", 6), ("test", 3)):
+        (tmp_path / "images" / split).mkdir(parents=True)
+        for i, array in enumerate(synthetic_images(count, 20, len(split))[0]):
+            Image.fromarray(array).save(tmp_path / "images" / split / f"{i}.png")
+    data = load_image_data(DataConfig(dataset=str(tmp_path / "images"), image_size=16))
+    assert (len(data.train), len(data.test)) == (6, 3)
+    assert data.class_names is None and data.num_classes == 0 and data.train.labels is None
 
 
 def test_folder_with_train_and_test_subfolders_and_rgb_images(tmp_path):
