@@ -82,7 +82,7 @@ class GatedPixelCNN(nn.Module, PyTorchModelHubMixin):
     ):
         super().__init__()
         if kernel_size % 2 == 0:
-            raise ValueError(f"kernel_size must be odd, got {kernel_size}")
+            raise ValueError(f"kernel_size {kernel_size} must be odd, e.g. {kernel_size + 1}")
         needed = max(map_height, map_width) - 1
         if layers * (kernel_size // 2) < needed:
             raise ValueError(
@@ -205,8 +205,9 @@ class LayerCache:
             out = pointwise(layer.horizontal_out, gated)
             h = out if layer.first else h + out
             skip = skip + pointwise(layer.skip, gated)
-        hidden = pointwise(self.model.head[1], F.relu(skip))
-        return pointwise(self.model.head[3], F.relu(hidden))
+        for module in self.model.head:  # the head's own layers, its convolutions at this one position
+            skip = pointwise(module, skip) if isinstance(module, nn.Conv2d) else module(skip)
+        return skip
 
     def add_code(self, code: torch.Tensor, col: int) -> None:
         """The code just sampled at `col` becomes the newest input of the first layer."""

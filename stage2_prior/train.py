@@ -98,13 +98,11 @@ def build_prior(config: TrainConfig, codebook_size: int, map_shape, class_names:
     common = dict(codebook_size=codebook_size, map_height=map_shape[0], map_width=map_shape[1],
                   num_classes=len(class_names or []), codes_source=source, class_names=class_names,
                   label_dropout=config.label_dropout if class_names else None)
-    if config.kernel_size % 2 == 0 and config.prior == "pixelcnn":
-        raise UserError(f"--kernel-size {config.kernel_size} must be odd, e.g. {config.kernel_size + 1}")
     try:
         if config.prior == "transformer":
             return PRIORS["transformer"](width=config.width, layers=config.layers, heads=config.heads, dropout=config.dropout, **common)
         return PRIORS["pixelcnn"](channels=config.channels, layers=config.pixelcnn_layers, kernel_size=config.kernel_size, **common)
-    except ValueError as error:  # sizes that do not fit together, or a PixelCNN too shallow for the maps
+    except ValueError as error:  # sizes that do not fit together: an even kernel, too few layers for the maps
         flags = " ".join(f"--{name.replace('_', '-')} {getattr(config, name)}" for name in PRIOR_FLAGS[config.prior] if name != "dropout")
         raise UserError(f"{flags}: {error}") from None
 

@@ -149,3 +149,9 @@ def test_a_width_that_the_heads_do_not_divide_is_refused_in_one_sentence(stage_o
     run_dir = copy_run(stage_one_run, tmp_path / "run")
     with pytest.raises(UserError, match=r"^--width 100 --layers 2 --heads 3: width 100 must be a multiple of heads 3$"):
         stage_two.main(["--run-dir", str(run_dir), "--width", "100", "--layers", "2", "--heads", "3", *TINY_PRIOR[6:]])
+
+
+def test_an_even_pixelcnn_kernel_is_refused_in_one_sentence():
+    config = stage_two.TrainConfig(prior="pixelcnn", kernel_size=4)
+    with pytest.raises(UserError, match=r"^--channels 128 --pixelcnn-layers 8 --kernel-size 4: kernel_size 4 must be odd, e.g. 5$"):
+        stage_two.build_prior(config, 16, (8, 8), None, "")
