@@ -20,13 +20,14 @@ from stage1_vqvae.codes import weights_hash
 from stage1_vqvae.dump_codes import load_vqvae
 from stage1_vqvae.errors import UserError, run_cli
 from stage1_vqvae.training import use_all_cores
-from stage2_prior.priors import load_prior
+from stage2_prior.priors import PARALLEL_PRIORS, load_prior
 from stage2_prior.quality import generate_images
 
 
 @dataclass
 class SampleConfig:
     run_dir: str = field(default="runs/default", metadata={"help": "run holding vqvae/ and prior/"})
+    prior_dir: str = field(default="prior", metadata={"help": "folder of the prior inside the run (stage two's --prior-dir)"})
     n: int = field(default=64, metadata={"help": "how many images"})
     batch_size: int = field(default=64, metadata={"help": "code maps sampled at once"})
     label: str | None = field(
@@ -36,9 +37,10 @@ class SampleConfig:
     top_k: int | None = field(default=None, metadata={"help": "sample among the k likeliest codes"})
     top_p: float | None = field(default=None, metadata={"help": "sample among the likeliest codes of total probability p"})
     guidance: float | None = field(default=None, metadata={"help": "classifier-free guidance scale (1: none; default: the prior's measured best)"})
+    steps: int | None = field(default=None, metadata={"help": "MaskGIT only: sampling passes (default: the prior's own)"})
     seed: int = field(default=0, metadata={"help": "same seed, same device: same images"})
     device: str = field(default="auto", metadata={"help": "where to sample", "choices": ["auto", "cuda", "mps", "cpu"]})
-    out: str | None = field(default=None, metadata={"help": "output folder (default: <run>/samples)"})
+    out: str | None = field(default=None, metadata={"help": "output folder (default: <run>/samples, or <run>/samples/<prior-dir>)"})
     nrow: int = field(default=8, metadata={"help": "images per grid row"})
 
 
@@ -56,14 +58,15 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def load_run(run_dir: Path, device: torch.device):
+def load_run(run_dir: Path, device: torch.device, prior_dir: str = "prior"):
     """The run's VQ-VAE and prior, in eval mode on `device`, checked to belong together."""
     vqvae = load_vqvae(run_dir)
-    prior = load_prior(run_dir / "prior")
+    prior = load_prior(run_dir / prior_dir)
     if prior.codes_source and prior.codes_source != weights_hash(vqvae):
+        flag = "" if prior_dir == "prior" else f" --prior-dir {prior_dir}"
         raise UserError(
-            f"the prior in {run_dir / 'prior'} was trained on codes of another VQ-VAE than {run_dir / 'vqvae'}; "
-            f"retrain it with `accelerate launch stage2_prior/train.py --run-dir {run_dir} --overwrite`"
+            f"the prior in {run_dir / prior_dir} was trained on codes of another VQ-VAE than {run_dir / 'vqvae'}; "
+            f"retrain it with `accelerate launch stage2_prior/train.py --run-dir {run_dir}{flag} --overwrite`"
         )
     return vqvae.to(device).eval(), prior.to(device).eval()
 
@@ -93,7 +96,8 @@ def resolve_labels(label: str | None, n: int, prior) -> tuple[torch.Tensor | Non
 
 
 def check_sampling_args(temperature: float, top_k: int | None, top_p: float | None) -> None:
-    """The sampling flags, refused in one sentence before any model sees them."""
+    """The sampling flags, refused in one sentence before any model sees them (--steps, which
+    depends on the prior, in `sampling_steps`)."""
     if not temperature > 0:
         raise UserError(f"--temperature {temperature} must be above 0 (1.0 samples the prior as trained)")
     if top_k is not None and top_k < 1:
@@ -128,11 +132,24 @@ def resolve_guidance(guidance: float | None, labels, prior) -> float:
     return guidance
 
 
+def sampling_steps(steps: int | None, prior) -> dict:
+    """--steps as generate's keyword: only a parallel prior (MaskGIT) has passes to choose."""
+    if steps is None:
+        return {}
+    if prior.prior not in PARALLEL_PRIORS:
+        raise UserError(f"--steps {steps} sets MaskGIT's sampling passes, but this run's prior is a {prior.prior}, "
+                        f"which draws one code per pass; drop --steps")
+    if steps < 1:
+        raise UserError(f"--steps {steps} must be at least 1 (the prior's default: {prior.default_steps})")
+    return {"steps": steps}
+
+
 def sample_images(vqvae, prior, labels, n, config: SampleConfig, device, guidance: float) -> tuple[torch.Tensor, torch.Tensor]:
     """n code maps and their decoded images (on the CPU), in batches of --batch-size."""
     return generate_images(
         prior, vqvae, labels, n, device, config.batch_size, config.seed, progress=True,
         temperature=config.temperature, top_k=config.top_k, top_p=config.top_p, guidance=guidance,
+        **sampling_steps(config.steps, prior),
     )
 
 
@@ -152,7 +169,8 @@ def main(argv=None):
     device = pick_device(config.device)
     use_all_cores(device)
     run_dir = Path(config.run_dir)
-    vqvae, prior = load_run(run_dir, device)
+    vqvae, prior = load_run(run_dir, device, config.prior_dir)
+    sampling_steps(config.steps, prior)  # a wrong --steps stops here, before any work
     labels, row = resolve_labels(config.label, config.n, prior)
     guidance = resolve_guidance(config.guidance, labels, prior)
     n = len(labels) if labels is not None else config.n
@@ -161,9 +179,12 @@ def main(argv=None):
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.time() - started
-    out = Path(config.out) if config.out else run_dir / "samples"
+    # a second prior's samples go beside the first's instead of over them
+    out = Path(config.out) if config.out else run_dir / "samples" / ("" if config.prior_dir == "prior" else config.prior_dir)
     write_samples(images, codes, out, row or config.nrow)
     what = f"{row} per class" if row else ("unconditional" if labels is None else "one class")
+    if prior.prior in PARALLEL_PRIORS:
+        what += f", {config.steps or prior.default_steps} passes"
     print(f"Wrote {n} samples ({what}, guidance {guidance:g}) to {out} (grid.png, 0000.png..., codes.npy) in "
           f"{seconds:.2f}s: {n / seconds:.1f} images/s on {device}")
 

@@ -1,25 +1,37 @@
-"""Test negative log-likelihood of a prior, in bits per code and per image dimension."""
+"""Test negative log-likelihood of a prior, in bits per code and per image dimension.
+
+MaskGIT has no tractable likelihood; its test figure is the cross-entropy of the codes it is
+asked to fill in, under the training's random cosine masks, drawn from a fixed seed so that
+every evaluation sees the same masks. It is not comparable with the raster priors' NLL.
+"""
 
 import math
 
 import torch
 import torch.nn.functional as F
 
+from stage2_prior.maskgit import random_mask
+
 LOG2 = math.log(2)
 
 
 @torch.no_grad()
-def test_nll(accelerator, model, loader, autocast=None) -> float:
+def test_nll(accelerator, model, loader, autocast=None, masked: bool = False) -> float:
     """Mean NLL in bits per code over a prepared loader of {"codes", "labels"?} batches, under
-    the accelerator's autocast unless another context factory is given."""
+    the accelerator's autocast unless another context factory is given; `masked`: MaskGIT's
+    bits per hidden code instead, under seeded masks."""
     model.eval()
+    generator = torch.Generator().manual_seed(0)
     total, count = 0.0, 0
     for batch in loader:
+        codes = batch["codes"]
+        mask = random_mask(len(codes), codes[0].numel(), "cpu", generator).view_as(codes).to(codes.device) if masked else None
         with (autocast or accelerator.autocast)():
-            logits = model(batch["codes"], batch.get("labels"))
-        per_map = F.cross_entropy(logits.float(), batch["codes"], reduction="none").flatten(1).sum(1)
-        per_map = accelerator.gather_for_metrics(per_map)
-        total, count = total + per_map.sum().item(), count + per_map.numel() * batch["codes"][0].numel()
+            logits = model(codes, batch.get("labels"), mask) if masked else model(codes, batch.get("labels"))
+        losses = F.cross_entropy(logits.float(), codes, reduction="none")
+        scored = mask if masked else torch.ones_like(codes, dtype=torch.bool)
+        per_map = accelerator.gather_for_metrics(torch.stack([(losses * scored).flatten(1).sum(1), scored.flatten(1).sum(1).float()], 1))
+        total, count = total + per_map[:, 0].sum().item(), count + per_map[:, 1].sum().item()
     return total / count / LOG2
 
 

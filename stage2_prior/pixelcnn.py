@@ -133,8 +133,9 @@ class GatedPixelCNN(nn.Module, PyTorchModelHubMixin):
 
     @torch.no_grad()
     def generate(self, n, labels=None, temperature=1.0, top_k=None, top_p=None, generator=None,
-                 guidance=1.0, cached=True, progress=False) -> torch.Tensor:
-        """Sample n code maps [n, h, w]. `cached=False` reruns the whole network per code."""
+                 guidance=1.0, cached=True, progress=False, known=None, keep=None) -> torch.Tensor:
+        """Sample n code maps [n, h, w]. `cached=False` reruns the whole network per code.
+        `known` and `keep` [n, h, w]: codes written as given instead of drawn (see the transformer)."""
         device = self.embed.weight.device
         labels = prepare_labels(n, labels, self.num_classes, device)
         labels = with_null_labels(labels, self.null_label, guidance)
@@ -150,6 +151,8 @@ class GatedPixelCNN(nn.Module, PyTorchModelHubMixin):
                 else:
                     logits = self.horizontal_stack(codes, self.vertical_stack(codes, biases), biases)[:, :, row, col]
                 sampled = sample_logits(guide(logits, guidance), temperature, top_k, top_p, generator)
+                if keep is not None:
+                    sampled = torch.where(keep[:, row, col].to(device).bool(), known[:, row, col].to(device), sampled)
                 codes[:, row, col] = sampled.repeat(len(labels) // n)
                 if cached:
                     cache.add_code(codes[:, row, col], col)

@@ -1,13 +1,16 @@
-"""The two priors by name, and loading whichever one a folder holds."""
+"""The priors by name, and loading whichever one a folder holds."""
 
 import json
 from pathlib import Path
 
 from stage1_vqvae.errors import UserError
+from stage2_prior.maskgit import MaskGITPrior
 from stage2_prior.pixelcnn import GatedPixelCNN
 from stage2_prior.transformer import TransformerPrior
 
-PRIORS = {"transformer": TransformerPrior, "pixelcnn": GatedPixelCNN}
+PRIORS = {"transformer": TransformerPrior, "pixelcnn": GatedPixelCNN, "maskgit": MaskGITPrior}
+# priors that draw every code at once in a few passes; the others draw one code per pass, in raster order
+PARALLEL_PRIORS = ("maskgit",)
 
 
 def load_prior(directory: Path):

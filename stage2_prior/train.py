@@ -1,7 +1,9 @@
-"""Train a prior over the code maps: `accelerate launch stage2_prior/train.py [--prior pixelcnn]`.
+"""Train a prior over the code maps: `accelerate launch stage2_prior/train.py [--prior pixelcnn|maskgit]`.
 
 It reads `<run>/codes`, refuses maps that the VQ-VAE in `<run>/vqvae` did not write, and
-saves the prior with the best test NLL to `<run>/prior`.
+saves the prior with the best test loss to `<run>/prior` (or `--prior-dir`, so that two
+priors can share one VQ-VAE). The loss is the NLL for the raster-order priors, and the
+cross-entropy of masked codes for MaskGIT.
 """
 
 import time
@@ -23,20 +25,24 @@ from stage1_vqvae.training import (
     LoopConfig, format_duration, open_stage, run_training_loop, set_up_training,
 )
 from stage2_prior.evaluation import LOG2, prior_bits_per_dim, test_nll
-from stage2_prior.priors import PRIORS, load_prior, set_default_guidance
+from stage2_prior.maskgit import default_steps, masked_code_loss
+from stage2_prior.priors import PARALLEL_PRIORS, PRIORS, load_prior, set_default_guidance
 from stage2_prior.quality import balanced_labels, best_guidance, guidance_sweep, parse_scales
 
 
 @dataclass
 class PriorConfig:
     prior: str = field(default="transformer", metadata={"help": "which prior", "choices": list(PRIORS)})
+    prior_dir: str = field(default="prior", metadata={"help": "folder of the prior inside the run (another name keeps two priors side by side)"})
     unconditional: bool = field(default=False, metadata={"help": "ignore the labels even when the maps have them"})
     label_dropout: float = field(default=0.1, metadata={"help": "fraction of examples trained without their label"})
     # Narrow: at the demo's budget more updates beat more width (see the README's ablation).
-    width: int = field(default=128, metadata={"help": "transformer width"})
-    layers: int = field(default=4, metadata={"help": "transformer blocks"})
-    heads: int = field(default=2, metadata={"help": "transformer attention heads"})
-    dropout: float = field(default=0.0, metadata={"help": "transformer dropout (worth 0.1 for many epochs)"})
+    width: int = field(default=128, metadata={"help": "transformer (and MaskGIT) width"})
+    layers: int = field(default=4, metadata={"help": "transformer (and MaskGIT) blocks"})
+    heads: int = field(default=2, metadata={"help": "transformer (and MaskGIT) attention heads"})
+    dropout: float = field(default=0.0, metadata={"help": "transformer (and MaskGIT) dropout (worth 0.1 for many epochs)"})
+    steps: int | None = field(default=None, metadata={"help": "MaskGIT: sampling passes, stored as sampling's default "
+                                                              "(default: 8 for maps of up to 16x16 codes, 12 for larger)"})
     channels: int = field(default=128, metadata={"help": "PixelCNN channels"})
     pixelcnn_layers: int = field(default=8, metadata={"help": "PixelCNN gated layers"})
     kernel_size: int = field(default=5, metadata={"help": "PixelCNN kernel size (odd)"})
@@ -80,18 +86,34 @@ def choose_guidance(accelerator, run_dir: Path, stage_dir: Path, vqvae, scales: 
     return f"guidance {best:g} became the default ({table})"
 
 
-PRIOR_FLAGS = {"transformer": ("width", "layers", "heads", "dropout"), "pixelcnn": ("channels", "pixelcnn_layers", "kernel_size")}
+PRIOR_FLAGS = {
+    "transformer": ("width", "layers", "heads", "dropout"),
+    "pixelcnn": ("channels", "pixelcnn_layers", "kernel_size"),
+    "maskgit": ("width", "layers", "heads", "dropout", "steps"),
+}
 
 
 def check_prior_flags(config: TrainConfig) -> None:
-    """Refuse flags of the other prior, which would otherwise be silently ignored."""
+    """Refuse flags of another prior, which would otherwise be silently ignored."""
     defaults = PriorConfig()
+    own = PRIOR_FLAGS[config.prior]
     for other, names in PRIOR_FLAGS.items():
         changed = [f"--{name.replace('_', '-')} {getattr(config, name)}" for name in names
-                   if other != config.prior and getattr(config, name) != getattr(defaults, name)]
+                   if name not in own and getattr(config, name) != getattr(defaults, name)]
         if changed:
             raise UserError(f"{', '.join(changed)} only apply to --prior {other}, not {config.prior}; "
                             f"drop {'them' if len(changed) > 1 else 'it'} or choose --prior {other}")
+
+
+# the run's other folders, which a prior must not overwrite
+RUN_FOLDERS = ("vqvae", "codes", "samples", "eval_classifier", "completions")
+
+
+def check_prior_dir(name: str) -> None:
+    """--prior-dir is one folder name inside the run, and none of the run's other folders."""
+    if not name or Path(name).name != name or name in (".", "..") or name in RUN_FOLDERS:
+        raise UserError(f"--prior-dir {name!r} must name one new folder inside the run, not a path or one of "
+                        f"{', '.join(RUN_FOLDERS)}; e.g. --prior-dir prior_maskgit")
 
 
 def build_prior(config: TrainConfig, codebook_size: int, map_shape, class_names: list[str] | None, source: str):
@@ -101,6 +123,9 @@ def build_prior(config: TrainConfig, codebook_size: int, map_shape, class_names:
     try:
         if config.prior == "transformer":
             return PRIORS["transformer"](width=config.width, layers=config.layers, heads=config.heads, dropout=config.dropout, **common)
+        if config.prior == "maskgit":
+            return PRIORS["maskgit"](width=config.width, layers=config.layers, heads=config.heads, dropout=config.dropout,
+                                     default_steps=config.steps or default_steps(map_shape[0] * map_shape[1]), **common)
         return PRIORS["pixelcnn"](channels=config.channels, layers=config.pixelcnn_layers, kernel_size=config.kernel_size, **common)
     except ValueError as error:  # sizes that do not fit together: an even kernel, too few layers for the maps
         flags = " ".join(f"--{name.replace('_', '-')} {getattr(config, name)}" for name in PRIOR_FLAGS[config.prior] if name != "dropout")
@@ -130,9 +155,13 @@ def main(argv=None):
     config = parse_config(TrainConfig, argv, description=__doc__.splitlines()[0])
     scales = parse_scales(config.guidance_scales, "--guidance-scales")
     check_prior_flags(config)
+    check_prior_dir(config.prior_dir)
+    if config.steps is not None and config.steps < 1:
+        raise UserError(f"--steps {config.steps} must be at least 1 (MaskGIT's sampling passes; 8 is the default)")
+    masked = config.prior in PARALLEL_PRIORS
     started = time.time()
     run_dir = Path(config.run_dir)
-    stage_dir = run_dir / "prior"
+    stage_dir = run_dir / config.prior_dir
     accelerator, checkpoints = open_stage(config, stage_dir, "stage two")
     vqvae = load_vqvae(run_dir).to(accelerator.device).eval()
     train_maps = read_codes(run_dir / "codes", "train", vqvae=vqvae)
@@ -162,21 +191,27 @@ def main(argv=None):
         labels = batch.get("labels")
         if labels is not None:
             labels = drop_labels(labels, unwrapped.null_label, config.label_dropout)
-        logits = model(batch["codes"], labels)
-        loss = F.cross_entropy(logits.float(), batch["codes"])
+        if masked:
+            loss = masked_code_loss(model, batch["codes"], labels).mean()
+            return loss, {"masked_nll_bits_per_code": loss.detach() / LOG2}, len(batch["codes"])
+        loss = F.cross_entropy(model(batch["codes"], labels).float(), batch["codes"])
         return loss, {"nll_bits_per_code": loss.detach() / LOG2}, len(batch["codes"])
 
     def evaluate(step):
-        nll = test_nll(accelerator, model, setup.test_loader)
-        bits_per_dim = prior_bits_per_dim(nll, vqvae)
-        log.log({"test/nll_bits_per_code": nll, "test/prior_bits_per_dim": bits_per_dim}, step)
+        nll = test_nll(accelerator, model, setup.test_loader, masked=masked)
+        if masked:  # not a likelihood: no bits/dim bound to go with it
+            log.log({"test/masked_nll_bits_per_code": nll}, step)
+        else:
+            log.log({"test/nll_bits_per_code": nll, "test/prior_bits_per_dim": prior_bits_per_dim(nll, vqvae)}, step)
         if accelerator.is_main_process:
             save_sample_grid(unwrapped.eval(), vqvae, config.grid_samples, stage_dir / "samples" / f"step_{step:07d}.png", config.seed)
             if nll < state["best_nll"]:
                 state["best_nll"] = nll
                 save_pretrained_atomic(unwrapped, stage_dir)
         accelerator.wait_for_everyone()
-        return f"test nll {nll:.4f} bits/code, prior {bits_per_dim:.4f} bits/dim"
+        if masked:
+            return f"test masked-code nll {nll:.4f} bits/code"
+        return f"test nll {nll:.4f} bits/code, prior {prior_bits_per_dim(nll, vqvae):.4f} bits/dim"
 
     run_training_loop(accelerator, config, setup, checkpoints, train_step, evaluate, "stage two")
     guidance = "unconditional prior: no guidance" if not num_classes else "guidance not measured (--guidance-scales '')"
@@ -189,7 +224,7 @@ def main(argv=None):
     accelerator.wait_for_everyone()
     accelerator.end_training()
     accelerator.print(
-        f"Stage two done in {format_duration(time.time() - started)}: best test nll {state['best_nll']:.4f} bits/code, "
+        f"Stage two done in {format_duration(time.time() - started)}: best test {'masked-code ' if masked else ''}nll {state['best_nll']:.4f} bits/code, "
         f"prior in {stage_dir}, sample grids in {stage_dir / 'samples'}; {guidance}"
     )
 

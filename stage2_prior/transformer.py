@@ -39,9 +39,9 @@ def attention_kernel(device: torch.device, length: int):
 
 
 class SelfAttention(nn.Module):
-    def __init__(self, width: int, heads: int, dropout: float):
+    def __init__(self, width: int, heads: int, dropout: float, causal: bool = True):
         super().__init__()
-        self.heads, self.dropout = heads, dropout
+        self.heads, self.dropout, self.causal = heads, dropout, causal
         self.qkv = nn.Linear(width, 3 * width)
         self.proj = nn.Linear(width, width)
         self.proj_dropout = nn.Dropout(dropout)
@@ -50,7 +50,7 @@ class SelfAttention(nn.Module):
         q, k, v = rearrange(self.qkv(x), "b t (three h d) -> three b h t d", three=3, h=self.heads)
         if cache is None:
             with attention_kernel(x.device, x.shape[1]):
-                out = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+                out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, dropout_p=self.dropout if self.training else 0.0)
         else:  # the new positions attend to everything cached so far, and to each other causally
             start, end = cache.filled, cache.filled + x.shape[1]
             cache.keys[layer, :, :, start:end] = k
@@ -64,10 +64,12 @@ class SelfAttention(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, width: int, heads: int, dropout: float):
+    """Pre-norm attention and MLP; `causal=False` lets every position see every other (MaskGIT)."""
+
+    def __init__(self, width: int, heads: int, dropout: float, causal: bool = True):
         super().__init__()
         self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
-        self.attention = SelfAttention(width, heads, dropout)
+        self.attention = SelfAttention(width, heads, dropout, causal)
         self.mlp = nn.Sequential(
             nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width), nn.Dropout(dropout)
         )
@@ -149,10 +151,12 @@ class TransformerPrior(nn.Module, PyTorchModelHubMixin):
 
     @torch.no_grad()
     def generate(self, n, labels=None, temperature=1.0, top_k=None, top_p=None, generator=None,
-                 guidance=1.0, cached=True, progress=False) -> torch.Tensor:
+                 guidance=1.0, cached=True, progress=False, known=None, keep=None) -> torch.Tensor:
         """Sample n code maps [n, h, w]; `guidance` > 1 applies classifier-free guidance.
 
         `cached=False` reruns the whole prefix for every code, as most VQ-VAE repositories do.
+        `known` [n, h, w] and `keep` [n, h, w] (bool): codes written as given instead of drawn;
+        a kept top part is continued in raster order (a code only sees the codes before it).
         """
         device = self.code_embed.weight.device
         labels = with_null_labels(prepare_labels(n, labels, self.num_classes, device), self.null_label, guidance)
@@ -164,9 +168,13 @@ class TransformerPrior(nn.Module, PyTorchModelHubMixin):
             dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else tokens.dtype
             cache = KVCache(self.num_layers, batch, self.heads, length, self.width // self.heads, device, dtype)
         codes = torch.zeros(batch, length, dtype=torch.long, device=device)
+        if keep is not None:
+            keep, known = (rearrange(x.to(device), "n h w -> n (h w)") for x in (keep.bool(), known))
         for t in tqdm(range(length), desc="sampling codes", disable=not progress, leave=False):
             logits = self._run(tokens, cache)[:, -1]
             sampled = sample_logits(guide(logits, guidance), temperature, top_k, top_p, generator)
+            if keep is not None:
+                sampled = torch.where(keep[:, t], known[:, t], sampled)
             codes[:, t] = sampled.repeat(batch // n)
             if t + 1 < length:
                 next_token = (self.code_embed(codes[:, t]) + positions[t + 1])[:, None]

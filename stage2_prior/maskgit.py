@@ -1,0 +1,171 @@
+"""MaskGIT prior (Chang et al. 2022): a bidirectional transformer that fills in masked codes.
+
+Training hides a cosine-scheduled fraction of each map behind a mask token and predicts the
+hidden codes from the rest. Sampling starts from a fully masked map; each of `steps` passes
+samples every masked code at once, keeps the most confident and masks the rest again, fewer
+each pass along the same cosine. A map costs `steps` network passes instead of one per code,
+and any subset of codes can be kept fixed, which is what completion and editing need.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange, repeat
+from huggingface_hub import PyTorchModelHubMixin
+from torch import nn
+from tqdm.auto import tqdm
+
+from stage2_prior.sampling import filter_logits, guide, prepare_labels, sample_logits, with_null_labels
+from stage2_prior.transformer import Block
+
+
+def masked_fraction(progress: torch.Tensor | float) -> torch.Tensor:
+    """The cosine schedule: the fraction of codes still masked when `progress` (0 to 1) of the
+    way is done; 1 at the start, 0 at the end."""
+    return torch.cos(math.pi / 2 * torch.as_tensor(progress, dtype=torch.float64))
+
+
+def random_mask(batch: int, length: int, device, generator: torch.Generator | None = None) -> torch.Tensor:
+    """[batch, length] bool, True = hidden: per map a fraction masked_fraction(r), r ~ U(0, 1),
+    at least one code, at places drawn uniformly."""
+    progress = torch.rand(batch, device=device, generator=generator)
+    count = torch.ceil(masked_fraction(progress) * length).long().clamp(1, length)
+    ranks = torch.rand(batch, length, device=device, generator=generator).argsort(-1).argsort(-1)
+    return ranks < count[:, None].to(device)
+
+
+def default_steps(codes_per_map: int) -> int:
+    """Sampling passes for a map size: 8 up to 16x16 codes and 12 beyond, MaskGIT's own choices
+    for ImageNet at 256 and 512 pixels (16x16 and 32x32 codes)."""
+    return 8 if codes_per_map <= 256 else 12
+
+
+def still_masked_after(step: int, steps: int, unknown: torch.Tensor, remaining: torch.Tensor) -> torch.Tensor:
+    """How many codes stay masked after pass `step` (0-based) of `steps`: the cosine share of the
+    codes that were unknown at the start; every pass before the last fixes at least one code and
+    leaves at least one to the next, and the last leaves none."""
+    if step == steps - 1:
+        return torch.zeros_like(remaining)
+    target = torch.floor(unknown * masked_fraction((step + 1) / steps)).long()
+    return torch.minimum(target.clamp(min=1), remaining - 1).clamp(min=0)
+
+
+class MaskGITPrior(nn.Module, PyTorchModelHubMixin):
+    def __init__(
+        self,
+        codebook_size: int = 512,
+        map_height: int = 8,
+        map_width: int = 8,
+        num_classes: int = 10,
+        width: int = 128,
+        layers: int = 4,
+        heads: int = 2,
+        dropout: float = 0.0,
+        prior: str = "maskgit",
+        codes_source: str = "",
+        class_names: list[str] | None = None,
+        default_guidance: float = 1.0,
+        label_dropout: float | None = None,
+        default_steps: int = 8,
+    ):
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"width {width} must be a multiple of heads {heads}")
+        if default_steps < 1:
+            raise ValueError(f"default_steps {default_steps} must be at least 1")
+        self.codebook_size, self.map_shape, self.num_classes = codebook_size, (map_height, map_width), num_classes
+        # stored in config.json: which prior, which VQ-VAE's codes, what the labels mean
+        self.prior, self.codes_source, self.class_names = prior, codes_source, class_names
+        self.default_guidance = default_guidance  # the scale stage two measured best; sampling's default
+        self.label_dropout = label_dropout  # how often training showed the null label (None: not recorded)
+        self.default_steps = default_steps  # sampling passes when none are asked for
+        self.code_embed = nn.Embedding(codebook_size + 1, width)  # the last one is the mask token
+        self.label_embed = nn.Embedding(num_classes + 1, width)  # the last one is "no class"
+        self.row_embed = nn.Parameter(torch.zeros(map_height, width))
+        self.col_embed = nn.Parameter(torch.zeros(map_width, width))
+        self.dropout = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(Block(width, heads, dropout, causal=False) for _ in range(layers))
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, codebook_size, bias=False)
+        self.apply(self._init_weights)
+        nn.init.normal_(self.row_embed, std=0.02)
+        nn.init.normal_(self.col_embed, std=0.02)
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    @property
+    def null_label(self) -> int:
+        return self.num_classes
+
+    @property
+    def mask_token(self) -> int:
+        return self.codebook_size
+
+    def _logits(self, codes: torch.Tensor, masked: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """codes, masked [B, h*w], labels [B] -> logits [B, h*w, K] for every position."""
+        tokens = self.code_embed(torch.where(masked, self.mask_token, codes))
+        tokens = tokens + rearrange(self.row_embed[:, None] + self.col_embed[None], "h w c -> (h w) c")
+        x = self.dropout(torch.cat([self.label_embed(labels)[:, None], tokens], dim=1))
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x[:, 1:]))
+
+    def forward(self, codes: torch.Tensor, labels: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """codes [B, h, w], mask [B, h, w] (True = hidden; None: nothing hidden) -> logits [B, K, h, w].
+        Training scores only the hidden positions (`masked_code_loss`)."""
+        batch, height, width = codes.shape
+        labels = prepare_labels(batch, labels, self.num_classes, codes.device)
+        flat = rearrange(codes, "b h w -> b (h w)")
+        masked = torch.zeros_like(flat, dtype=torch.bool) if mask is None else rearrange(mask, "b h w -> b (h w)")
+        return rearrange(self._logits(flat, masked, labels), "b (h w) k -> b k h w", h=height, w=width)
+
+    @torch.no_grad()
+    def generate(self, n, labels=None, temperature=1.0, top_k=None, top_p=None, generator=None, guidance=1.0,
+                 steps=None, known=None, keep=None, choice_temperature=4.5, progress=False) -> torch.Tensor:
+        """Sample n code maps [n, h, w] in `steps` passes (default: the prior's `default_steps`).
+
+        `known` [n, h, w] and `keep` [n, h, w] (bool) fix codes that are never changed: only the
+        others are drawn, along the schedule of their own count. `choice_temperature` scales
+        the Gumbel noise added to the confidences, annealed to 0 over the passes, as in MaskGIT.
+        """
+        steps = self.default_steps if steps is None else steps
+        if steps < 1:
+            raise ValueError(f"steps {steps} must be at least 1")
+        device = self.code_embed.weight.device
+        labels = with_null_labels(prepare_labels(n, labels, self.num_classes, device), self.null_label, guidance)
+        copies = len(labels) // n  # 2 under guidance: the conditional and the unconditional half
+        length = self.map_shape[0] * self.map_shape[1]
+        codes = torch.zeros(n, length, dtype=torch.long, device=device)
+        masked = torch.ones(n, length, dtype=torch.bool, device=device)
+        if keep is not None:
+            keep = rearrange(keep.to(device, torch.bool), "n h w -> n (h w)")
+            codes = torch.where(keep, rearrange(known.to(device), "n h w -> n (h w)"), codes)
+            masked = ~keep
+        unknown = masked.sum(1)
+        for step in tqdm(range(steps), desc="sampling passes", disable=not progress, leave=False):
+            logits = self._logits(repeat(codes, "n l -> (c n) l", c=copies), repeat(masked, "n l -> (c n) l", c=copies), labels)
+            logits = filter_logits(guide(logits, guidance).flatten(0, 1) / temperature, top_k, top_p)
+            drawn = sample_logits(logits, generator=generator)
+            log_probability = logits.log_softmax(-1).gather(-1, drawn[:, None]).view(n, length)
+            drawn = drawn.view(n, length)
+            noise = -torch.empty_like(log_probability).exponential_(generator=generator).log()  # Gumbel(0, 1)
+            confidence = log_probability + choice_temperature * (1 - (step + 1) / steps) * noise
+            confidence = torch.where(masked, confidence, torch.inf)  # fixed codes are never masked again
+            codes = torch.where(masked, drawn, codes)
+            still = still_masked_after(step, steps, unknown, masked.sum(1))
+            masked = confidence.argsort(-1).argsort(-1) < still[:, None]
+        return rearrange(codes, "n (h w) -> n h w", h=self.map_shape[0])
+
+
+def masked_code_loss(model, codes: torch.Tensor, labels: torch.Tensor | None, generator=None) -> torch.Tensor:
+    """Cross-entropy (nats) of the hidden codes under a random cosine-scheduled mask, one value
+    per hidden code; `model` may be wrapped (DDP), so it is called, not unwrapped."""
+    mask = random_mask(len(codes), codes[0].numel(), codes.device, generator).view_as(codes)
+    logits = model(codes, labels, mask)
+    return F.cross_entropy(logits.float(), codes, reduction="none")[mask]
