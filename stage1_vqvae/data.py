@@ -275,6 +275,12 @@ def to_uint8_tensor(value, image_size: int, channels: int, where: str) -> torch.
     return v2.functional.center_crop(tensor, [image_size, image_size])
 
 
+def load_image_file(path: Path, image_size: int, channels: int) -> torch.Tensor:
+    """One image file of any mode -> uint8 [channels, S, S], converted, resized and cropped."""
+    image = _open_image({"path": str(path)}, str(path)).convert("L" if channels == 1 else "RGB")
+    return to_uint8_tensor(image, image_size, channels, str(path))
+
+
 def _label_values_to_indices(table, label_column, class_names):
     index = {name: i for i, name in enumerate(class_names)}
 

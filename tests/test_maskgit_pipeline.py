@@ -1,0 +1,138 @@
+"""A MaskGIT prior beside a transformer on one VQ-VAE: training, sampling, evaluating, completing."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipelines import complete, evaluate, sample
+from stage1_vqvae import train as stage_one
+from stage1_vqvae.dump_codes import load_vqvae
+from stage1_vqvae.errors import UserError
+from stage2_prior import train as stage_two
+from stage2_prior.priors import load_prior
+from tests.conftest import TINY_MODEL, reset_accelerate_state
+from tests.test_stage2_training import TINY_PRIOR
+
+MASKGIT = ["--prior", "maskgit", "--prior-dir", "prior_maskgit", "--steps", "4"]
+
+
+@pytest.fixture(scope="module")
+def two_prior_run(tmp_path_factory, tiny_fashion_dir):
+    """Stage one, then a transformer in prior/ and a MaskGIT in prior_maskgit/, a few steps each."""
+    run_dir = tmp_path_factory.mktemp("two_priors") / "run"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("VQ_DATA_DIR", str(tiny_fashion_dir))
+        stage_one.main(["--run-dir", str(run_dir), *TINY_MODEL, "--max-steps", "10"])
+        reset_accelerate_state()
+        stage_two.main(["--run-dir", str(run_dir), *TINY_PRIOR, "--max-steps", "6"])
+        reset_accelerate_state()
+        stage_two.main(["--run-dir", str(run_dir), *TINY_PRIOR, *MASKGIT, "--max-steps", "6", "--eval-every", "3",
+                        "--log-every", "1"])
+        reset_accelerate_state()
+    return run_dir
+
+
+def test_a_maskgit_prior_trains_beside_the_transformer_and_keeps_its_own_figures(two_prior_run):
+    assert load_prior(two_prior_run / "prior").prior == "transformer"
+    maskgit = load_prior(two_prior_run / "prior_maskgit")
+    assert maskgit.prior == "maskgit" and maskgit.default_steps == 4 and maskgit.num_classes == 10
+    log = [json.loads(line) for line in (two_prior_run / "prior_maskgit" / "log.jsonl").read_text().splitlines()]
+    assert any("train/masked_nll_bits_per_code" in row for row in log)
+    tests = [row for row in log if "test/masked_nll_bits_per_code" in row]
+    assert len(tests) == 2 and not any("test/prior_bits_per_dim" in row for row in tests)  # no likelihood, no bound
+
+
+def test_sample_and_evaluate_take_the_prior_dir_and_steps(two_prior_run, tiny_fashion, tmp_path, capsys):
+    sample.main(["--run-dir", str(two_prior_run), "--prior-dir", "prior_maskgit", "--steps", "3", "--n", "20",
+                 "--out", str(tmp_path / "mg"), "--device", "cpu"])
+    assert "2 per class, 3 passes" in capsys.readouterr().out
+    assert np.load(tmp_path / "mg" / "codes.npy").shape == (20, 8, 8)
+    evaluate.main(["--run-dir", str(two_prior_run), "--prior-dir", "prior_maskgit", "--n", "8",
+                   "--classifier-epochs", "1", "--batch-size", "8"])
+    metrics = json.loads((two_prior_run / "metrics_prior_maskgit.json").read_text())
+    assert metrics["stage2"]["prior"] == "maskgit" and metrics["stage2"]["masked_nll_bits_per_code"] > 0
+    assert "bits_per_dim" not in metrics["stage2"] and isinstance(metrics["samples"]["fd"], float)
+    assert not (two_prior_run / "metrics.json").exists()  # the transformer's file is not written over
+
+
+@pytest.mark.parametrize("prior_dir, flags, message", [
+    ("prior", ["--steps", "4"], "--steps 4 sets MaskGIT's sampling passes, but this run's prior is a transformer"),
+    ("prior_maskgit", ["--steps", "0"], "--steps 0 must be at least 1"),
+    ("nothing", [], "no prior in .*nothing"),
+])
+def test_bad_prior_flags_are_one_clear_sentence(two_prior_run, tmp_path, prior_dir, flags, message):
+    with pytest.raises(UserError, match=message):
+        sample.main(["--run-dir", str(two_prior_run), "--prior-dir", prior_dir, "--out", str(tmp_path), *flags])
+    assert not (tmp_path / "grid.png").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--prior-dir", "vqvae"], "--prior-dir 'vqvae' must name one new folder inside the run"),
+    (["--prior-dir", "a/b"], "must name one new folder"),
+    (["--prior", "maskgit", "--steps", "0"], "--steps 0 must be at least 1"),
+    (["--prior", "pixelcnn", "--steps", "4"], "--steps 4 only apply to --prior maskgit"),
+])
+def test_bad_stage_two_prior_flags_are_refused_before_anything_is_written(two_prior_run, flags, message):
+    before = sorted(p.name for p in two_prior_run.iterdir())
+    with pytest.raises(UserError, match=message):
+        stage_two.main(["--run-dir", str(two_prior_run), *flags])
+    assert sorted(p.name for p in two_prior_run.iterdir()) == before
+
+
+def test_complete_keeps_the_top_half_with_the_transformer_by_default(two_prior_run, tiny_fashion, tmp_path, capsys):
+    complete.main(["--run-dir", str(two_prior_run), "--n", "3", "--samples", "2", "--out", str(tmp_path), "--device", "cpu"])
+    assert "3 x 2 completions (redrawn: bottom, 32 of 64 codes" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["grid.png"] + [f"test_{i:04d}_{j}.png" for i in range(3) for j in range(2)]
+    assert Image.open(tmp_path / "grid.png").size == (2 + 4 * 34, 2 + 3 * 34)  # original | kept | 2 completions
+
+
+def test_maskgit_completes_any_region_and_keeps_the_rest(two_prior_run, tmp_path):
+    vqvae = load_vqvae(two_prior_run).eval()
+    prior = load_prior(two_prior_run / "prior_maskgit").eval()
+    images = torch.randint(0, 256, (3, 1, 32, 32), dtype=torch.uint8)
+    region = complete.redraw_region("center", 8, 8)
+    assert region.sum() == 16 and region[2:6, 2:6].all()
+    codes, completed, decoded = complete.complete(vqvae, prior, images, region, 2, None, torch.device("cpu"))
+    assert torch.equal(completed[:, :, ~region], codes[:, None].expand(-1, 2, -1, -1)[:, :, ~region])
+    assert decoded.shape == (3, 2, 1, 32, 32)
+
+
+def test_a_mask_image_is_scaled_to_the_map(tmp_path):
+    mask = np.zeros((64, 64), dtype=np.uint8)
+    mask[:, 48:] = 255  # the right quarter is white
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    region = complete.redraw_region(str(tmp_path / "mask.png"), 8, 8)
+    assert region[:, 6:].all() and not region[:, :6].any()
+
+
+def test_complete_takes_image_files_of_any_mode(two_prior_run, tmp_path):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    Image.new("RGB", (50, 40), (200, 10, 10)).save(folder / "a.png")
+    Image.new("RGBA", (20, 20), (0, 0, 255, 128)).save(folder / "b.png")
+    complete.main(["--run-dir", str(two_prior_run), "--prior-dir", "prior_maskgit", "--images", str(folder), "--redraw", "left",
+                   "--samples", "1", "--out", str(tmp_path / "out"), "--device", "cpu"])
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a_0.png", "b_0.png", "grid.png"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--redraw", "center"], "--redraw center keeps codes after redrawn ones in raster order, which the transformer prior cannot"),
+    (["--redraw", "middle"], "--redraw 'middle' is neither a region"),
+    (["--images", "missing.png"], "--images missing.png does not exist"),
+    (["--samples", "0"], "--n and --samples must be at least 1"),
+    (["--label", "Hat"], "--label Hat is neither a class name"),
+])
+def test_bad_completion_flags_are_one_clear_sentence(two_prior_run, tiny_fashion, tmp_path, flags, message):
+    with pytest.raises(UserError, match=message):
+        complete.main(["--run-dir", str(two_prior_run), "--out", str(tmp_path / "out"), *flags])
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_corrupt_image_is_named(two_prior_run, tmp_path):
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(UserError, match="cannot read image .*broken.png"):
+        complete.main(["--run-dir", str(two_prior_run), "--images", str(tmp_path / "broken.png"), "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
