@@ -25,6 +25,7 @@ from stage1_vqvae.cli import parse_config
 from stage1_vqvae.errors import UserError, run_cli
 from stage1_vqvae.model import VQVAE
 from stage1_vqvae.training import bf16_is_fast, use_all_cores
+from stage2_prior.maskgit import MaskGITPrior, default_steps, masked_code_loss
 from stage2_prior.pixelcnn import GatedPixelCNN
 from stage2_prior.quality import autocast_for
 from stage2_prior.transformer import TransformerPrior
@@ -141,6 +142,8 @@ def build_priors(sizes, device) -> dict:
     return {
         "transformer": TransformerPrior(**common, **sizes["transformer"], dropout=0.0).to(device),
         "pixelcnn": GatedPixelCNN(**common, **sizes["pixelcnn"]).to(device),
+        # the transformer's sizes, so that the two sampling schemes compare on one network
+        "maskgit": MaskGITPrior(**common, **sizes["transformer"], dropout=0.0, default_steps=default_steps(side * side)).to(device),
     }
 
 
@@ -176,7 +179,10 @@ def stage_two_rows(name, sizes, device, timer, dtype) -> list[dict]:
 
         def train_step():
             with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                loss = F.cross_entropy(prior(codes, labels).float(), codes)
+                if kind == "maskgit":
+                    loss = masked_code_loss(prior, codes, labels).mean()
+                else:
+                    loss = F.cross_entropy(prior(codes, labels).float(), codes)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -187,24 +193,33 @@ def stage_two_rows(name, sizes, device, timer, dtype) -> list[dict]:
 
 
 def sampling_rows(name, sizes, device, timer, naive: bool) -> tuple[list[dict], dict]:
-    """End to end: `samples` code maps from each prior, then the decoder; fast and naive loops."""
-    rows, speedups = [], {}
+    """End to end: `samples` code maps from each prior, then the decoder. The raster priors'
+    fast loop (caches) and naive loop (the whole prefix per code); MaskGIT in its default passes.
+    Speed-ups: each fast loop over its naive one, and MaskGIT over the transformer's loops."""
+    rows, speedups, seconds = [], {}, {}
     vqvae = build_vqvae(sizes, device).eval()
     n = sizes["samples"]
     labels = torch.arange(n, device=device) % 10
     for kind, prior in build_priors(sizes, device).items():
         prior.eval()
-        results = {}
-        for cached in (True, False) if naive else (True,):
+        loops = {"maskgit": {}} if kind == "maskgit" else {"fast": dict(cached=True), "naive": dict(cached=False)}
+        for loop, options in loops.items():
+            if loop == "naive" and not naive:
+                continue
             def sample_and_decode():
                 with torch.inference_mode(), autocast_for(device):
-                    vqvae.decode(prior.generate(n, labels, cached=cached))
+                    vqvae.decode(prior.generate(n, labels, **options))
 
-            loop = "fast" if cached else "naive"
-            results[loop] = row(name, "sampling", f"{n} images, {kind}, {loop}", "images/s", n, timer(sample_and_decode))
-            rows.append(results[loop])
-        if naive:
-            speedups[kind] = results["naive"]["seconds"] / results["fast"]["seconds"]
+            what = f"{prior.default_steps} passes" if kind == "maskgit" else loop
+            result = row(name, "sampling", f"{n} images, {kind}, {what}", "images/s", n, timer(sample_and_decode))
+            seconds[kind, loop] = result["seconds"]
+            rows.append(result)
+        if ("naive" in loops) and naive:
+            speedups[f"{kind}: fast loop over naive"] = seconds[kind, "naive"] / seconds[kind, "fast"]
+    maskgit = seconds["maskgit", "maskgit"]
+    speedups["maskgit over the transformer's KV cache"] = seconds["transformer", "fast"] / maskgit
+    if naive:
+        speedups["maskgit over the transformer's naive loop"] = seconds["transformer", "naive"] / maskgit
     return rows, speedups
 
 
@@ -255,7 +270,7 @@ def format_table(results: dict) -> str:
         lines.append(f"{r['config']:<7} {r['stage']:<9} {r['name']:<40} {value:>22} {r['seconds']:>9.4f} {r['peak_memory_mb']:>9.0f}  {r['unit']}")
     for name, speedups in results["speedup"].items():
         for kind, factor in speedups.items():
-            lines.append(f"{name:<7} speed-up of the fast sampling loop over the naive one, {kind}: {factor:.1f}x")
+            lines.append(f"{name:<7} sampling speed-up, {kind}: {factor:.1f}x")
     for name, sizes in results["sizes"].items():
         lines.append(f"{name:<7} sizes: " + ", ".join(f"{key.replace('_', ' ')} {value}" for key, value in sizes.items()))
     lines += [f"skipped {reason}" for reason in results["skipped"]]

@@ -19,13 +19,17 @@ def test_the_benchmark_runs_end_to_end_and_every_row_has_a_number(tmp_path, caps
     assert "train fp32" in names and "encode (dump, fp32)" in names
     assert any(n.startswith("train transformer") for n in names) and any(n.startswith("train pixelcnn") for n in names)
     assert sum("fast" in n for n in names) == 2 and sum("naive" in n for n in names) == 2
+    assert any(n.startswith("train maskgit") for n in names) and "2 images, maskgit, 8 passes" in names
     for r in results["rows"]:
         for key in ("value", "low", "high", "seconds", "peak_memory_mb"):
             assert isinstance(r[key], float) and math.isfinite(r[key]) and r[key] > 0, (r["name"], key)
         assert r["low"] <= r["value"] <= r["high"]
-    assert set(results["speedup"]["tiny"]) == {"transformer", "pixelcnn"}
+    assert set(results["speedup"]["tiny"]) == {
+        "transformer: fast loop over naive", "pixelcnn: fast loop over naive",
+        "maskgit over the transformer's KV cache", "maskgit over the transformer's naive loop",
+    }
     table = capsys.readouterr().out
-    assert "speed-up of the fast sampling loop" in table and "tiny" in table
+    assert "tiny    sampling speed-up, maskgit over the transformer's KV cache:" in table
 
 
 def test_an_unknown_configuration_is_a_clear_error():
