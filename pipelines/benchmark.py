@@ -25,7 +25,7 @@ from stage1_vqvae.cli import parse_config
 from stage1_vqvae.errors import UserError, run_cli
 from stage1_vqvae.model import VQVAE
 from stage1_vqvae.training import bf16_is_fast, use_all_cores
-from stage2_prior.maskgit import MaskGITPrior, default_steps, masked_code_loss
+from stage2_prior.maskgit import MaskGITPrior, masked_code_loss
 from stage2_prior.pixelcnn import GatedPixelCNN
 from stage2_prior.quality import autocast_for
 from stage2_prior.transformer import TransformerPrior
@@ -143,7 +143,7 @@ def build_priors(sizes, device) -> dict:
         "transformer": TransformerPrior(**common, **sizes["transformer"], dropout=0.0).to(device),
         "pixelcnn": GatedPixelCNN(**common, **sizes["pixelcnn"]).to(device),
         # the transformer's sizes, so that the two sampling schemes compare on one network
-        "maskgit": MaskGITPrior(**common, **sizes["transformer"], dropout=0.0, default_steps=default_steps(side * side)).to(device),
+        "maskgit": MaskGITPrior(**common, **sizes["transformer"], dropout=0.0).to(device),
     }
 
 

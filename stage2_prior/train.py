@@ -25,7 +25,7 @@ from stage1_vqvae.training import (
     LoopConfig, format_duration, open_stage, run_training_loop, set_up_training,
 )
 from stage2_prior.evaluation import LOG2, prior_bits_per_dim, test_nll
-from stage2_prior.maskgit import default_steps, masked_code_loss
+from stage2_prior.maskgit import masked_code_loss
 from stage2_prior.priors import PARALLEL_PRIORS, PRIORS, load_prior, set_default_guidance
 from stage2_prior.quality import balanced_labels, best_guidance, guidance_sweep, parse_scales
 
@@ -42,7 +42,7 @@ class PriorConfig:
     heads: int = field(default=2, metadata={"help": "transformer (and MaskGIT) attention heads"})
     dropout: float = field(default=0.0, metadata={"help": "transformer (and MaskGIT) dropout (worth 0.1 for many epochs)"})
     steps: int | None = field(default=None, metadata={"help": "MaskGIT: sampling passes, stored as sampling's default "
-                                                              "(default: 8 for maps of up to 16x16 codes, 12 for larger)"})
+                                                              "(default: 4 for maps of up to 8x8 codes, 8 up to 16x16, 12 above)"})
     channels: int = field(default=128, metadata={"help": "PixelCNN channels"})
     pixelcnn_layers: int = field(default=8, metadata={"help": "PixelCNN gated layers"})
     kernel_size: int = field(default=5, metadata={"help": "PixelCNN kernel size (odd)"})
@@ -125,7 +125,7 @@ def build_prior(config: TrainConfig, codebook_size: int, map_shape, class_names:
             return PRIORS["transformer"](width=config.width, layers=config.layers, heads=config.heads, dropout=config.dropout, **common)
         if config.prior == "maskgit":
             return PRIORS["maskgit"](width=config.width, layers=config.layers, heads=config.heads, dropout=config.dropout,
-                                     default_steps=config.steps or default_steps(map_shape[0] * map_shape[1]), **common)
+                                     default_steps=config.steps, **common)
         return PRIORS["pixelcnn"](channels=config.channels, layers=config.pixelcnn_layers, kernel_size=config.kernel_size, **common)
     except ValueError as error:  # sizes that do not fit together: an even kernel, too few layers for the maps
         flags = " ".join(f"--{name.replace('_', '-')} {getattr(config, name)}" for name in PRIOR_FLAGS[config.prior] if name != "dropout")

@@ -19,7 +19,7 @@ def test_the_benchmark_runs_end_to_end_and_every_row_has_a_number(tmp_path, caps
     assert "train fp32" in names and "encode (dump, fp32)" in names
     assert any(n.startswith("train transformer") for n in names) and any(n.startswith("train pixelcnn") for n in names)
     assert sum("fast" in n for n in names) == 3 and sum("naive" in n for n in names) == 2  # 2 images each, and 1 image
-    assert any(n.startswith("train maskgit") for n in names) and "2 images, maskgit, 8 passes" in names
+    assert any(n.startswith("train maskgit") for n in names) and "2 images, maskgit, 4 passes" in names
     for r in results["rows"]:
         for key in ("value", "low", "high", "seconds", "peak_memory_mb"):
             assert isinstance(r[key], float) and math.isfinite(r[key]) and r[key] > 0, (r["name"], key)
@@ -29,7 +29,7 @@ def test_the_benchmark_runs_end_to_end_and_every_row_has_a_number(tmp_path, caps
         "maskgit over the transformer's KV cache, 2 images", "maskgit over the transformer's naive loop, 2 images",
         "maskgit over the transformer's KV cache, 1 image",
     }
-    assert "1 image, transformer, fast" in names and "1 image, maskgit, 8 passes" in names
+    assert "1 image, transformer, fast" in names and "1 image, maskgit, 4 passes" in names
     table = capsys.readouterr().out
     assert "tiny    sampling speed-up, maskgit over the transformer's KV cache, 1 image:" in table
 

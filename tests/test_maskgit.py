@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from stage2_prior.maskgit import MaskGITPrior, masked_code_loss, masked_fraction, random_mask, still_masked_after
+from stage2_prior.maskgit import MaskGITPrior, masked_code_loss, passes_for_map, masked_fraction, random_mask, still_masked_after
 from stage2_prior.pixelcnn import GatedPixelCNN
 from stage2_prior.transformer import TransformerPrior
 
@@ -62,6 +62,12 @@ def test_the_schedule_helpers_agree_with_the_formula():
     assert still_masked_after(0, 8, unknown, unknown).tolist() == [math.floor(64 * math.cos(math.pi / 16)), 9]
     # every pass but the last fixes at least one code and leaves at least one
     assert still_masked_after(0, 8, torch.tensor([2]), torch.tensor([2])).tolist() == [1]
+
+
+def test_the_default_passes_grow_with_the_map():
+    assert [passes_for_map(side * side) for side in (4, 8, 16, 32)] == [4, 4, 8, 12]
+    assert make_maskgit().default_steps == 4  # a 4x5 map
+    assert MaskGITPrior(K, 16, 16, default_steps=6).default_steps == 6
 
 
 def test_the_same_seed_gives_the_same_codes():
