@@ -165,9 +165,12 @@ class MaskGITPrior(nn.Module, PyTorchModelHubMixin):
         return rearrange(codes, "n (h w) -> n h w", h=self.map_shape[0])
 
 
-def masked_code_loss(model, codes: torch.Tensor, labels: torch.Tensor | None, generator=None) -> torch.Tensor:
+def masked_code_loss(model, codes: torch.Tensor, labels: torch.Tensor | None, generator=None,
+                     label_smoothing: float = 0.1) -> torch.Tensor:
     """Cross-entropy (nats) of the hidden codes under a random cosine-scheduled mask, one value
-    per hidden code; `model` may be wrapped (DDP), so it is called, not unwrapped."""
+    per hidden code; `model` may be wrapped (DDP), so it is called, not unwrapped. Label
+    smoothing 0.1, as MaskGIT trains: on the demo's maps one run's samples judged 10.7x the
+    floor against 11.9x without (see the README)."""
     mask = random_mask(len(codes), codes[0].numel(), codes.device, generator).view_as(codes)
     logits = model(codes, labels, mask)
-    return F.cross_entropy(logits.float(), codes, reduction="none")[mask]
+    return F.cross_entropy(logits.float(), codes, reduction="none", label_smoothing=label_smoothing)[mask]

@@ -193,7 +193,7 @@ def main(argv=None):
             labels = drop_labels(labels, unwrapped.null_label, config.label_dropout)
         if masked:
             loss = masked_code_loss(model, batch["codes"], labels).mean()
-            return loss, {"masked_nll_bits_per_code": loss.detach() / LOG2}, len(batch["codes"])
+            return loss, {"masked_loss_bits_per_code": loss.detach() / LOG2}, len(batch["codes"])  # label-smoothed
         loss = F.cross_entropy(model(batch["codes"], labels).float(), batch["codes"])
         return loss, {"nll_bits_per_code": loss.detach() / LOG2}, len(batch["codes"])
 

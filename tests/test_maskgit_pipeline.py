@@ -40,7 +40,7 @@ def test_a_maskgit_prior_trains_beside_the_transformer_and_keeps_its_own_figures
     maskgit = load_prior(two_prior_run / "prior_maskgit")
     assert maskgit.prior == "maskgit" and maskgit.default_steps == 4 and maskgit.num_classes == 10
     log = [json.loads(line) for line in (two_prior_run / "prior_maskgit" / "log.jsonl").read_text().splitlines()]
-    assert any("train/masked_nll_bits_per_code" in row for row in log)
+    assert any("train/masked_loss_bits_per_code" in row for row in log)
     tests = [row for row in log if "test/masked_nll_bits_per_code" in row]
     assert len(tests) == 2 and not any("test/prior_bits_per_dim" in row for row in tests)  # no likelihood, no bound
 
