@@ -157,7 +157,7 @@ def main(argv=None):
     check_prior_flags(config)
     check_prior_dir(config.prior_dir)
     if config.steps is not None and config.steps < 1:
-        raise UserError(f"--steps {config.steps} must be at least 1 (MaskGIT's sampling passes; 8 is the default)")
+        raise UserError(f"--steps {config.steps} must be at least 1 (MaskGIT's sampling passes; leave it out for the map size's default, 4 on 8x8 maps)")
     masked = config.prior in PARALLEL_PRIORS
     started = time.time()
     run_dir = Path(config.run_dir)
