@@ -45,9 +45,13 @@ class DataConfig:
     train_split: str = field(default="train", metadata={"help": "split to train on"})
     test_split: str = field(default="test", metadata={"help": "split to evaluate on"})
     image_size: int = field(default=32, metadata={"help": "images are resized and center-cropped to this side"})
-    test_fraction: float = field(default=0.1, metadata={"help": "held-out fraction when the data has no test split"})
+    channels: int | None = field(
+        default=None, metadata={"help": "1 (grayscale) or 3 (RGB); every image is converted to it (default: the images' "
+                                        "own, 3 when they disagree)", "choices": [1, 3]}
+    )
+    test_fraction: float = field(default=0.1, metadata={"help": "held-out fraction when the data has no test split (seeded)"})
     max_memory_gb: float = field(default=8.0, metadata={"help": "splits larger than this are decoded on the fly"})
-    data_seed: int = field(default=0, metadata={"help": "seed of the train/test split of a folder"})
+    data_seed: int = field(default=0, metadata={"help": "seed of the held-out split of data without a test split"})
 
 
 class InMemoryBatches(Dataset):
@@ -129,12 +133,22 @@ def load_image_data(config: DataConfig) -> ImageData:
     if config.dataset == "fashion_mnist":
         local = _find_fashion_mnist()
         if local is not None:
-            return _load_fashion_mnist_idx(local, config.image_size)
-        return fashion_mnist_from_hub_dataset(_load_hub(FASHION_MNIST_HUB_ID, fashion=True), config.image_size)
+            data = _load_fashion_mnist_idx(local, config.image_size)
+        else:
+            data = fashion_mnist_from_hub_dataset(_load_hub(FASHION_MNIST_HUB_ID, fashion=True), config.image_size)
+        return as_rgb(data) if config.channels == 3 else data
     path = Path(config.dataset).expanduser()
     if path.exists() or config.dataset.startswith((".", "/", "~")):
         return from_hf_dataset(_load_folder(path, config), config, str(path))
     return from_hf_dataset(_load_hub(config.dataset), config, config.dataset)
+
+
+def as_rgb(data: ImageData) -> ImageData:
+    """Grayscale images held in memory, as RGB ones (`--channels 3`): the gray value in every channel."""
+    def rgb(split):
+        return InMemoryImages(split.images.expand(-1, 3, -1, -1).contiguous(), split.labels)
+
+    return ImageData(rgb(data.train), rgb(data.test), 3, data.image_size, data.class_names, data.source)
 
 
 # ---------------------------------------------------------------- Fashion-MNIST from IDX files
@@ -232,21 +246,32 @@ def _load_folder(path: Path, config: DataConfig):
     if not any(p.suffix.lower() in IMAGE_SUFFIXES for p in path.rglob("*") if p.is_file()):
         raise UserError(f"folder {path} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}); point --dataset at a folder of images")
     data = datasets.load_dataset("imagefolder", data_dir=str(path))
-    if config.test_split not in data:
-        train = data[config.train_split] if config.train_split in data else data[next(iter(data))]
-        if len(train) < 2:
-            raise UserError(f"folder {path} holds {len(train)} image; it needs at least 2 to make a test split")
-        split = train.train_test_split(test_size=config.test_fraction, seed=config.data_seed)
-        data = datasets.DatasetDict({config.train_split: split["train"], config.test_split: split["test"]})
+    if config.train_split not in data and len(data) == 1:  # a flat folder: imagefolder calls its one split "train"
+        data = datasets.DatasetDict({config.train_split: data[next(iter(data))]})
     return data
+
+
+def _with_held_out_split(data, config: DataConfig, source: str):
+    """Data without a test split gets one: a seeded `--test-fraction` of the train split. A test
+    split asked for by name (`--test-split X`) must exist instead."""
+    import datasets
+
+    if config.test_split in data or config.test_split != DataConfig.test_split or config.train_split not in data:
+        return data
+    train = data[config.train_split]
+    if len(train) < 2:
+        raise UserError(f"{source} holds {len(train)} image; it needs at least 2 to hold some out for testing")
+    split = train.train_test_split(test_size=config.test_fraction, seed=config.data_seed)
+    return datasets.DatasetDict({config.train_split: split["train"], config.test_split: split["test"]})
 
 
 def _channels_of(image: Image.Image) -> int:
     return 1 if image.mode in SINGLE_CHANNEL_MODES else 3
 
 
-def _open_image(value, where: str) -> Image.Image:
-    """A datasets image cell (decoded, or {'path', 'bytes'}) -> PIL image, naming the file if broken."""
+def _open_image(value, where: str, decode: bool = True) -> Image.Image:
+    """A datasets image cell (decoded, or {'path', 'bytes'}) -> PIL image, naming the file if
+    broken; `decode=False` reads the header only (mode and size)."""
     if isinstance(value, Image.Image):
         return value
     if value is None:
@@ -254,22 +279,25 @@ def _open_image(value, where: str) -> Image.Image:
     name = value.get("path") or where
     try:
         image = Image.open(io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"])
-        image.load()
+        if decode:
+            image.load()
         return image
     except (UnidentifiedImageError, OSError, TypeError) as error:
         raise UserError(f"cannot read image {name} ({error}); remove or replace that file") from None
 
 
+def _dataset_channels(cells, where: str) -> int:
+    """1 if every image is grayscale, else 3: a few colour files turn the whole set RGB."""
+    for i, cell in enumerate(cells):
+        if _channels_of(_open_image(cell, f"row {i} of {where}", decode=False)) == 3:
+            return 3
+    return 1
+
+
 def to_uint8_tensor(value, image_size: int, channels: int, where: str) -> torch.Tensor:
-    """One image cell -> uint8 [C, S, S]: converted, resized (short side) and center-cropped."""
-    image = _open_image(value, where)
-    if _channels_of(image) != channels:
-        name = value.get("path") if isinstance(value, dict) and value.get("path") else where
-        raise UserError(
-            f"images have mixed channel counts: {name} has {_channels_of(image)}, the first had {channels}; "
-            "convert them all to grayscale or all to RGB"
-        )
-    image = image.convert("L" if channels == 1 else "RGB")
+    """One image cell of any mode (grayscale, RGB, RGBA, palette) -> uint8 [channels, S, S]:
+    converted, resized (short side) and center-cropped."""
+    image = _open_image(value, where).convert("L" if channels == 1 else "RGB")
     tensor = v2.functional.pil_to_tensor(image)
     tensor = v2.functional.resize(tensor, image_size, antialias=True)
     return v2.functional.center_crop(tensor, [image_size, image_size])
@@ -277,8 +305,7 @@ def to_uint8_tensor(value, image_size: int, channels: int, where: str) -> torch.
 
 def load_image_file(path: Path, image_size: int, channels: int) -> torch.Tensor:
     """One image file of any mode -> uint8 [channels, S, S], converted, resized and cropped."""
-    image = _open_image({"path": str(path)}, str(path)).convert("L" if channels == 1 else "RGB")
-    return to_uint8_tensor(image, image_size, channels, str(path))
+    return to_uint8_tensor({"path": str(path)}, image_size, channels, str(path))
 
 
 def _label_values_to_indices(table, label_column, class_names):
@@ -297,6 +324,7 @@ def from_hf_dataset(data, config: DataConfig, source: str) -> ImageData:
     """A `datasets.DatasetDict` with an image column (and maybe a label column) -> ImageData."""
     import datasets
 
+    data = _with_held_out_split(data, config, source)
     splits = {}
     for split_name in (config.train_split, config.test_split):
         if split_name not in data:
@@ -314,6 +342,9 @@ def from_hf_dataset(data, config: DataConfig, source: str) -> ImageData:
         splits[split_name] = table.cast_column(config.image_column, datasets.Image(decode=False))
 
     train_table = splits[config.train_split]
+    if config.label_column != DataConfig.label_column and config.label_column not in train_table.column_names:
+        raise UserError(f"--label-column {config.label_column} is not a column of {source} (columns: "
+                        f"{', '.join(train_table.column_names)}); name one of them, or leave the flag out to train without labels")
     label_column = config.label_column if config.label_column in train_table.column_names else None
     if label_column is not None and all(value is None or value == -1 for value in train_table[label_column]):
         label_column = None  # no label at all: e.g. imagefolder on train/ and test/ with the images directly inside
@@ -325,7 +356,10 @@ def from_hf_dataset(data, config: DataConfig, source: str) -> ImageData:
         else:  # plain values (ints or strings) become classes in sorted order
             class_names = [str(v) for v in sorted(set(train_table[label_column]))]
             splits = {name: _label_values_to_indices(table, label_column, class_names) for name, table in splits.items()}
-    channels = _channels_of(_open_image(train_table[0][config.image_column], f"row 0 of {config.train_split}"))
+    first = _channels_of(_open_image(train_table[0][config.image_column], f"row 0 of {config.train_split}", decode=False))
+    in_memory = len(train_table) * first * config.image_size**2 / 1e9 <= config.max_memory_gb
+    # Every header of a split held in memory is read (cheap: no pixels); a larger split goes by its first image.
+    channels = config.channels or (_dataset_channels(train_table[config.image_column], config.train_split) if in_memory else first)
 
     result = {}
     for split_name, table in splits.items():

@@ -130,8 +130,8 @@ def test_missing_column_lists_the_columns_there_are():
 
 
 def test_missing_split_lists_the_splits_there_are():
-    hub = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"image": [Image.new("L", (8, 8))]})})
-    with pytest.raises(UserError, match=r"no split 'test' \(it has: train\)"):
+    hub = datasets.DatasetDict({"validation": datasets.Dataset.from_dict({"image": [Image.new("L", (8, 8))]})})
+    with pytest.raises(UserError, match=r"no split 'train' \(it has: validation\)"):
         from_hf_dataset(hub, DataConfig(), "x/y")
 
 
@@ -147,11 +147,69 @@ def test_missing_folder(tmp_path):
         load_image_data(DataConfig(dataset=str(tmp_path / "nowhere")))
 
 
-def test_mixed_channel_counts_name_the_odd_file(tmp_path):
+def test_a_few_colour_files_turn_a_grayscale_set_rgb_and_channels_1_turns_it_back(tmp_path):
     write_image_folder(tmp_path / "images", per_class=3)
     Image.new("RGB", (20, 20), (255, 0, 0)).save(tmp_path / "images" / "squares" / "colour.png")
-    with pytest.raises(UserError, match=r"mixed channel counts: .*colour\.png has 3, the first had 1"):
-        load_image_data(DataConfig(dataset=str(tmp_path / "images"), image_size=8, test_fraction=0.01))
+    config = DataConfig(dataset=str(tmp_path / "images"), image_size=8, test_fraction=0.3)
+    data = load_image_data(config)
+    images = torch.cat([data.train.images, data.test.images])
+    assert data.channels == 3 and images.shape[1:] == (3, 8, 8)
+    gray = (images[:, 0] == images[:, 1]).all(dim=(1, 2)) & (images[:, 1] == images[:, 2]).all(dim=(1, 2))
+    assert gray.sum() == 6 and (~gray).sum() == 1  # the grayscale files keep their gray, the red one is red
+    red = images[~gray][0]
+    assert red[0].float().mean() > 200 and red[1:].float().mean() < 30
+    as_gray = load_image_data(DataConfig(**{**config.__dict__, "channels": 1}))
+    assert as_gray.channels == 1 and as_gray.train.images.shape[1] == 1
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "P", "LA", "1"])
+def test_images_of_any_mode_are_converted(tmp_path, mode):
+    write_image_folder(tmp_path / "images", per_class=3, mode="RGB")
+    Image.new("RGB", (20, 20), (0, 200, 0)).convert(mode).save(tmp_path / "images" / "circles" / f"odd.png")
+    data = load_image_data(DataConfig(dataset=str(tmp_path / "images"), image_size=8, test_fraction=0.3))
+    assert data.channels == 3 and torch.cat([data.train.images, data.test.images]).shape == (7, 3, 8, 8)
+
+
+def test_channels_3_makes_fashion_mnist_rgb(tiny_fashion):
+    data = load_image_data(DataConfig(channels=3))
+    assert data.channels == 3 and data.train.images.shape[1:] == (3, 32, 32)
+    assert torch.equal(data.train.images[:, 0], data.train.images[:, 2])
+
+
+def test_a_flat_folder_is_unlabelled_with_a_seeded_held_out_split(tmp_path):
+    for i, array in enumerate(synthetic_images(10, 20, 0)[0]):
+        Image.fromarray(array).save(tmp_path / f"{i}.png")
+    config = DataConfig(dataset=str(tmp_path), image_size=8, test_fraction=0.2)
+    data = load_image_data(config)
+    assert (len(data.train), len(data.test), data.class_names, data.train.labels) == (8, 2, None, None)
+    assert torch.equal(load_image_data(config).test.images, data.test.images)
+
+
+def test_nested_folders_take_the_class_of_the_folder_holding_each_image(tmp_path):
+    for i, array in enumerate(synthetic_images(8, 20, 0)[0]):
+        folder = tmp_path / ("outdoor" if i % 2 else "indoor") / ("cats" if i % 2 else "dogs")
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(array).save(folder / f"{i}.png")
+    data = load_image_data(DataConfig(dataset=str(tmp_path), image_size=8, test_fraction=0.25))
+    assert data.class_names == ["cats", "dogs"] and len(data.train) + len(data.test) == 8
+
+
+def test_a_hub_set_without_a_test_split_holds_out_a_seeded_fraction_unless_a_split_is_named():
+    images = [Image.fromarray(np.full((12, 10), i * 20, dtype=np.uint8)) for i in range(10)]
+    hub = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"image": images})})
+    data = from_hf_dataset(hub, DataConfig(image_size=8, test_fraction=0.3), "x/y")
+    assert (len(data.train), len(data.test)) == (7, 3)
+    with pytest.raises(UserError, match=r"no split 'validation' \(it has: train\)"):
+        from_hf_dataset(hub, DataConfig(image_size=8, test_split="validation"), "x/y")
+
+
+def test_a_label_column_typo_is_an_error_not_an_unconditional_run():
+    images = [Image.new("L", (8, 8))] * 4
+    table = datasets.Dataset.from_dict({"image": images, "kind": ["a", "b", "a", "b"]})
+    hub = datasets.DatasetDict({"train": table, "test": table})
+    with pytest.raises(UserError, match=r"--label-column knid is not a column of x/y \(columns: image, kind\)"):
+        from_hf_dataset(hub, DataConfig(image_size=8, label_column="knid"), "x/y")
+    assert from_hf_dataset(hub, DataConfig(image_size=8), "x/y").class_names is None  # the default 'label' may be absent
 
 
 @pytest.mark.parametrize("size,downsample,message", [
