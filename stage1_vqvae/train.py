@@ -24,7 +24,7 @@ from stage1_vqvae.errors import UserError, run_cli
 from stage1_vqvae.metrics import reconstruction_metrics, to_unit_range
 from stage1_vqvae.model import VQVAE
 from stage1_vqvae.training import (
-    LoopConfig, format_duration, open_stage, run_training_loop, set_up_training,
+    LoopConfig, describe_length, format_duration, open_stage, run_training_loop, set_up_training,
 )
 
 
@@ -68,6 +68,8 @@ def pixel_loss(kind: str, reconstruction: torch.Tensor, images: torch.Tensor) ->
 
 @dataclass
 class TrainConfig(LoopConfig, DataConfig, ModelConfig, LossConfig):
+    # the demo's 2 epochs of Fashion-MNIST: what a small data set gets too
+    min_steps: int = field(default=936, metadata={"help": "at least this many optimizer steps, however few --epochs make on a small data set"})
     dump: bool = field(default=True, metadata={"help": "write the code maps at the end"})
     grid_images: int = field(default=16, metadata={"help": "test images in each reconstruction grid"})
 
@@ -142,7 +144,8 @@ def main(argv=None):
     grid_images = grid_images.to(accelerator.device)
     accelerator.print(
         f"Stage one: {sum(p.numel() for p in unwrapped.parameters()) / 1e6:.2f}M parameters, {len(data.train)} train "
-        f"images from {data.source}, {setup.steps} steps of {config.batch_size * accelerator.num_processes} images"
+        f"images from {data.source}, {describe_length(config, setup.steps, len(setup.train_loader))} "
+        f"of {config.batch_size * accelerator.num_processes} images"
     )
 
     def train_step(batch):

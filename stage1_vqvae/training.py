@@ -33,7 +33,8 @@ class LoopConfig:
 
     run_dir: str = field(default="runs/default", metadata={"help": "folder of this run's artifacts"})
     epochs: float = field(default=2.0, metadata={"help": "passes over the train split (ignored with --max-steps)"})
-    max_steps: int | None = field(default=None, metadata={"help": "optimizer steps; overrides --epochs"})
+    max_steps: int | None = field(default=None, metadata={"help": "optimizer steps; overrides --epochs and --min-steps"})
+    min_steps: int = field(default=0, metadata={"help": "at least this many optimizer steps, however few --epochs make on a small data set"})
     batch_size: int = field(default=128, metadata={"help": "images per process per step"})
     lr: float = field(default=2e-3, metadata={"help": "peak learning rate of AdamW"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
@@ -124,10 +125,22 @@ def warmup_cosine(optimizer, warmup_steps: int, total_steps: int) -> LambdaLR:
 
 
 def total_steps(config: LoopConfig, batches_per_epoch: int) -> int:
+    """--max-steps, else --epochs of the data but at least --min-steps: a model needs about as many
+    updates on 1,000 images as on 60,000, which epochs alone would not give it."""
     if config.max_steps is not None:
         return config.max_steps
     steps_per_epoch = math.ceil(batches_per_epoch / config.gradient_accumulation_steps)
-    return max(1, round(config.epochs * steps_per_epoch))
+    return max(1, config.min_steps, round(config.epochs * steps_per_epoch))
+
+
+def describe_length(config: LoopConfig, steps: int, batches_per_epoch: int) -> str:
+    """Why a run has the steps it has, for its summary line."""
+    if config.max_steps is not None:
+        return f"{steps} steps (--max-steps)"
+    if steps > round(config.epochs * math.ceil(batches_per_epoch / config.gradient_accumulation_steps)):
+        epochs = steps * config.gradient_accumulation_steps / max(1, batches_per_epoch)
+        return f"{steps} steps ({epochs:.3g} epochs: --epochs {config.epochs:g} would give fewer than --min-steps {config.min_steps})"
+    return f"{steps} steps ({config.epochs:g} epochs)"
 
 
 def batches_from(accelerator: Accelerator, dataloader, start_step: int, accumulation: int):

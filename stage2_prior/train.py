@@ -22,7 +22,7 @@ from stage1_vqvae.dump_codes import data_config_of_run, load_vqvae
 from stage1_vqvae.errors import UserError, run_cli
 from stage1_vqvae.judge import features_and_predictions, load_or_train_judge
 from stage1_vqvae.training import (
-    LoopConfig, format_duration, open_stage, run_training_loop, set_up_training,
+    LoopConfig, describe_length, format_duration, open_stage, run_training_loop, set_up_training,
 )
 from stage2_prior.evaluation import LOG2, prior_bits_per_dim, test_nll
 from stage2_prior.maskgit import masked_code_loss
@@ -51,6 +51,8 @@ class PriorConfig:
 @dataclass
 class TrainConfig(LoopConfig, PriorConfig):
     epochs: float = field(default=2.25, metadata={"help": "passes over the train maps (ignored with --max-steps)"})
+    # the demo's 2.25 epochs of Fashion-MNIST's maps: what a small data set gets too
+    min_steps: int = field(default=4219, metadata={"help": "at least this many optimizer steps, however few --epochs make on a small data set"})
     eval_every: int = field(default=1000, metadata={"help": "evaluate on the test split every N steps"})
     batch_size: int = field(default=32, metadata={"help": "maps per process per step (small batches: more updates in the same time)"})
     lr: float = field(default=2e-3, metadata={"help": "peak learning rate of AdamW"})
@@ -184,7 +186,8 @@ def main(argv=None):
     accelerator.print(
         f"Stage two: {config.prior} prior of {sum(p.numel() for p in unwrapped.parameters()) / 1e6:.2f}M parameters, "
         f"{len(train_maps.codes)} train maps of {metadata.map_height}x{metadata.map_width} codes (K={metadata.codebook_size}), "
-        f"{'conditional on ' + str(num_classes) + ' classes' if num_classes else 'unconditional'}, {setup.steps} steps"
+        f"{'conditional on ' + str(num_classes) + ' classes' if num_classes else 'unconditional'}, "
+        f"{describe_length(config, setup.steps, len(setup.train_loader))}"
     )
 
     def train_step(batch):

@@ -165,3 +165,12 @@ def test_auto_mixed_precision_takes_native_bf16_only(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # an A100, an H100
     assert bf16_is_fast("cuda")
     assert not bf16_is_fast("mps")
+
+
+def test_a_small_data_set_gets_the_step_floor_and_the_summary_line_says_why(tiny_fashion, tmp_path, capsys):
+    """64 train images in batches of 8 are 8 steps an epoch: 1 epoch would be 8 steps, the floor is 12."""
+    run_stage_one(tmp_path, "--epochs", "1", "--min-steps", "12", "--no-dump", "--eval-every", "100")
+    assert "12 steps (1.5 epochs: --epochs 1 would give fewer than --min-steps 12) of 8 images" in capsys.readouterr().out
+    assert max(row["step"] for row in read_log(tmp_path)) == 12
+    run_stage_one(tmp_path / "b", "--epochs", "2", "--min-steps", "12", "--no-dump", "--eval-every", "100")
+    assert "16 steps (2 epochs) of 8 images" in capsys.readouterr().out
