@@ -99,7 +99,8 @@ def sample_metrics(vqvae, prior, data, judge, config: EvaluateConfig, device) ->
     metrics = {"guidance": guidance, **judge_images(judge, generated, reference, device, labels), "fd_floor": floor}
     with_ratio(metrics, "fd", floor)
     metrics.update({
-        "classifier_test_accuracy": (real_predictions == data.test.labels).float().mean().item(),
+        # None where the test split has no labels (ImageNet's test split): the FDs need none
+        "classifier_test_accuracy": (real_predictions == data.test.labels).float().mean().item() if data.test.labels is not None else None,
         "n": n,
         "features": "penultimate layer of a small CNN classifier trained on the run's train split",
         "sampling": "balanced classes, the prior's default guidance" if labels is not None else "unconditional",
@@ -148,7 +149,8 @@ def evaluate_run(config: EvaluateConfig) -> dict:
         "prior": prior.prior,
         "masked_nll_bits_per_code" if masked else "nll_bits_per_code": nll,
         "nll_precision": "bf16" if bf16 else "fp32",
-        "conditional_on_labels": bool(prior.num_classes),  # the NLL and bits/dim are of p(codes | label) then
+        # the NLL and bits/dim are of p(codes | label) then; a test split without labels is scored with the null label
+        "conditional_on_labels": bool(prior.num_classes) and test_maps.labels is not None,
         "decoder_bits_per_dim": decoder_bits_per_dim(stage1["mse"]),
     }
     if masked:

@@ -55,17 +55,13 @@ def write_codes(directory: Path, splits: dict, metadata: CodesMetadata) -> None:
     height, width = metadata.map_height, metadata.map_width
     if metadata.codebook_size > 65536:
         raise UserError(f"a codebook of {metadata.codebook_size} codes does not fit uint16 maps; use at most 65536")
-    features = {"codes": datasets.Array2D(shape=(height, width), dtype="uint16")}
-    has_labels = all(labels is not None for _, labels in splits.values())
-    if has_labels:
-        features["label"] = (
-            datasets.ClassLabel(names=metadata.class_names) if metadata.class_names else datasets.Value("int64")
-        )
+    code_feature = datasets.Array2D(shape=(height, width), dtype="uint16")
+    label_feature = datasets.ClassLabel(names=metadata.class_names) if metadata.class_names else datasets.Value("int64")
     tables = {}
-    for name, (codes, labels) in splits.items():
-        columns = {"codes": codes.cpu().numpy().astype(np.uint16)}
-        if has_labels:
-            columns["label"] = labels.cpu().numpy().astype(np.int64)
+    for name, (codes, labels) in splits.items():  # a split without labels (a test split of -1s) has no label column
+        columns, features = {"codes": codes.cpu().numpy().astype(np.uint16)}, {"codes": code_feature}
+        if labels is not None:
+            columns["label"], features["label"] = labels.cpu().numpy().astype(np.int64), label_feature
         tables[name] = datasets.Dataset.from_dict(columns, features=datasets.Features(features))
     metadata.splits = {name: len(table) for name, table in tables.items()}
     with replace_directory(directory) as staging:

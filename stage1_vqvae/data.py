@@ -320,6 +320,10 @@ def _label_values_to_indices(table, label_column, class_names):
     return table.map(convert, batched=True, features=None)
 
 
+def _all_missing(labels) -> bool:
+    return all(value is None or value == -1 for value in labels)
+
+
 def from_hf_dataset(data, config: DataConfig, source: str) -> ImageData:
     """A `datasets.DatasetDict` with an image column (and maybe a label column) -> ImageData."""
     import datasets
@@ -346,8 +350,12 @@ def from_hf_dataset(data, config: DataConfig, source: str) -> ImageData:
         raise UserError(f"--label-column {config.label_column} is not a column of {source} (columns: "
                         f"{', '.join(train_table.column_names)}); name one of them, or leave the flag out to train without labels")
     label_column = config.label_column if config.label_column in train_table.column_names else None
-    if label_column is not None and all(value is None or value == -1 for value in train_table[label_column]):
+    if label_column is not None and _all_missing(train_table[label_column]):
         label_column = None  # no label at all: e.g. imagefolder on train/ and test/ with the images directly inside
+    # A split whose labels are all missing (-1 in a ClassLabel, as ImageNet's test split, or no
+    # column) is unlabelled, not of class -1: the run stays class-conditional on the train labels.
+    split_labels = {name: label_column if label_column in table.column_names and not _all_missing(table[label_column]) else None
+                    for name, table in splits.items()}
     class_names = None
     if label_column is not None:
         feature = train_table.features[label_column]
@@ -355,7 +363,8 @@ def from_hf_dataset(data, config: DataConfig, source: str) -> ImageData:
             class_names = list(feature.names)
         else:  # plain values (ints or strings) become classes in sorted order
             class_names = [str(v) for v in sorted(set(train_table[label_column]))]
-            splits = {name: _label_values_to_indices(table, label_column, class_names) for name, table in splits.items()}
+            splits = {name: _label_values_to_indices(table, label_column, class_names) if split_labels[name] else table
+                      for name, table in splits.items()}
     first = _channels_of(_open_image(train_table[0][config.image_column], f"row 0 of {config.train_split}", decode=False))
     in_memory = len(train_table) * first * config.image_size**2 / 1e9 <= config.max_memory_gb
     # Every header of a split held in memory is read (cheap: no pixels); a larger split goes by its first image.
@@ -365,14 +374,14 @@ def from_hf_dataset(data, config: DataConfig, source: str) -> ImageData:
     for split_name, table in splits.items():
         size_gb = len(table) * channels * config.image_size**2 / 1e9
         if size_gb > config.max_memory_gb:
-            result[split_name] = ArrowImages(table, config.image_column, label_column, config.image_size, channels)
+            result[split_name] = ArrowImages(table, config.image_column, split_labels[split_name], config.image_size, channels)
             continue
         column = table[config.image_column]
         images = torch.stack([
             to_uint8_tensor(cell, config.image_size, channels, f"row {i} of split '{split_name}'")
             for i, cell in enumerate(column)
         ])
-        labels = torch.tensor(list(table[label_column]), dtype=torch.int64) if label_column else None
+        labels = torch.tensor(list(table[label_column]), dtype=torch.int64) if split_labels[split_name] else None
         result[split_name] = InMemoryImages(images, labels)
     return ImageData(
         result[config.train_split], result[config.test_split], channels, config.image_size, class_names, source

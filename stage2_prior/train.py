@@ -173,6 +173,8 @@ def main(argv=None):
     class_names = metadata.class_names if conditional else None
     num_classes = len(class_names or [])
     prior = build_prior(config, metadata.codebook_size, (metadata.map_height, metadata.map_width), class_names, weights_hash(vqvae))
+    if conditional and test_maps.labels is None:
+        accelerator.print("The test split has no labels: its NLL is scored without a class (the null label), the train split's with one.")
 
     def maps(split):
         return InMemoryBatches(codes=split.codes, labels=split.labels if conditional else None)

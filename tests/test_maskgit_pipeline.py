@@ -136,3 +136,4 @@ def test_a_corrupt_image_is_named(two_prior_run, tmp_path):
     with pytest.raises(UserError, match="cannot read image .*broken.png"):
         complete.main(["--run-dir", str(two_prior_run), "--images", str(tmp_path / "broken.png"), "--out", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
+

@@ -241,3 +241,35 @@ def test_guidance_and_unconditional_samples_are_refused_for_a_prior_that_never_s
         evaluate.main(["--run-dir", str(run), "--guidance", "1,2"])
     sample.main(["--run-dir", str(run), "--n", "4", "--out", str(tmp_path / "ok")])  # a class, no guidance: fine
     assert not (tmp_path / "x").exists() and (tmp_path / "ok" / "grid.png").exists()
+
+
+def test_a_test_split_without_labels_keeps_the_run_conditional_and_evaluates(tmp_path, monkeypatch, capsys):
+    """ImageNet's test split: ClassLabel -1 everywhere. It is unlabelled, not class -1, and the
+    train split's labels still make a class-conditional prior."""
+    import datasets
+
+    from stage1_vqvae import data as data_module
+    from stage1_vqvae.codes import read_codes
+    from tests.conftest import synthetic_images
+
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=list("abcd"))})
+
+    def split(count, seed, labelled):
+        images, labels = synthetic_images(count, 20, seed)
+        return datasets.Dataset.from_dict(
+            {"image": [Image.fromarray(a) for a in images], "label": [int(x) if labelled else -1 for x in labels]}, features=features)
+
+    hub = datasets.DatasetDict({"train": split(48, 0, True), "test": split(24, 1, False)})
+    monkeypatch.setattr(data_module, "_load_hub", lambda dataset_id, fashion=False: hub)
+    run = tmp_path / "run"
+    stage_one.main(["--run-dir", str(run), "--dataset", "someone/imagenet-like", *TINY_MODEL, "--max-steps", "4"])
+    reset_accelerate_state()
+    assert read_codes(run / "codes", "train").labels is not None and read_codes(run / "codes", "test").labels is None
+    stage_two.main(["--run-dir", str(run), *TINY_PRIOR, "--max-steps", "4", "--eval-every", "2"])
+    reset_accelerate_state()
+    assert "The test split has no labels" in capsys.readouterr().out
+    assert sample.load_run(run, torch.device("cpu"))[1].num_classes == 4
+    evaluate.main(["--run-dir", str(run), "--n", "8", "--classifier-epochs", "1", "--batch-size", "8"])
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["stage2"]["conditional_on_labels"] is False and metrics["samples"]["classifier_test_accuracy"] is None
+    assert isinstance(metrics["samples"]["fd"], float) and isinstance(metrics["samples"]["classifier_accuracy"], float)
