@@ -331,9 +331,12 @@ def set_up_training(
 ) -> TrainingSetup:
     """Build the loaders, prepare everything with accelerate, then start at step 0 or
     resume from a checkpoint. `companions` are (module, optimizer) pairs trained alongside."""
+    # Drop a last, smaller batch only when every process still gets a full one: accelerate deals
+    # whole batches out to the processes, so 64 images in batches of 40 on 2 processes would
+    # leave both with none.
     train_loader = DataLoader(
         train_data, batch_size=config.batch_size, shuffle=True, collate_fn=collate_batches,
-        drop_last=len(train_data) > config.batch_size,
+        drop_last=len(train_data) >= config.batch_size * accelerator.num_processes,
     )
     test_loader = eval_loader(test_data, config.batch_size * 4)
     trainable = [p for p in model.parameters() if p.requires_grad]

@@ -128,6 +128,17 @@ def test_two_process_training_with_the_discriminator_and_dump_write_every_image_
         assert torch.equal(stored.labels, dataset.labels)
 
 
+def test_a_data_set_smaller_than_a_batch_per_process_still_trains_on_two_processes(tiny_fashion, tmp_path):
+    """64 images in batches of 40 are one full batch: dropping the rest left both processes none."""
+    command = accelerate_command(2) + [
+        str(REPO / "stage1_vqvae" / "train.py"), "--run-dir", str(tmp_path), *TINY_MODEL,
+        "--max-steps", "2", "--batch-size", "40", "--disc-start", "-1", "--no-dump", "--log-every", "1",
+    ]
+    completed = subprocess.run(command, env=cpu_env(VQ_DATA_DIR=str(tiny_fashion)), capture_output=True, text=True, timeout=240)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert max(row["step"] for row in read_log(tmp_path)) == 2
+
+
 def test_resuming_with_a_different_model_names_the_changed_flag(tiny_fashion, tmp_path):
     run_stage_one(tmp_path, "--max-steps", "2", "--no-dump")
     weights = (tmp_path / "vqvae" / "model.safetensors").read_bytes()
