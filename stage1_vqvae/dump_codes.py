@@ -85,7 +85,8 @@ def main(argv=None):
     accelerator = Accelerator()
     use_all_cores(accelerator.device, accelerator.num_processes)
     model = load_vqvae(run_dir).to(accelerator.device)
-    data = load_image_data(data_config_of_run(run_dir))
+    with accelerator.main_process_first():  # a download or cache is built once, then read by the others
+        data = load_image_data(data_config_of_run(run_dir))
     directory = dump(accelerator, model, data, run_dir, config.batch_size)
     accelerator.print(f"Wrote code maps of {len(data.train)} train and {len(data.test)} test images to {directory} in {format_duration(time.time() - started)}")
 

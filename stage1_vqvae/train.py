@@ -126,7 +126,8 @@ def main(argv=None):
                             "can be downloaded once, or use --lpips-weight 0 (feature matching needs no weights)") from None
     accelerator, checkpoints = open_stage(config, stage_dir, "stage one")
     lpips_network = lpips_network.to(accelerator.device) if lpips_network is not None else None
-    data = load_image_data(config)
+    with accelerator.main_process_first():  # a download or cache is built once, then read by the others
+        data = load_image_data(config)
     companions = []
     if config.uses_discriminator:
         discriminator = PatchDiscriminator(data.channels, config.disc_channels)
