@@ -19,7 +19,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from stage1_vqvae.data import collate_batches
+from stage1_vqvae.data import InMemoryBatches, collate_batches
 from stage1_vqvae.errors import UserError
 from stage1_vqvae.metrics import eval_loader
 
@@ -41,6 +41,10 @@ class LoopConfig:
     warmup_steps: int = field(default=100, metadata={"help": "linear warm-up before the cosine decay"})
     grad_clip: float = field(default=1.0, metadata={"help": "clip gradients to this norm (0: off)"})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    num_workers: int | None = field(
+        default=None, metadata={"help": "DataLoader processes that decode images (default: none for data held in memory, "
+                                        "else one per spare core, at most 4)"}
+    )
     mixed_precision: str = field(
         default="auto", metadata={"help": "autocast dtype; auto: bf16 where the hardware has it", "choices": ["auto", "no", "bf16", "fp16"]}
     )
@@ -109,6 +113,19 @@ def use_all_cores(device: torch.device, num_processes: int = 1) -> None:
         return
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     torch.set_num_threads(max(1, cores // num_processes))
+
+
+def loader_workers(asked: int | None, dataset, num_processes: int = 1) -> int:
+    """--num-workers, else 0 for tensors already in memory (a worker would only copy them) and,
+    for images decoded as they are read, one worker per core this process does not train on."""
+    if asked is not None:
+        if asked < 0:
+            raise UserError(f"--num-workers {asked} must be 0 (decode in the training process) or more")
+        return asked
+    if isinstance(dataset, InMemoryBatches):
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(4, cores // num_processes - 1))
 
 
 def warmup_cosine(optimizer, warmup_steps: int, total_steps: int) -> LambdaLR:
@@ -249,7 +266,8 @@ def check_can_start(checkpoints: Checkpoints, config: LoopConfig, what: str) -> 
 
 # Flags that change what is logged, kept or evaluated, but not the weights a run trains.
 BOOKKEEPING_FLAGS = {"run_dir", "resume", "overwrite", "allow_changes", "log_every", "eval_every", "checkpoint_every",
-                     "keep_checkpoints", "dump", "grid_images", "grid_samples", "guidance_scales", "guidance_samples"}
+                     "keep_checkpoints", "dump", "grid_images", "grid_samples", "guidance_scales", "guidance_samples",
+                     "num_workers"}  # how images are decoded, not which
 
 
 def changed_flags(saved: dict, config) -> dict:
@@ -334,9 +352,11 @@ def set_up_training(
     # Drop a last, smaller batch only when every process still gets a full one: accelerate deals
     # whole batches out to the processes, so 64 images in batches of 40 on 2 processes would
     # leave both with none.
+    workers = loader_workers(config.num_workers, train_data, accelerator.num_processes)
     train_loader = DataLoader(
         train_data, batch_size=config.batch_size, shuffle=True, collate_fn=collate_batches,
         drop_last=len(train_data) >= config.batch_size * accelerator.num_processes,
+        num_workers=workers, persistent_workers=workers > 0, pin_memory=accelerator.device.type == "cuda",
     )
     test_loader = eval_loader(test_data, config.batch_size * 4)
     trainable = [p for p in model.parameters() if p.requires_grad]

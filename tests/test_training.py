@@ -185,3 +185,19 @@ def test_a_small_data_set_gets_the_step_floor_and_the_summary_line_says_why(tiny
     assert max(row["step"] for row in read_log(tmp_path)) == 12
     run_stage_one(tmp_path / "b", "--epochs", "2", "--min-steps", "12", "--no-dump", "--eval-every", "100")
     assert "16 steps (2 epochs) of 8 images" in capsys.readouterr().out
+
+
+def test_loader_workers_decode_the_same_batches_so_the_weights_are_the_same(tmp_path):
+    """Images decoded as they are read (a split over --max-memory-gb) by 2 worker processes train
+    exactly what the training process decoding them itself trains."""
+    from tests.conftest import write_image_folder
+
+    folder = write_image_folder(tmp_path / "images", per_class=10)
+    common = [*TINY_MODEL, "--dataset", str(folder), "--image-size", "16", "--max-memory-gb", "0", "--max-steps", "3",
+              "--no-dump", "--disc-start", "-1"]
+    train.main(["--run-dir", str(tmp_path / "a"), *common, "--num-workers", "0"])
+    train.main(["--run-dir", str(tmp_path / "b"), *common, "--num-workers", "2"])
+    a, b = (load_file(tmp_path / run / "vqvae" / "final" / "model.safetensors") for run in ("a", "b"))
+    assert all(torch.equal(a[key], b[key]) for key in a)
+    with pytest.raises(UserError, match="--num-workers -1 must be 0"):
+        train.main(["--run-dir", str(tmp_path / "c"), *common, "--num-workers", "-1"])
