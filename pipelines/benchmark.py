@@ -13,15 +13,18 @@ skipped "large", which takes hours there.
 import json
 import resource
 import statistics
+import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader
 
 from pipelines.sample import pick_device
 from stage1_vqvae.cli import parse_config
+from stage1_vqvae.data import DataConfig, collate_batches, from_hf_dataset
 from stage1_vqvae.errors import UserError, run_cli
 from stage1_vqvae.model import VQVAE
 from stage1_vqvae.training import bf16_is_fast, use_all_cores
@@ -36,17 +39,17 @@ CONFIGS = {
     "small": dict(
         channels=1, image_size=32, downsample=4, codebook_size=512, hidden=128, res_blocks=2,
         transformer=dict(width=128, layers=4, heads=2), pixelcnn=dict(channels=128, layers=8),
-        train_batch=128, encode_batch=512, prior_batch=128, samples=64,
+        train_batch=128, encode_batch=512, prior_batch=128, samples=64, data_images=2048,
     ),
     "large": dict(
         channels=3, image_size=128, downsample=4, codebook_size=1024, hidden=128, res_blocks=2,
         transformer=dict(width=512, layers=12, heads=8), pixelcnn=dict(channels=128, layers=16),  # 16 x 2 codes: sees all 32x32
-        train_batch=32, encode_batch=64, prior_batch=16, samples=64,
+        train_batch=32, encode_batch=64, prior_batch=16, samples=64, data_images=512,
     ),
     "tiny": dict(  # for the test of the benchmark itself
         channels=1, image_size=16, downsample=4, codebook_size=16, hidden=16, res_blocks=1,
         transformer=dict(width=32, layers=1, heads=2), pixelcnn=dict(channels=8, layers=2),
-        train_batch=4, encode_batch=4, prior_batch=4, samples=2,
+        train_batch=4, encode_batch=4, prior_batch=4, samples=2, data_images=16,
     ),
 }
 # What `--quick` keeps of each configuration on a CPU: smaller batches, no naive sampling
@@ -145,6 +148,44 @@ def build_priors(sizes, device) -> dict:
         # the transformer's sizes, so that the two sampling schemes compare on one network
         "maskgit": MaskGITPrior(**common, **sizes["transformer"], dropout=0.0).to(device),
     }
+
+
+def data_rows(name, sizes, timer) -> list[dict]:
+    """How fast the loader delivers training batches, to set beside stage one's training rows:
+    images held in memory, and PNG files decoded as they are read (a split over
+    --max-memory-gb) by the training process itself or by 1 or 2 DataLoader workers."""
+    import datasets
+    import numpy as np
+    from PIL import Image
+
+    rows, count, side = [], sizes["data_images"], sizes["image_size"]
+    generator = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory() as folder:
+        paths = []
+        for i in range(count + 2):  # smooth shapes plus noise: PNGs about as hard to decode as photos
+            pixels = np.clip(np.linspace(0, 255, side)[None, :, None] + generator.normal(0, 40, (side, side, sizes["channels"])), 0, 255)
+            image = Image.fromarray(pixels.astype(np.uint8).squeeze(-1) if sizes["channels"] == 1 else pixels.astype(np.uint8))
+            paths.append(f"{folder}/{i}.png")
+            image.save(paths[-1])
+        files = datasets.Dataset.from_dict({"image": paths}).cast_column("image", datasets.Image())
+        splits = datasets.DatasetDict({"train": files.select(range(count)), "test": files.select(range(count, count + 2))})
+        config = DataConfig(image_size=side)
+        sources = {
+            "in memory": from_hf_dataset(splits, config, "benchmark").train,
+            "PNG decoded as read": from_hf_dataset(splits, replace(config, max_memory_gb=0), "benchmark").train,
+        }
+        for label, workers in (("in memory", 0), ("PNG decoded as read", 0), ("PNG decoded as read", 1), ("PNG decoded as read", 2)):
+            loader = DataLoader(sources[label], batch_size=sizes["train_batch"], shuffle=True, collate_fn=collate_batches,
+                                drop_last=True, num_workers=workers, persistent_workers=workers > 0)
+
+            def one_pass():
+                for _ in loader:
+                    pass
+
+            what = f"loader, {label}" + (f", {workers} worker{'' if workers == 1 else 's'}" if label != "in memory" else "")
+            images = len(loader) * sizes["train_batch"]
+            rows.append(row(name, "data", what, "images/s", images, timer(one_pass)))
+    return rows
 
 
 def stage_one_rows(name, sizes, device, timer, autocast_modes) -> list[dict]:
@@ -264,6 +305,7 @@ def run_benchmark(config: BenchmarkConfig) -> dict:
         modes = [("fp32", None)]
         if fast_bf16:
             modes.append(("bf16", torch.bfloat16))
+        results["rows"] += data_rows(name, sizes, timer)
         results["rows"] += stage_one_rows(name, sizes, device, timer, modes)
         results["rows"] += stage_two_rows(name, sizes, device, timer, torch.bfloat16 if fast_bf16 else None)
         sampling, speedups = sampling_rows(name, sizes, device, timer, naive=not reduced)
