@@ -13,11 +13,10 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange, repeat
 from huggingface_hub import PyTorchModelHubMixin
-from torch import nn
 from tqdm.auto import tqdm
 
 from stage2_prior.sampling import filter_logits, guide, prepare_labels, sample_logits, with_null_labels
-from stage2_prior.transformer import Block
+from stage2_prior.transformer import CodeTransformer
 
 
 def masked_fraction(progress: torch.Tensor | float) -> torch.Tensor:
@@ -52,7 +51,7 @@ def still_masked_after(step: int, steps: int, unknown: torch.Tensor, remaining: 
     return torch.minimum(target.clamp(min=1), remaining - 1).clamp(min=0)
 
 
-class MaskGITPrior(nn.Module, PyTorchModelHubMixin):
+class MaskGITPrior(CodeTransformer, PyTorchModelHubMixin):
     def __init__(
         self,
         codebook_size: int = 512,
@@ -71,39 +70,12 @@ class MaskGITPrior(nn.Module, PyTorchModelHubMixin):
         default_steps: int | None = None,
     ):
         super().__init__()
-        if width % heads:
-            raise ValueError(f"width {width} must be a multiple of heads {heads}")
         if default_steps is not None and default_steps < 1:
             raise ValueError(f"default_steps {default_steps} must be at least 1")
-        self.codebook_size, self.map_shape, self.num_classes = codebook_size, (map_height, map_width), num_classes
-        # stored in config.json: which prior, which VQ-VAE's codes, what the labels mean
-        self.prior, self.codes_source, self.class_names = prior, codes_source, class_names
-        self.default_guidance = default_guidance  # the scale stage two measured best; sampling's default
-        self.label_dropout = label_dropout  # how often training showed the null label (None: not recorded)
+        self._build(codebook_size, map_height, map_width, num_classes, width, layers, heads, dropout, prior,
+                    codes_source, class_names, default_guidance, label_dropout, causal=False, extra_tokens=1)
         # sampling passes when none are asked for (None: the map size's, `passes_for_map`)
         self.default_steps = default_steps or passes_for_map(map_height * map_width)
-        self.code_embed = nn.Embedding(codebook_size + 1, width)  # the last one is the mask token
-        self.label_embed = nn.Embedding(num_classes + 1, width)  # the last one is "no class"
-        self.row_embed = nn.Parameter(torch.zeros(map_height, width))
-        self.col_embed = nn.Parameter(torch.zeros(map_width, width))
-        self.dropout = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(Block(width, heads, dropout, causal=False) for _ in range(layers))
-        self.norm = nn.LayerNorm(width)
-        self.head = nn.Linear(width, codebook_size, bias=False)
-        self.apply(self._init_weights)
-        nn.init.normal_(self.row_embed, std=0.02)
-        nn.init.normal_(self.col_embed, std=0.02)
-
-    @staticmethod
-    def _init_weights(module):
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, std=0.02)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
-
-    @property
-    def null_label(self) -> int:
-        return self.num_classes
 
     @property
     def mask_token(self) -> int:
@@ -111,8 +83,7 @@ class MaskGITPrior(nn.Module, PyTorchModelHubMixin):
 
     def _logits(self, codes: torch.Tensor, masked: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """codes, masked [B, h*w], labels [B] -> logits [B, h*w, K] for every position."""
-        tokens = self.code_embed(torch.where(masked, self.mask_token, codes))
-        tokens = tokens + rearrange(self.row_embed[:, None] + self.col_embed[None], "h w c -> (h w) c")
+        tokens = self.code_embed(torch.where(masked, self.mask_token, codes)) + self._positions()
         x = self.dropout(torch.cat([self.label_embed(labels)[:, None], tokens], dim=1))
         for block in self.blocks:
             x = block(x)

@@ -79,24 +79,12 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-class TransformerPrior(nn.Module, PyTorchModelHubMixin):
-    def __init__(
-        self,
-        codebook_size: int = 512,
-        map_height: int = 8,
-        map_width: int = 8,
-        num_classes: int = 10,
-        width: int = 256,
-        layers: int = 4,
-        heads: int = 4,
-        dropout: float = 0.1,
-        prior: str = "transformer",
-        codes_source: str = "",
-        class_names: list[str] | None = None,
-        default_guidance: float = 1.0,
-        label_dropout: float | None = None,
-    ):
-        super().__init__()
+class CodeTransformer(nn.Module):
+    """What the raster transformer and MaskGIT share: the metadata stored in config.json, code,
+    class and row/column embeddings, pre-norm blocks (causal or not) and a head over the K codes."""
+
+    def _build(self, codebook_size, map_height, map_width, num_classes, width, layers, heads, dropout, prior,
+               codes_source, class_names, default_guidance, label_dropout, causal: bool, extra_tokens: int = 0):
         if width % heads:
             raise ValueError(f"width {width} must be a multiple of heads {heads}")
         self.codebook_size, self.map_shape, self.num_classes = codebook_size, (map_height, map_width), num_classes
@@ -105,12 +93,12 @@ class TransformerPrior(nn.Module, PyTorchModelHubMixin):
         self.default_guidance = default_guidance  # the scale stage two measured best; sampling's default
         self.label_dropout = label_dropout  # how often training showed the null label (None: not recorded)
         self.heads, self.num_layers, self.width = heads, layers, width
-        self.code_embed = nn.Embedding(codebook_size, width)
+        self.code_embed = nn.Embedding(codebook_size + extra_tokens, width)  # extra: MaskGIT's mask token
         self.label_embed = nn.Embedding(num_classes + 1, width)  # the last one is "no class"
         self.row_embed = nn.Parameter(torch.zeros(map_height, width))
         self.col_embed = nn.Parameter(torch.zeros(map_width, width))
         self.dropout = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(Block(width, heads, dropout) for _ in range(layers))
+        self.blocks = nn.ModuleList(Block(width, heads, dropout, causal) for _ in range(layers))
         self.norm = nn.LayerNorm(width)
         self.head = nn.Linear(width, codebook_size, bias=False)
         self.apply(self._init_weights)
@@ -131,6 +119,28 @@ class TransformerPrior(nn.Module, PyTorchModelHubMixin):
     def _positions(self) -> torch.Tensor:
         """[h*w, width]: the row plus column embedding of each code, in raster order."""
         return rearrange(self.row_embed[:, None] + self.col_embed[None], "h w c -> (h w) c")
+
+
+class TransformerPrior(CodeTransformer, PyTorchModelHubMixin):
+    def __init__(
+        self,
+        codebook_size: int = 512,
+        map_height: int = 8,
+        map_width: int = 8,
+        num_classes: int = 10,
+        width: int = 256,
+        layers: int = 4,
+        heads: int = 4,
+        dropout: float = 0.1,
+        prior: str = "transformer",
+        codes_source: str = "",
+        class_names: list[str] | None = None,
+        default_guidance: float = 1.0,
+        label_dropout: float | None = None,
+    ):
+        super().__init__()
+        self._build(codebook_size, map_height, map_width, num_classes, width, layers, heads, dropout, prior,
+                    codes_source, class_names, default_guidance, label_dropout, causal=True)
 
     def _run(self, tokens, cache=None):
         x = self.dropout(tokens)
