@@ -23,7 +23,7 @@ from pipelines.sample import (
     check_sampling_args, load_run, pick_device, resolve_guidance, resolve_labels, sampling_steps,
 )
 from stage1_vqvae.cli import parse_config
-from stage1_vqvae.data import IMAGE_SUFFIXES, load_image_data, load_image_file
+from stage1_vqvae.data import IMAGE_SUFFIXES, held_in_memory, load_image_data, load_image_file
 from stage1_vqvae.dump_codes import data_config_of_run
 from stage1_vqvae.errors import UserError, run_cli
 from stage1_vqvae.training import use_all_cores
@@ -98,10 +98,8 @@ def user_images(spec: str, image_size: int, channels: int) -> tuple[torch.Tensor
 
 
 def test_images(run_dir: Path, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    data = load_image_data(data_config_of_run(run_dir))
-    if not hasattr(data.test, "images"):
-        raise UserError(f"the run's test split is not held in memory; pass --images with a file or folder instead")
-    return data.test.images[:n], data.test.labels[:n] if data.test.labels is not None else None
+    test = held_in_memory(load_image_data(data_config_of_run(run_dir)).test, n)
+    return test.images[:n], test.labels[:n] if test.labels is not None else None
 
 
 @torch.inference_mode()

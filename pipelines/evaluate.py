@@ -28,7 +28,7 @@ from pipelines.inception import load_fid_metric, standard_fid
 from pipelines.sample import check_null_label_was_trained, load_run, pick_device, resolve_guidance
 from stage1_vqvae.cli import parse_config
 from stage1_vqvae.codes import read_codes
-from stage1_vqvae.data import InMemoryBatches, load_image_data
+from stage1_vqvae.data import InMemoryBatches, held_in_memory, load_image_data
 from stage1_vqvae.dump_codes import data_config_of_run
 from stage1_vqvae.errors import UserError, run_cli
 from stage1_vqvae.judge import features_and_predictions, frechet_distance, load_or_train_judge
@@ -83,7 +83,9 @@ def with_ratio(metrics: dict, key: str, floor: float) -> None:
 
 def sample_metrics(vqvae, prior, data, judge, config: EvaluateConfig, device) -> tuple[dict, dict]:
     """(the stage-one figures rfd and its ratio, the sample figures) on the same features and n."""
-    test_images = data.test.images
+    # the whole test split when it is held in memory; else a bounded sample of it: 4n images
+    test = held_in_memory(data.test, 4 * config.n)
+    test_images = test.images
     n = min(config.n, len(test_images) // 2)
     if n < 2:
         raise UserError(f"the test split has {len(test_images)} images; the Frechet distance needs at least 4")
@@ -100,7 +102,7 @@ def sample_metrics(vqvae, prior, data, judge, config: EvaluateConfig, device) ->
     with_ratio(metrics, "fd", floor)
     metrics.update({
         # None where the test split has no labels (ImageNet's test split): the FDs need none
-        "classifier_test_accuracy": (real_predictions == data.test.labels).float().mean().item() if data.test.labels is not None else None,
+        "classifier_test_accuracy": (real_predictions == test.labels).float().mean().item() if test.labels is not None else None,
         "n": n,
         "features": "penultimate layer of a small CNN classifier trained on the run's train split",
         "sampling": "balanced classes, the prior's default guidance" if labels is not None else "unconditional",

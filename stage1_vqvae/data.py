@@ -105,6 +105,17 @@ class ArrowImages(Dataset):
         return item
 
 
+def held_in_memory(split, limit: int | None = None) -> InMemoryImages:
+    """A split as tensors: itself when it is held in memory, else its first `limit` images
+    decoded, in the split's order (the same images every time), for figures that need a
+    bounded sample of a split too large to hold: the judge, the Frechet distances."""
+    if isinstance(split, InMemoryImages):
+        return split
+    count = len(split) if limit is None else min(limit, len(split))
+    batch = collate_batches([split[i] for i in range(count)])
+    return InMemoryImages(batch["images"], batch.get("labels"))
+
+
 def collate_batches(batch):
     """`InMemoryImages` already returns a batch; `ArrowImages` returns items to stack."""
     if isinstance(batch, dict):

@@ -18,6 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from stage1_vqvae.atomic import save_pretrained_atomic
+from stage1_vqvae.data import held_in_memory
 from stage1_vqvae.training import bf16_is_fast
 
 
@@ -53,7 +54,10 @@ def load_or_train_judge(run_dir: Path, data, device, epochs: int = 3) -> "Featur
     with torch.random.fork_rng(devices=[]):  # the same judge whatever ran before: figures stay comparable
         torch.manual_seed(0)
         model = FeatureClassifier(in_channels=data.channels, num_classes=data.num_classes, source=data.source)
-    model = train_classifier(model, data.train.images, data.train.labels, epochs, device)
+    # a split decoded as it is read lends its first images, at most 60,000 (Fashion-MNIST's count) and 1 GB
+    limit = max(1000, min(60000, 10**9 // (data.channels * data.image_size**2)))
+    train = held_in_memory(data.train, limit)
+    model = train_classifier(model, train.images, train.labels, epochs, device)
     save_pretrained_atomic(model, directory)
     return model
 

@@ -17,7 +17,7 @@ from torchvision.utils import make_grid, save_image
 from stage1_vqvae.atomic import save_pretrained_atomic
 from stage1_vqvae.cli import parse_config
 from stage1_vqvae.codes import read_codes, weights_hash
-from stage1_vqvae.data import InMemoryBatches, load_image_data
+from stage1_vqvae.data import InMemoryBatches, held_in_memory, load_image_data
 from stage1_vqvae.dump_codes import data_config_of_run, load_vqvae
 from stage1_vqvae.errors import UserError, run_cli
 from stage1_vqvae.judge import features_and_predictions, load_or_train_judge
@@ -71,14 +71,15 @@ def choose_guidance(accelerator, run_dir: Path, stage_dir: Path, vqvae, scales: 
         data = load_image_data(data_config_of_run(run_dir))
     except UserError as error:  # the prior is saved already; only the sweep is lost
         return f"guidance not measured: {error}"
-    if not hasattr(data.test, "images") or not data.num_classes:
-        return "guidance not measured: the judge needs labelled images held in memory"
+    if not data.num_classes:
+        return "guidance not measured: the judge needs labelled images"
     judge = load_or_train_judge(run_dir, data, accelerator.device)
-    reference, _ = features_and_predictions(judge, data.test.images, accelerator.device)
+    test_images = held_in_memory(data.test, 4 * n).images  # all of a split held in memory, else a bounded sample
+    reference, _ = features_and_predictions(judge, test_images, accelerator.device)
     prior = load_prior(stage_dir).to(accelerator.device).eval()
     # Samples of another seed than `pipelines.evaluate` draws (0), so that the figure it reports
     # is a fresh measurement, not the lowest of the noisy ones this choice was made on.
-    rows = guidance_sweep(prior, vqvae, judge, reference, min(n, len(data.test.images)), accelerator.device, scales, seed=1)
+    rows = guidance_sweep(prior, vqvae, judge, reference, min(n, len(test_images)), accelerator.device, scales, seed=1)
     for row in rows:
         log.log({f"guidance/{key}": value for key, value in row.items()}, step)
     best = best_guidance(rows)
