@@ -105,13 +105,16 @@ class ArrowImages(Dataset):
         return item
 
 
-def held_in_memory(split, limit: int | None = None) -> InMemoryImages:
-    """A split as tensors: itself when it is held in memory, else its first `limit` images
-    decoded, in the split's order (the same images every time), for figures that need a
-    bounded sample of a split too large to hold: the judge, the Frechet distances."""
-    if isinstance(split, InMemoryImages):
+def held_in_memory(split, limit: int | None = None, max_bytes: int | None = None):
+    """A split as tensors (`.images`, `.labels`): itself when it is held in memory, else its
+    first images decoded, at most `limit` of them and `max_bytes`, in the split's order (the
+    same images every time), for figures that need a bounded sample of a split too large to
+    hold: the judge, the Frechet distances."""
+    if hasattr(split, "images"):
         return split
     count = len(split) if limit is None else min(limit, len(split))
+    if max_bytes is not None:
+        count = min(count, max(1, max_bytes // split[0]["images"].numel()))
     batch = collate_batches([split[i] for i in range(count)])
     return InMemoryImages(batch["images"], batch.get("labels"))
 

@@ -55,8 +55,7 @@ def load_or_train_judge(run_dir: Path, data, device, epochs: int = 3) -> "Featur
         torch.manual_seed(0)
         model = FeatureClassifier(in_channels=data.channels, num_classes=data.num_classes, source=data.source)
     # a split decoded as it is read lends its first images, at most 60,000 (Fashion-MNIST's count) and 1 GB
-    limit = max(1000, min(60000, 10**9 // (data.channels * data.image_size**2)))
-    train = held_in_memory(data.train, limit)
+    train = held_in_memory(data.train, limit=60000, max_bytes=10**9)
     model = train_classifier(model, train.images, train.labels, epochs, device)
     save_pretrained_atomic(model, directory)
     return model
