@@ -300,10 +300,16 @@ def _open_image(value, where: str, decode: bool = True) -> Image.Image:
         raise UserError(f"cannot read image {name} ({error}); remove or replace that file") from None
 
 
+def _channels_of_cell(cell, where: str) -> int:
+    """The channels of one image cell, from its header alone (the file is closed again)."""
+    with _open_image(cell, where, decode=False) as image:
+        return _channels_of(image)
+
+
 def _dataset_channels(cells, where: str) -> int:
     """1 if every image is grayscale, else 3: a few colour files turn the whole set RGB."""
     for i, cell in enumerate(cells):
-        if _channels_of(_open_image(cell, f"row {i} of {where}", decode=False)) == 3:
+        if _channels_of_cell(cell, f"row {i} of {where}") == 3:
             return 3
     return 1
 
@@ -379,7 +385,7 @@ def from_hf_dataset(data, config: DataConfig, source: str) -> ImageData:
             class_names = [str(v) for v in sorted(set(train_table[label_column]))]
             splits = {name: _label_values_to_indices(table, label_column, class_names) if split_labels[name] else table
                       for name, table in splits.items()}
-    first = _channels_of(_open_image(train_table[0][config.image_column], f"row 0 of {config.train_split}", decode=False))
+    first = _channels_of_cell(train_table[0][config.image_column], f"row 0 of {config.train_split}")
     in_memory = len(train_table) * first * config.image_size**2 / 1e9 <= config.max_memory_gb
     # Every header of a split held in memory is read (cheap: no pixels); a larger split goes by its first image.
     channels = config.channels or (_dataset_channels(train_table[config.image_column], config.train_split) if in_memory else first)
