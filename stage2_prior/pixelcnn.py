@@ -22,6 +22,7 @@ from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 from tqdm.auto import tqdm
 
+from stage2_prior.prior_metadata import PriorMetadata
 from stage2_prior.sampling import guide, prepare_labels, sample_logits, with_null_labels
 
 
@@ -64,7 +65,7 @@ class GatedLayer(nn.Module):
         return (out if self.first else h + out), self.skip(gated)
 
 
-class GatedPixelCNN(nn.Module, PyTorchModelHubMixin):
+class GatedPixelCNN(PriorMetadata, PyTorchModelHubMixin):
     def __init__(
         self,
         codebook_size: int = 512,
@@ -90,20 +91,13 @@ class GatedPixelCNN(nn.Module, PyTorchModelHubMixin):
                 f"fewer than the {needed} a {map_height}x{map_width} map needs; use at least "
                 f"{-(-needed // (kernel_size // 2))} layers or a larger kernel"
             )
-        self.codebook_size, self.map_shape, self.num_classes = codebook_size, (map_height, map_width), num_classes
-        # stored in config.json: which prior, which VQ-VAE's codes, what the labels mean
-        self.prior, self.codes_source, self.class_names = prior, codes_source, class_names
-        self.default_guidance = default_guidance  # the scale stage two measured best; sampling's default
-        self.label_dropout = label_dropout  # how often training showed the null label (None: not recorded)
+        self._record(codebook_size, map_height, map_width, num_classes, prior, codes_source, class_names,
+                     default_guidance, label_dropout)
         self.embed = nn.Embedding(codebook_size, channels)
         self.layers = nn.ModuleList(
             GatedLayer(channels, kernel_size, num_classes + 1, first=i == 0) for i in range(layers)
         )
         self.head = nn.Sequential(nn.ReLU(), nn.Conv2d(channels, channels, 1), nn.ReLU(), nn.Conv2d(channels, codebook_size, 1))
-
-    @property
-    def null_label(self) -> int:
-        return self.num_classes
 
     def _label_biases(self, labels):
         return [rearrange(layer.label_bias(labels), "b c -> b c 1 1") for layer in self.layers]

@@ -18,6 +18,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
+from stage2_prior.prior_metadata import PriorMetadata
 from stage2_prior.sampling import guide, prepare_labels, sample_logits, with_null_labels
 
 
@@ -79,7 +80,7 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-class CodeTransformer(nn.Module):
+class CodeTransformer(PriorMetadata):
     """What the raster transformer and MaskGIT share: the metadata stored in config.json, code,
     class and row/column embeddings, pre-norm blocks (causal or not) and a head over the K codes."""
 
@@ -87,11 +88,8 @@ class CodeTransformer(nn.Module):
                codes_source, class_names, default_guidance, label_dropout, causal: bool, extra_tokens: int = 0):
         if width % heads:
             raise ValueError(f"width {width} must be a multiple of heads {heads}")
-        self.codebook_size, self.map_shape, self.num_classes = codebook_size, (map_height, map_width), num_classes
-        # stored in config.json: which prior, which VQ-VAE's codes, what the labels mean
-        self.prior, self.codes_source, self.class_names = prior, codes_source, class_names
-        self.default_guidance = default_guidance  # the scale stage two measured best; sampling's default
-        self.label_dropout = label_dropout  # how often training showed the null label (None: not recorded)
+        self._record(codebook_size, map_height, map_width, num_classes, prior, codes_source, class_names,
+                     default_guidance, label_dropout)
         self.heads, self.num_layers, self.width = heads, layers, width
         self.code_embed = nn.Embedding(codebook_size + extra_tokens, width)  # extra: MaskGIT's mask token
         self.label_embed = nn.Embedding(num_classes + 1, width)  # the last one is "no class"
@@ -111,10 +109,6 @@ class CodeTransformer(nn.Module):
             nn.init.normal_(module.weight, std=0.02)
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
-
-    @property
-    def null_label(self) -> int:
-        return self.num_classes
 
     def _positions(self) -> torch.Tensor:
         """[h*w, width]: the row plus column embedding of each code, in raster order."""
