@@ -388,7 +388,8 @@ def from_hf_dataset(data, config: DataConfig, source: str) -> ImageData:
     first = _channels_of_cell(train_table[0][config.image_column], f"row 0 of {config.train_split}")
     in_memory = len(train_table) * first * config.image_size**2 / 1e9 <= config.max_memory_gb
     # Every header of a split held in memory is read (cheap: no pixels); a larger split goes by its first image.
-    channels = config.channels or (_dataset_channels(train_table[config.image_column], config.train_split) if in_memory else first)
+    train_cells = train_table[config.image_column] if in_memory else None  # read once, for the scan and the decoding
+    channels = config.channels or (_dataset_channels(train_cells, config.train_split) if in_memory else first)
 
     result = {}
     for split_name, table in splits.items():
@@ -396,7 +397,7 @@ def from_hf_dataset(data, config: DataConfig, source: str) -> ImageData:
         if size_gb > config.max_memory_gb:
             result[split_name] = ArrowImages(table, config.image_column, split_labels[split_name], config.image_size, channels)
             continue
-        column = table[config.image_column]
+        column = train_cells if split_name == config.train_split and train_cells is not None else table[config.image_column]
         images = torch.stack([
             to_uint8_tensor(cell, config.image_size, channels, f"row {i} of split '{split_name}'")
             for i, cell in enumerate(column)
