@@ -144,12 +144,13 @@ def sampling_steps(steps: int | None, prior) -> dict:
     return {"steps": steps}
 
 
-def sample_images(vqvae, prior, labels, n, config: SampleConfig, device, guidance: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """n code maps and their decoded images (on the CPU), in batches of --batch-size."""
+def sample_images(vqvae, prior, labels, n, config: SampleConfig, device, guidance: float,
+                  steps: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """n code maps and their decoded images (on the CPU), in batches of --batch-size; `steps`
+    is `sampling_steps`' keyword."""
     return generate_images(
         prior, vqvae, labels, n, device, config.batch_size, config.seed, progress=True,
-        temperature=config.temperature, top_k=config.top_k, top_p=config.top_p, guidance=guidance,
-        **sampling_steps(config.steps, prior),
+        temperature=config.temperature, top_k=config.top_k, top_p=config.top_p, guidance=guidance, **steps,
     )
 
 
@@ -170,12 +171,12 @@ def main(argv=None):
     use_all_cores(device)
     run_dir = Path(config.run_dir)
     vqvae, prior = load_run(run_dir, device, config.prior_dir)
-    sampling_steps(config.steps, prior)  # a wrong --steps stops here, before any work
+    steps = sampling_steps(config.steps, prior)  # a wrong --steps stops here, before any work
     labels, row = resolve_labels(config.label, config.n, prior)
     guidance = resolve_guidance(config.guidance, labels, prior)
     n = len(labels) if labels is not None else config.n
     started = time.time()
-    codes, images = sample_images(vqvae, prior, labels, n, config, device, guidance)
+    codes, images = sample_images(vqvae, prior, labels, n, config, device, guidance, steps)
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.time() - started
