@@ -19,7 +19,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from pipelines.sample import pick_device
@@ -28,8 +27,9 @@ from stage1_vqvae.data import DataConfig, collate_batches, from_hf_dataset
 from stage1_vqvae.errors import UserError, run_cli
 from stage1_vqvae.model import VQVAE
 from stage1_vqvae.training import bf16_is_fast, use_all_cores
-from stage2_prior.maskgit import MaskGITPrior, masked_code_loss
+from stage2_prior.maskgit import MaskGITPrior
 from stage2_prior.pixelcnn import GatedPixelCNN
+from stage2_prior.priors import training_loss
 from stage2_prior.quality import autocast_for
 from stage2_prior.transformer import TransformerPrior
 
@@ -220,10 +220,7 @@ def stage_two_rows(name, sizes, device, timer, dtype) -> list[dict]:
 
         def train_step():
             with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                if kind == "maskgit":
-                    loss = masked_code_loss(prior, codes, labels).mean()
-                else:
-                    loss = F.cross_entropy(prior(codes, labels).float(), codes)
+                loss = training_loss(prior, codes, labels, kind)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

@@ -3,14 +3,26 @@
 import json
 from pathlib import Path
 
+import torch
+import torch.nn.functional as F
+
 from stage1_vqvae.errors import UserError
-from stage2_prior.maskgit import MaskGITPrior
+from stage2_prior.maskgit import MaskGITPrior, masked_code_loss
 from stage2_prior.pixelcnn import GatedPixelCNN
 from stage2_prior.transformer import TransformerPrior
 
 PRIORS = {"transformer": TransformerPrior, "pixelcnn": GatedPixelCNN, "maskgit": MaskGITPrior}
 # priors that draw every code at once in a few passes; the others draw one code per pass, in raster order
 PARALLEL_PRIORS = ("maskgit",)
+
+
+def training_loss(model, codes: torch.Tensor, labels: torch.Tensor | None, kind: str) -> torch.Tensor:
+    """The loss a prior of this kind trains on (nats): the NLL of every code for the raster
+    priors, the label-smoothed cross-entropy of the hidden codes for a parallel one (MaskGIT).
+    `model` may be wrapped (DDP), so it is called, not unwrapped."""
+    if kind in PARALLEL_PRIORS:
+        return masked_code_loss(model, codes, labels).mean()
+    return F.cross_entropy(model(codes, labels).float(), codes)
 
 
 def load_prior(directory: Path):

@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torchvision.utils import make_grid, save_image
 
 from stage1_vqvae.atomic import save_pretrained_atomic
@@ -25,8 +24,7 @@ from stage1_vqvae.training import (
     LoopConfig, describe_length, format_duration, open_stage, run_training_loop, set_up_training,
 )
 from stage2_prior.evaluation import LOG2, prior_bits_per_dim, test_nll
-from stage2_prior.maskgit import masked_code_loss
-from stage2_prior.priors import PARALLEL_PRIORS, PRIORS, load_prior, set_default_guidance
+from stage2_prior.priors import PARALLEL_PRIORS, PRIORS, load_prior, set_default_guidance, training_loss
 from stage2_prior.quality import balanced_labels, best_guidance, guidance_sweep, parse_scales
 
 
@@ -197,11 +195,9 @@ def main(argv=None):
         labels = batch.get("labels")
         if labels is not None:
             labels = drop_labels(labels, unwrapped.null_label, config.label_dropout)
-        if masked:
-            loss = masked_code_loss(model, batch["codes"], labels).mean()
-            return loss, {"masked_loss_bits_per_code": loss.detach() / LOG2}, len(batch["codes"])  # label-smoothed
-        loss = F.cross_entropy(model(batch["codes"], labels).float(), batch["codes"])
-        return loss, {"nll_bits_per_code": loss.detach() / LOG2}, len(batch["codes"])
+        loss = training_loss(model, batch["codes"], labels, config.prior)
+        name = "masked_loss_bits_per_code" if masked else "nll_bits_per_code"  # MaskGIT's is label-smoothed
+        return loss, {name: loss.detach() / LOG2}, len(batch["codes"])
 
     def evaluate(step):
         nll = test_nll(accelerator, model, setup.test_loader, masked=masked)
