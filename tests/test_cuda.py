@@ -14,6 +14,7 @@ from stage1_vqvae import train as stage_one
 from stage1_vqvae.quantizer import VectorQuantizer
 from stage2_prior import train as stage_two
 from tests.conftest import TINY_MODEL, reset_accelerate_state
+from tests.test_maskgit import H, K, W, make_maskgit
 from tests.test_priors import make_prior
 from tests.test_stage2_training import TINY_PRIOR
 
@@ -38,6 +39,17 @@ def test_cached_sampling_on_the_gpu_draws_the_codes_of_the_whole_network(kind):
     fast = model.generate(3, labels, generator=torch.Generator("cuda").manual_seed(5), guidance=2.0)
     slow = model.generate(3, labels, generator=torch.Generator("cuda").manual_seed(5), guidance=2.0, cached=False)
     assert fast.device.type == "cuda" and torch.equal(fast, slow)
+
+
+def test_maskgit_on_the_gpu_is_seeded_and_keeps_the_known_codes():
+    model = make_maskgit().cuda()
+    labels = torch.tensor([0, 1, 2], device="cuda")
+    known = torch.randint(0, K, (3, H, W), device="cuda")
+    keep = torch.rand(3, H, W, device="cuda") < 0.5
+    draws = [model.generate(3, labels, generator=torch.Generator("cuda").manual_seed(5), guidance=2.0, known=known, keep=keep)
+             for _ in range(2)]
+    assert draws[0].device.type == "cuda" and torch.equal(draws[0], draws[1])
+    assert torch.equal(draws[0][keep], known[keep])
 
 
 def test_both_stages_train_sample_and_evaluate_on_the_gpu(tiny_fashion, tmp_path, capsys):
