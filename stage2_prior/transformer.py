@@ -32,11 +32,18 @@ class KVCache:
         self.filled = 0
 
 
+# On CUDA, every attention backend but cuDNN's: cuDNN builds an execution plan for each new
+# shape, and sampling grows the sequence by one code per step (50 ms per code on an H200).
+CUDA_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
 def attention_kernel(device: torch.device, length: int):
     """On a CPU, short sequences train faster with plain matmul attention than with the fused
     kernel (65 codes, forward and backward: 7 ms against 67 ms; a step of the default prior:
-    118 ms against 139 ms); from 256 codes on, the fused kernel wins. Elsewhere PyTorch chooses."""
-    return sdpa_kernel(SDPBackend.MATH) if device.type == "cpu" and length <= 128 else nullcontext()
+    118 ms against 139 ms); from 256 codes on, the fused kernel wins. On CUDA, no cuDNN."""
+    if device.type == "cpu" and length <= 128:
+        return sdpa_kernel(SDPBackend.MATH)
+    return sdpa_kernel(CUDA_ATTENTION) if device.type == "cuda" else nullcontext()
 
 
 class SelfAttention(nn.Module):
@@ -60,7 +67,8 @@ class SelfAttention(nn.Module):
             mask = None
             if x.shape[1] > 1:
                 mask = torch.ones(x.shape[1], end, dtype=torch.bool, device=x.device).tril(diagonal=start)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            with sdpa_kernel(CUDA_ATTENTION) if x.device.type == "cuda" else nullcontext():
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.proj_dropout(self.proj(rearrange(out, "b h t d -> b t (h d)")))
 
 

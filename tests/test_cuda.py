@@ -24,7 +24,7 @@ pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available()
 def test_bf16_autocast_on_the_gpu_keeps_the_nearest_codes():
     torch.manual_seed(1)
     quantizer = VectorQuantizer(codebook_size=512, dim=64, dead_code_steps=0).cuda().eval()
-    quantizer.codebook.data = torch.randn(1, 64, device="cuda") + 1e-3 * torch.randn(512, 64, device="cuda")
+    quantizer.codebook.data = torch.randn(1, 64, device="cuda") + 1e-2 * torch.randn(512, 64, device="cuda")
     z = quantizer.codebook.data[:64].T.reshape(1, 64, 8, 8).clone() + 1e-5
     with torch.autocast("cuda", dtype=torch.bfloat16):
         indices = quantizer(z).indices
