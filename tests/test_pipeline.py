@@ -8,12 +8,14 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.nn.attention import SDPBackend
 
 from pipelines import evaluate, sample
 from stage1_vqvae import train as stage_one
 from stage1_vqvae.errors import UserError
 from stage2_prior import train as stage_two
 from stage2_prior.quality import autocast_for
+from stage2_prior.transformer import CUDA_ATTENTION, attention_kernel
 from tests.conftest import REPO, TINY_MODEL, cpu_env, reset_accelerate_state
 from tests.test_stage2_training import TINY_PRIOR
 
@@ -135,6 +137,10 @@ def test_cuda_paths_as_far_as_a_cpu_allows():
         cuda_autocast = autocast_for(torch.device("cuda"))
     assert cuda_autocast.fast_dtype == torch.bfloat16 and cuda_autocast.device == "cuda"
     assert autocast_for(torch.device("cpu"))._enabled is False
+    # cuDNN attention builds a plan per sequence length: sampling on CUDA must not reach it
+    with attention_kernel(torch.device("cuda"), 65):
+        assert not torch.backends.cuda.cudnn_sdp_enabled() and torch.backends.cuda.flash_sdp_enabled()
+    assert SDPBackend.CUDNN_ATTENTION not in CUDA_ATTENTION  # the KV-cache steps use this list
 
 
 def test_the_sample_command_line_prints_one_sentence(tmp_path):
