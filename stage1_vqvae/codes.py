@@ -4,6 +4,10 @@
 split, columns `codes` (Array2D uint16 [h, w]) and `label` (when the images had labels),
 and `metadata.json` beside it naming the VQ-VAE the maps came from. A reader checks that
 metadata against a given VQ-VAE, so maps from another model are refused, not misread.
+
+No step holds a whole split: the dump writes each process's maps batch by batch to an
+Arrow shard (`ShardWriter`), `write_codes` joins the shards memory-mapped, and
+`open_codes` hands stage two memory-mapped maps that become int64 one batch at a time.
 """
 
 import hashlib
@@ -13,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.data import Dataset
 
 from stage1_vqvae.atomic import replace_directory
 from stage1_vqvae.errors import UserError
@@ -48,21 +53,44 @@ def weights_hash(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def write_codes(directory: Path, splits: dict, metadata: CodesMetadata) -> None:
-    """Write {split: (codes [N, h, w] int tensor, labels [N] or None)} atomically to `directory`."""
+def code_features(metadata: CodesMetadata, labelled: bool):
+    """The Arrow columns of one split: uint16 maps, and the labels when the split has them."""
     import datasets
 
-    height, width = metadata.map_height, metadata.map_width
     if metadata.codebook_size > 65536:
         raise UserError(f"a codebook of {metadata.codebook_size} codes does not fit uint16 maps; use at most 65536")
-    code_feature = datasets.Array2D(shape=(height, width), dtype="uint16")
-    label_feature = datasets.ClassLabel(names=metadata.class_names) if metadata.class_names else datasets.Value("int64")
-    tables = {}
-    for name, (codes, labels) in splits.items():  # a split without labels (a test split of -1s) has no label column
-        columns, features = {"codes": codes.cpu().numpy().astype(np.uint16)}, {"codes": code_feature}
-        if labels is not None:
-            columns["label"], features["label"] = labels.cpu().numpy().astype(np.int64), label_feature
-        tables[name] = datasets.Dataset.from_dict(columns, features=datasets.Features(features))
+    features = {"codes": datasets.Array2D(shape=(metadata.map_height, metadata.map_width), dtype="uint16")}
+    if labelled:
+        features["label"] = datasets.ClassLabel(names=metadata.class_names) if metadata.class_names else datasets.Value("int64")
+    return datasets.Features(features)
+
+
+class ShardWriter:
+    """Code maps appended batch by batch to one Arrow file, never held together in memory."""
+
+    def __init__(self, path: Path, metadata: CodesMetadata, labelled: bool):
+        from datasets.arrow_writer import ArrowWriter
+
+        self.labelled = labelled
+        self.writer = ArrowWriter(features=code_features(metadata, labelled), path=str(path))
+
+    def write(self, codes: torch.Tensor, labels: torch.Tensor | None) -> None:
+        batch = {"codes": codes.cpu().numpy().astype(np.uint16)}
+        if self.labelled:
+            batch["label"] = labels.cpu().numpy().astype(np.int64)
+        self.writer.write_batch(batch)
+
+    def close(self) -> None:
+        self.writer.finalize()
+
+
+def write_codes(directory: Path, shards: dict[str, list[Path]], metadata: CodesMetadata) -> None:
+    """Join each split's shards, in the order given, into `directory` (atomically). The shards
+    are memory-mapped and copied batch by batch, so no split is ever loaded whole."""
+    import datasets
+
+    tables = {name: datasets.concatenate_datasets([datasets.Dataset.from_file(str(path)) for path in paths])
+              for name, paths in shards.items()}
     metadata.splits = {name: len(table) for name, table in tables.items()}
     with replace_directory(directory) as staging:
         datasets.DatasetDict(tables).save_to_disk(str(staging))
@@ -98,8 +126,53 @@ def check_matches(metadata: CodesMetadata, vqvae, directory: Path) -> None:
         )
 
 
-def read_codes(directory: Path, split: str, vqvae=None) -> CodeMaps:
-    """Load one split as int64 tensors; with `vqvae`, first check the maps came from it."""
+IN_MEMORY_MAX_BYTES = 2**30
+
+
+def _maps_of(table, height: int, width: int) -> np.ndarray:
+    """A pyarrow `codes` column (Array2D uint16) -> numpy uint16 [N, h, w]."""
+    column = table.column("codes").combine_chunks()
+    return column.storage.flatten().flatten().to_numpy().reshape(-1, height, width)
+
+
+class CodeMapSplit(Dataset):
+    """One split of code maps, as uint16 in memory up to IN_MEMORY_MAX_BYTES (60,000 8x8 maps
+    are 7.7 MB) and memory-mapped from Arrow beyond it; batches come out as int64 tensors
+    {"codes": [B, h, w], "labels": [B]}, so no split is ever held as int64."""
+
+    def __init__(self, table, metadata: CodesMetadata, labels: bool = True, max_bytes: int | None = None):
+        self.metadata, self.shape = metadata, (metadata.map_height, metadata.map_width)
+        self.labelled = labels and "label" in table.column_names
+        self.table = table.data.table.select(["codes", "label"] if self.labelled else ["codes"])  # memory-mapped
+        self.in_memory = self.table.num_rows * self.shape[0] * self.shape[1] * 2 <= (IN_MEMORY_MAX_BYTES if max_bytes is None else max_bytes)
+        if self.in_memory:  # a gather from one array costs microseconds, an Arrow `take` about a millisecond
+            self.maps, self.labels = self._read(self.table)
+
+    def _read(self, table) -> tuple[np.ndarray, np.ndarray | None]:
+        labels = table.column("label").to_numpy().astype(np.int64) if self.labelled else None
+        return _maps_of(table, *self.shape), labels
+
+    def __len__(self):
+        return self.table.num_rows
+
+    def __getitems__(self, indices):
+        indices = np.asarray(indices, dtype=np.int64)
+        if self.in_memory:
+            maps, labels = self.maps[indices], (self.labels[indices] if self.labelled else None)
+        else:
+            maps, labels = self._read(self.table.take(indices))
+        batch = {"codes": torch.from_numpy(maps.astype(np.int64))}
+        if self.labelled:
+            batch["labels"] = torch.from_numpy(labels)
+        return batch
+
+    def __getitem__(self, i):
+        return {name: value[0] for name, value in self.__getitems__([i]).items()}
+
+
+def open_codes(directory: Path, split: str, vqvae=None, labels: bool = True) -> CodeMapSplit:
+    """One split, memory-mapped; with `vqvae`, first check the maps came from it. `labels=False`
+    leaves the labels out, as an unconditional prior wants."""
     import datasets
 
     directory = Path(directory)
@@ -108,7 +181,11 @@ def read_codes(directory: Path, split: str, vqvae=None) -> CodeMaps:
         check_matches(metadata, vqvae, directory)
     if split not in metadata.splits:
         raise UserError(f"the code maps in {directory} have no split '{split}' (they have: {', '.join(metadata.splits)})")
-    columns = datasets.load_from_disk(str(directory / split)).with_format("numpy")[:]
-    codes = torch.from_numpy(columns["codes"].astype(np.int64))
-    labels = torch.from_numpy(columns["label"].astype(np.int64)) if "label" in columns else None
-    return CodeMaps(codes, labels, metadata)
+    return CodeMapSplit(datasets.load_from_disk(str(directory / split)), metadata, labels)
+
+
+def read_codes(directory: Path, split: str, vqvae=None) -> CodeMaps:
+    """One split loaded whole as int64 tensors, for the small splits of tests and figures."""
+    maps = open_codes(directory, split, vqvae)
+    whole = maps.__getitems__(range(len(maps)))
+    return CodeMaps(whole["codes"], whole.get("labels"), maps.metadata)

@@ -1,21 +1,24 @@
 """`python -m stage1_vqvae.dump_codes`: encode every image of a run again with its saved VQ-VAE.
 
 Stage one's training ends with the same dump; this command redoes it, for example after
-replacing the weights. Under `accelerate launch` each process encodes its share and the
-main process writes one data set, in the original order, every image once.
+replacing the weights. Under `accelerate launch` each process encodes a contiguous share
+and writes it batch by batch; the main process joins the shares into one data set, in the
+original order, every image once, without loading them.
 """
 
 import json
+import shutil
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from torch.utils.data import Subset
 from tqdm.auto import tqdm
 
 from stage1_vqvae.cli import parse_config
-from stage1_vqvae.codes import CodesMetadata, weights_hash, write_codes
+from stage1_vqvae.codes import CodesMetadata, ShardWriter, weights_hash, write_codes
 from stage1_vqvae.data import DataConfig, ImageData, load_image_data
 from stage1_vqvae.errors import UserError, run_cli
 from stage1_vqvae.metrics import eval_loader, to_unit_range
@@ -30,34 +33,41 @@ class DumpConfig:
 
 
 @torch.no_grad()
-def encode_split(accelerator: Accelerator, model: VQVAE, dataset, batch_size: int, desc: str):
-    """All code maps (and labels) of one split, gathered in order on every process."""
-    loader = accelerator.prepare(eval_loader(dataset, batch_size))
-    codes, labels = [], []
-    for batch in tqdm(loader, desc=desc, disable=not accelerator.is_main_process, leave=False):
-        batch_codes = model.encode(to_unit_range(batch["images"]))  # fp32: codes must not depend on the hardware
-        gathered = accelerator.gather_for_metrics({"codes": batch_codes, **({"labels": batch["labels"]} if "labels" in batch else {})})
-        codes.append(gathered["codes"].cpu())
-        if "labels" in gathered:
-            labels.append(gathered["labels"].cpu())
-    return torch.cat(codes), (torch.cat(labels) if labels else None)
+def encode_share(accelerator: Accelerator, model: VQVAE, dataset, batch_size: int, writer: ShardWriter, desc: str) -> None:
+    """This process's contiguous share of a split, encoded and written batch by batch."""
+    rank, world = accelerator.process_index, accelerator.num_processes
+    share = Subset(dataset, range(len(dataset) * rank // world, len(dataset) * (rank + 1) // world))
+    for batch in tqdm(eval_loader(share, batch_size), desc=desc, disable=not accelerator.is_main_process, leave=False):
+        codes = model.encode(to_unit_range(batch["images"].to(accelerator.device)))  # fp32: codes must not depend on the hardware
+        writer.write(codes, batch.get("labels"))
+    writer.close()
 
 
 def dump(accelerator: Accelerator, model: VQVAE, data: ImageData, run_dir: Path, batch_size: int = 512) -> Path:
-    """Encode the train and test splits and write `<run>/codes` (main process)."""
+    """Encode the train and test splits and write `<run>/codes`: each process writes its
+    contiguous share to a shard, and the main process joins the shards in rank order, which
+    is the splits' own order, every image once."""
     model.eval()
-    splits = {
-        name: encode_split(accelerator, model, dataset, batch_size, f"encoding {name}")
-        for name, dataset in (("train", data.train), ("test", data.test))
-    }
     directory = Path(run_dir) / "codes"
+    shard_dir = directory.with_name("codes.shards")
+    height, width = model.map_shape
+    metadata = CodesMetadata(
+        codebook_size=model.codebook_size, map_height=height, map_width=width,
+        vqvae_sha256=weights_hash(model), dataset=data.source, class_names=data.class_names, splits={},
+    )
     if accelerator.is_main_process:
-        height, width = model.map_shape
-        metadata = CodesMetadata(
-            codebook_size=model.codebook_size, map_height=height, map_width=width,
-            vqvae_sha256=weights_hash(model), dataset=data.source, class_names=data.class_names, splits={},
-        )
-        write_codes(directory, splits, metadata)
+        shutil.rmtree(shard_dir, ignore_errors=True)  # left by a dump that was killed
+        shard_dir.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    shards = {}
+    for name, dataset in (("train", data.train), ("test", data.test)):
+        shards[name] = [shard_dir / f"{name}-{rank:05d}.arrow" for rank in range(accelerator.num_processes)]
+        writer = ShardWriter(shards[name][accelerator.process_index], metadata, labelled="labels" in dataset[0])
+        encode_share(accelerator, model, dataset, batch_size, writer, f"encoding {name}")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        write_codes(directory, shards, metadata)
+        shutil.rmtree(shard_dir)
     accelerator.wait_for_everyone()
     return directory
 

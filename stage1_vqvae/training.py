@@ -19,6 +19,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from stage1_vqvae.codes import CodeMapSplit
 from stage1_vqvae.data import InMemoryBatches, collate_batches
 from stage1_vqvae.errors import UserError
 from stage1_vqvae.metrics import eval_loader
@@ -116,13 +117,14 @@ def use_all_cores(device: torch.device, num_processes: int = 1) -> None:
 
 
 def loader_workers(asked: int | None, dataset, num_processes: int = 1) -> int:
-    """--num-workers, else 0 for tensors already in memory (a worker would only copy them) and,
-    for images decoded as they are read, one worker per core this process does not train on."""
+    """--num-workers, else 0 for tensors already in memory (a worker would only copy them) and
+    for code maps (a batch costs at most a millisecond), and, for images decoded as they are
+    read, one worker per core this process does not train on."""
     if asked is not None:
         if asked < 0:
             raise UserError(f"--num-workers {asked} must be 0 (decode in the training process) or more")
         return asked
-    if isinstance(dataset, InMemoryBatches):
+    if isinstance(dataset, (InMemoryBatches, CodeMapSplit)):
         return 0
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return max(1, min(4, cores // num_processes - 1))

@@ -15,8 +15,8 @@ from torchvision.utils import make_grid, save_image
 
 from stage1_vqvae.atomic import save_pretrained_atomic
 from stage1_vqvae.cli import parse_config
-from stage1_vqvae.codes import read_codes, weights_hash
-from stage1_vqvae.data import InMemoryBatches, held_in_memory, load_image_data
+from stage1_vqvae.codes import open_codes, weights_hash
+from stage1_vqvae.data import held_in_memory, load_image_data
 from stage1_vqvae.dump_codes import data_config_of_run, load_vqvae
 from stage1_vqvae.errors import UserError, run_cli
 from stage1_vqvae.judge import features_and_predictions, load_or_train_judge
@@ -165,28 +165,26 @@ def main(argv=None):
     stage_dir = run_dir / config.prior_dir
     accelerator, checkpoints = open_stage(config, stage_dir, "stage two")
     vqvae = load_vqvae(run_dir).to(accelerator.device).eval()
-    train_maps = read_codes(run_dir / "codes", "train", vqvae=vqvae)
-    test_maps = read_codes(run_dir / "codes", "test")
+    train_maps = open_codes(run_dir / "codes", "train", vqvae=vqvae)
     metadata = train_maps.metadata
-    conditional = train_maps.labels is not None and not config.unconditional and metadata.class_names
+    conditional = train_maps.labelled and not config.unconditional and bool(metadata.class_names)
+    # memory-mapped, or uint16 in memory: int64 one batch at a time
+    train_maps, test_maps = (open_codes(run_dir / "codes", split, labels=conditional) for split in ("train", "test"))
     class_names = metadata.class_names if conditional else None
     num_classes = len(class_names or [])
     prior = build_prior(config, metadata.codebook_size, (metadata.map_height, metadata.map_width), class_names, weights_hash(vqvae))
-    if conditional and test_maps.labels is None:
+    if conditional and not test_maps.labelled:
         accelerator.print("The test split has no labels: its NLL is scored without a class (the null label), the train split's with one.")
 
-    def maps(split):
-        return InMemoryBatches(codes=split.codes, labels=split.labels if conditional else None)
-
     setup = set_up_training(
-        accelerator, config, stage_dir, checkpoints, prior, maps(train_maps), maps(test_maps),
+        accelerator, config, stage_dir, checkpoints, prior, train_maps, test_maps,
         "stage two", {"best_nll": float("inf")},
     )
     model, state, log = setup.model, setup.state, setup.log
     unwrapped = accelerator.unwrap_model(model)
     accelerator.print(
         f"Stage two: {config.prior} prior of {sum(p.numel() for p in unwrapped.parameters()) / 1e6:.2f}M parameters, "
-        f"{len(train_maps.codes)} train maps of {metadata.map_height}x{metadata.map_width} codes (K={metadata.codebook_size}), "
+        f"{len(train_maps)} train maps of {metadata.map_height}x{metadata.map_width} codes (K={metadata.codebook_size}), "
         f"{'conditional on ' + str(num_classes) + ' classes' if num_classes else 'unconditional'}, "
         f"{describe_length(config, setup.steps, len(setup.train_loader))}"
     )

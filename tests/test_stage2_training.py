@@ -48,6 +48,26 @@ def test_each_prior_trains_and_saves_the_best_weights_and_sample_grids(stage_one
     assert sorted(p.name for p in (run_dir / "prior" / "samples").iterdir()) == ["step_0000015.png", "step_0000030.png"]
 
 
+def test_stage_two_trains_from_memory_mapped_maps_exactly_as_from_maps_in_memory(stage_one_run, tmp_path, monkeypatch):
+    """Maps over the in-memory budget are read from Arrow a batch at a time: the same batches,
+    so the same weights, bit for bit."""
+    from safetensors.torch import load_file
+    from stage1_vqvae import codes
+
+    weights, default_budget = {}, codes.IN_MEMORY_MAX_BYTES
+    for budget in (default_budget, 0):
+        monkeypatch.setattr(codes, "IN_MEMORY_MAX_BYTES", budget)
+        opened = []
+        monkeypatch.setattr(stage_two, "open_codes", lambda *args, _open=codes.open_codes, **kwargs: opened.append(_open(*args, **kwargs)) or opened[-1])
+        run_dir = copy_run(stage_one_run, tmp_path / str(budget))
+        stage_two.main(["--run-dir", str(run_dir), *TINY_PRIOR, "--max-steps", "6", "--eval-every", "6"])
+        reset_accelerate_state()
+        assert all(split.in_memory == (budget > 0) for split in opened)
+        weights[budget] = load_file(run_dir / "prior" / "model.safetensors")
+    assert default_budget > 0 and weights[0].keys() == weights[default_budget].keys()
+    assert all(torch.equal(weights[0][name], weights[default_budget][name]) for name in weights[0])
+
+
 def test_unconditional_flag_ignores_labels(stage_one_run, tmp_path):
     run_dir = copy_run(stage_one_run, tmp_path)
     stage_two.main(["--run-dir", str(run_dir), "--unconditional", *TINY_PRIOR, "--max-steps", "2"])

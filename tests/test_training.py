@@ -14,7 +14,7 @@ from stage1_vqvae.codes import read_codes
 from stage1_vqvae.data import DataConfig, load_image_data
 from stage1_vqvae.errors import UserError
 from stage1_vqvae.model import VQVAE
-from tests.conftest import REPO, TINY_MODEL, accelerate_command, cpu_env
+from tests.conftest import REPO, TINY_MODEL, accelerate_command, cpu_env, reset_accelerate_state
 
 
 def run_stage_one(run_dir, *extra):
@@ -124,6 +124,31 @@ def test_two_process_training_with_the_discriminator_and_dump_write_every_image_
     for split, dataset in (("train", data.train), ("test", data.test)):
         stored = read_codes(tmp_path / "codes", split, vqvae=model)
         assert len(stored.codes) == len(dataset)  # 64 and 37: none lost, none repeated
+        assert torch.equal(stored.codes, model.encode(dataset.images.float() / 255))
+        assert torch.equal(stored.labels, dataset.labels)
+
+
+def test_the_dump_writes_batch_by_batch_and_two_processes_write_every_map_once_in_order(tiny_fashion, tmp_path, monkeypatch):
+    """No process holds a split's maps: each batch goes to its shard as it is encoded. On two
+    processes, many batches each, the joined maps are the splits' own, in order."""
+    from stage1_vqvae import codes, dump_codes
+
+    run_stage_one(tmp_path, "--max-steps", "2", "--no-dump")
+    written = []
+    write = codes.ShardWriter.write
+    monkeypatch.setattr(codes.ShardWriter, "write", lambda self, maps, labels: written.append(len(maps)) or write(self, maps, labels))
+    dump_codes.main(["--run-dir", str(tmp_path), "--batch-size", "5"])
+    assert written == [5] * 12 + [4] + [5] * 7 + [2]  # 64 train and 37 test images, in batches of 5
+    reset_accelerate_state()
+    shutil.rmtree(tmp_path / "codes")
+    command = accelerate_command(2) + ["-m", "stage1_vqvae.dump_codes", "--run-dir", str(tmp_path), "--batch-size", "5"]
+    completed = subprocess.run(command, env=cpu_env(VQ_DATA_DIR=str(tiny_fashion)), capture_output=True, text=True, timeout=240)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert not (tmp_path / "codes.shards").exists()
+    model = VQVAE.from_pretrained(str(tmp_path / "vqvae")).eval()
+    data = load_image_data(DataConfig())
+    for split, dataset in (("train", data.train), ("test", data.test)):
+        stored = read_codes(tmp_path / "codes", split, vqvae=model)
         assert torch.equal(stored.codes, model.encode(dataset.images.float() / 255))
         assert torch.equal(stored.labels, dataset.labels)
 
