@@ -259,10 +259,24 @@ def _load_folder(path: Path, config: DataConfig):
         raise UserError(f"--dataset {path} does not exist; pass an existing folder of images, a Hub id or fashion_mnist")
     if not any(p.suffix.lower() in IMAGE_SUFFIXES for p in path.rglob("*") if p.is_file()):
         raise UserError(f"folder {path} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}); point --dataset at a folder of images")
-    data = datasets.load_dataset("imagefolder", data_dir=str(path))
+    data = datasets.load_dataset("imagefolder", data_dir=str(path), data_files=_folder_data_files(path))
     if config.train_split not in data and len(data) == 1:  # a flat folder: imagefolder calls its one split "train"
         data = datasets.DatasetDict({config.train_split: data[next(iter(data))]})
     return data
+
+
+def _folder_data_files(path: Path) -> dict[str, list[str]]:
+    """One split per top-level folder named as `datasets` names splits (train/, test/, val/...),
+    else the whole folder as train. Left to infer this itself, `datasets` globs the whole tree
+    once per pattern it knows (66 of them: 21 s on 20,000 files, before the first step)."""
+    from datasets.data_files import SPLIT_KEYWORDS
+
+    splits = {}
+    for split, keywords in SPLIT_KEYWORDS.items():
+        folders = [child.name for child in sorted(path.iterdir()) if child.is_dir() and child.name in keywords]
+        if folders:
+            splits[str(split)] = [f"{name}/**" for name in folders]
+    return splits or {"train": ["**"]}
 
 
 def _with_held_out_split(data, config: DataConfig, source: str):
