@@ -23,7 +23,7 @@ from stage1_vqvae.data import DataConfig, ImageData, load_image_data
 from stage1_vqvae.errors import UserError, run_cli
 from stage1_vqvae.metrics import eval_loader, to_unit_range
 from stage1_vqvae.model import VQVAE
-from stage1_vqvae.training import format_duration, use_all_cores
+from stage1_vqvae.training import format_duration, loader_workers, use_all_cores
 
 
 @dataclass
@@ -37,7 +37,8 @@ def encode_share(accelerator: Accelerator, model: VQVAE, dataset, batch_size: in
     """This process's contiguous share of a split, encoded and written batch by batch."""
     rank, world = accelerator.process_index, accelerator.num_processes
     share = Subset(dataset, range(len(dataset) * rank // world, len(dataset) * (rank + 1) // world))
-    for batch in tqdm(eval_loader(share, batch_size), desc=desc, disable=not accelerator.is_main_process, leave=False):
+    loader = eval_loader(share, batch_size, loader_workers(None, dataset, world))  # images decoded as read: in workers
+    for batch in tqdm(loader, desc=desc, disable=not accelerator.is_main_process, leave=False):
         codes = model.encode(to_unit_range(batch["images"].to(accelerator.device)))  # fp32: codes must not depend on the hardware
         writer.write(codes, batch.get("labels"))
     writer.close()

@@ -15,8 +15,8 @@ def to_unit_range(images: torch.Tensor) -> torch.Tensor:
     return images.float().div_(255)
 
 
-def eval_loader(dataset, batch_size: int) -> DataLoader:
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_batches)
+def eval_loader(dataset, batch_size: int, num_workers: int = 0) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_batches, num_workers=num_workers)
 
 
 def ssim(x: torch.Tensor, y: torch.Tensor, window: int = 11, sigma: float = 1.5) -> torch.Tensor:
