@@ -67,7 +67,7 @@ def test_folder_with_class_subfolders_gets_labels_and_a_seeded_split(tmp_path):
 
 
 def test_train_and_test_folders_with_the_images_directly_inside_are_unlabelled(tmp_path):
-    """datasets' imagefolder takes the split folders for classes and leaves every label None."""
+    """The split folders are not classes: one folder of images per split is no labelling."""
     for split, count in (("train", 6), ("test", 3)):
         (tmp_path / "images" / split).mkdir(parents=True)
         for i, array in enumerate(synthetic_images(count, 20, len(split))[0]):
@@ -75,6 +75,25 @@ def test_train_and_test_folders_with_the_images_directly_inside_are_unlabelled(t
     data = load_image_data(DataConfig(dataset=str(tmp_path / "images"), image_size=16))
     assert (len(data.train), len(data.test)) == (6, 3)
     assert data.class_names is None and data.num_classes == 0 and data.train.labels is None
+
+
+def test_class_folders_in_train_and_a_flat_test_folder_keep_the_train_labels(tmp_path):
+    """A test split without classes is unlabelled; it no longer takes the train labels with it."""
+    write_image_folder(tmp_path / "images" / "train", per_class=4)
+    (tmp_path / "images" / "test").mkdir()
+    for i, array in enumerate(synthetic_images(3, 20, 7)[0]):
+        Image.fromarray(array).save(tmp_path / "images" / "test" / f"{i}.png")
+    data = load_image_data(DataConfig(dataset=str(tmp_path / "images"), image_size=8))
+    assert data.class_names == ["circles", "squares"] and data.train.labels.tolist() == [0] * 4 + [1] * 4
+    assert len(data.test) == 3 and data.test.labels is None
+
+
+def test_a_folder_with_a_metadata_file_takes_its_columns_through_imagefolder(tmp_path):
+    write_image_folder(tmp_path / "images", per_class=3)
+    rows = ["file_name,style"] + [f"{kind}/{i}.png,{'bold' if i % 2 else 'plain'}" for kind in ("circles", "squares") for i in range(3)]
+    (tmp_path / "images" / "metadata.csv").write_text("\n".join(rows) + "\n")
+    data = load_image_data(DataConfig(dataset=str(tmp_path / "images"), image_size=8, label_column="style", test_fraction=0.5))
+    assert data.class_names == ["bold", "plain"] and len(data.train) + len(data.test) == 6
 
 
 def test_folder_with_train_and_test_subfolders_and_rgb_images(tmp_path):
