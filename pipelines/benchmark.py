@@ -152,8 +152,9 @@ def build_priors(sizes, device) -> dict:
 
 def data_rows(name, sizes, timer) -> list[dict]:
     """How fast the loader delivers training batches, to set beside stage one's training rows:
-    images held in memory, and PNG files decoded as they are read (a split over
-    --max-memory-gb) by the training process itself or by 1 or 2 DataLoader workers."""
+    images held in memory, and images decoded as they are read (a split over --max-memory-gb)
+    by the training process itself or by 1 or 2 DataLoader workers: PNG files of a folder, and
+    PNG bytes stored in Arrow, as a Hub data set holds them."""
     import datasets
     import numpy as np
     from PIL import Image
@@ -170,11 +171,16 @@ def data_rows(name, sizes, timer) -> list[dict]:
         files = datasets.Dataset.from_dict({"image": paths}).cast_column("image", datasets.Image())
         splits = datasets.DatasetDict({"train": files.select(range(count)), "test": files.select(range(count, count + 2))})
         config = DataConfig(image_size=side)
+        stored = datasets.Dataset.from_dict({"image": [{"bytes": Path(path).read_bytes(), "path": None} for path in paths]},
+                                            features=datasets.Features({"image": datasets.Image()}))
+        in_arrow = datasets.DatasetDict({"train": stored.select(range(count)), "test": stored.select(range(count, count + 2))})
         sources = {
             "in memory": from_hf_dataset(splits, config, "benchmark").train,
-            "PNG decoded as read": from_hf_dataset(splits, replace(config, max_memory_gb=0), "benchmark").train,
+            "PNG files decoded as read": from_hf_dataset(splits, replace(config, max_memory_gb=0), "benchmark").train,
+            "PNG in Arrow decoded as read": from_hf_dataset(in_arrow, replace(config, max_memory_gb=0), "benchmark").train,
         }
-        for label, workers in (("in memory", 0), ("PNG decoded as read", 0), ("PNG decoded as read", 1), ("PNG decoded as read", 2)):
+        runs = [("in memory", 0)] + [(label, workers) for label in list(sources)[1:] for workers in (0, 1, 2)]
+        for label, workers in runs:
             loader = DataLoader(sources[label], batch_size=sizes["train_batch"], shuffle=True, collate_fn=collate_batches,
                                 drop_last=True, num_workers=workers, persistent_workers=workers > 0)
 
