@@ -84,13 +84,22 @@ class ShardWriter:
         self.writer.finalize()
 
 
-def write_codes(directory: Path, shards: dict[str, list[Path]], metadata: CodesMetadata) -> None:
-    """Join each split's shards, in the order given, into `directory` (atomically). The shards
-    are memory-mapped and copied batch by batch, so no split is ever loaded whole."""
+def write_codes(directory: Path, shards: dict[str, list[Path]], metadata: CodesMetadata, interleaved=()) -> None:
+    """Join each split's shards, one after the other, into `directory` (atomically); the
+    splits named in `interleaved` had their rows dealt out in turn (shard r holds rows r,
+    r + n, ...) and are dealt back. The shards are memory-mapped and copied batch by batch,
+    so no split is ever loaded whole."""
     import datasets
 
-    tables = {name: datasets.concatenate_datasets([datasets.Dataset.from_file(str(path)) for path in paths])
-              for name, paths in shards.items()}
+    tables = {}
+    for name, paths in shards.items():
+        parts = [datasets.Dataset.from_file(str(path)) for path in paths]
+        table = datasets.concatenate_datasets(parts)
+        if name in interleaved:  # row k is row k // n of shard k % n
+            starts = np.cumsum([0] + [len(part) for part in parts[:-1]])
+            k = np.arange(len(table))
+            table = table.select(starts[k % len(parts)] + k // len(parts))
+        tables[name] = table
     metadata.splits = {name: len(table) for name, table in tables.items()}
     with replace_directory(directory) as staging:
         datasets.DatasetDict(tables).save_to_disk(str(staging))

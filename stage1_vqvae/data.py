@@ -8,9 +8,12 @@ Three sources, one result:
 - any Hub id with an image column.
 
 A split that fits in memory becomes one uint8 tensor batched by index (about 25x faster
-than decoding rows from Arrow); a larger one is decoded row by row from its Arrow file.
+than decoding rows from Arrow); a larger one is decoded row by row from its Arrow file. With
+--streaming the train split is a stream (`StreamedImages`) and the test split its first
+STREAM_TEST_IMAGES images.
 """
 
+import copy
 import gzip
 import io
 import os
@@ -20,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, IterableDataset
 from torchvision.transforms import v2
 
 from stage1_vqvae.errors import UserError
@@ -34,6 +37,7 @@ FASHION_MNIST_HUB_ID = "zalando-datasets/fashion_mnist"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 SINGLE_CHANNEL_MODES = {"1", "L", "LA", "I", "I;16", "F"}
 IMAGEFOLDER_METADATA_FILES = ("metadata.csv", "metadata.jsonl", "metadata.parquet")
+STREAM_TEST_IMAGES = 10_000  # the test split of a stream is held as its first images, at most these
 
 
 @dataclass
@@ -53,6 +57,9 @@ class DataConfig:
     test_fraction: float = field(default=0.1, metadata={"help": "held-out fraction when the data has no test split (seeded)"})
     max_memory_gb: float = field(default=8.0, metadata={"help": "splits larger than this are decoded on the fly"})
     data_seed: int = field(default=0, metadata={"help": "seed of the held-out split of data without a test split"})
+    streaming: bool = field(default=False, metadata={"help": "read a Hub data set or a folder as a stream: nothing is "
+                                                             "downloaded or decoded up front (needs --max-steps)"})
+    shuffle_buffer: int = field(default=10_000, metadata={"help": "images a stream is shuffled among (--streaming)"})
 
 
 class InMemoryBatches(Dataset):
@@ -106,6 +113,52 @@ class ArrowImages(Dataset):
         return item
 
 
+class StreamedImages(IterableDataset):
+    """A train split read as a stream (--streaming): no length, nothing read up front.
+
+    `for_process` gives each process its part of the stream, shuffled among `shuffle_buffer`
+    images by (seed, epoch) and split by `datasets`' `split_dataset_by_node`, so that every
+    image is read by one process per epoch. Images are decoded as they arrive, in DataLoader
+    workers, which `datasets` gives a share of the stream's shards each.
+    """
+
+    def __init__(self, stream, image_column, label_column, image_size, channels, shuffle_buffer, seed):
+        self.stream, self.image_column, self.label_column = stream, image_column, label_column
+        self.image_size, self.channels, self.shuffle_buffer, self.seed = image_size, channels, shuffle_buffer, seed
+
+    @property
+    def labelled(self) -> bool:
+        return self.label_column is not None
+
+    def for_process(self, rank: int, world: int) -> "StreamedImages":
+        from datasets.distributed import split_dataset_by_node
+
+        part = copy.copy(self)
+        part.stream = split_dataset_by_node(self.stream.shuffle(seed=self.seed, buffer_size=self.shuffle_buffer), rank, world)
+        return part
+
+    def set_epoch(self, epoch: int) -> None:
+        self.stream.set_epoch(epoch)  # another shuffle every epoch
+
+    def decode(self, row, where: str) -> dict:
+        item = {"images": to_uint8_tensor(row[self.image_column], self.image_size, self.channels, where)}
+        if self.labelled:
+            item["labels"] = torch.tensor(row[self.label_column])
+        return item
+
+    def __iter__(self):
+        for i, row in enumerate(self.stream):
+            yield self.decode(row, f"streamed image {i}")
+
+    def head(self, count: int) -> InMemoryImages:
+        """The stream's first `count` images, in its own order (unshuffled), decoded."""
+        items = [self.decode(row, f"streamed image {i}") for i, row in zip(range(count), self.stream)]
+        if not items:
+            raise UserError("a split of the stream holds no images; add images or choose another split")
+        batch = collate_batches(items)
+        return InMemoryImages(batch["images"], batch.get("labels"))
+
+
 def held_in_memory(split, limit: int | None = None, max_bytes: int | None = None):
     """A split as tensors (`.images`, `.labels`): itself when it is held in memory, else its
     first images decoded, at most `limit` of them and `max_bytes`, in the split's order (the
@@ -113,6 +166,11 @@ def held_in_memory(split, limit: int | None = None, max_bytes: int | None = None
     hold: the judge, the Frechet distances."""
     if hasattr(split, "images"):
         return split
+    if isinstance(split, StreamedImages):
+        if limit is None:
+            raise ValueError("a stream has no end: give a limit")
+        per_image = split.channels * split.image_size**2
+        return split.head(limit if max_bytes is None else min(limit, max(1, max_bytes // per_image)))
     count = len(split) if limit is None else min(limit, len(split))
     if max_bytes is not None:
         count = min(count, max(1, max_bytes // split[0]["images"].numel()))
@@ -146,6 +204,8 @@ def load_image_data(config: DataConfig) -> ImageData:
     if config.image_size < 4:
         raise UserError(f"--image-size {config.image_size} is too small; use at least 4 (32 suits Fashion-MNIST)")
     if config.dataset == "fashion_mnist":
+        if config.streaming:
+            raise UserError("--streaming reads a folder or a Hub data set; Fashion-MNIST is small enough to hold in memory, so drop the flag")
         local = _find_fashion_mnist()
         if local is not None:
             data = _load_fashion_mnist_idx(local, config.image_size)
@@ -153,7 +213,14 @@ def load_image_data(config: DataConfig) -> ImageData:
             data = fashion_mnist_from_hub_dataset(_load_hub(FASHION_MNIST_HUB_ID, fashion=True), config.image_size)
         return as_rgb(data) if config.channels == 3 else data
     path = Path(config.dataset).expanduser()
-    if path.exists() or config.dataset.startswith((".", "/", "~")):
+    local = path.exists() or config.dataset.startswith((".", "/", "~"))
+    if config.streaming:
+        if local:  # the folder's index (paths, no pixels) streams; its held-out split is drawn first
+            index = _with_held_out_split(_load_folder(path, config), config, str(path))
+            streams = {name: split.to_iterable_dataset(num_shards=max(1, min(64, len(split)))) for name, split in index.items()}
+            return from_streams(streams, config, str(path))
+        return from_streams(_load_hub(config.dataset, streaming=True), config, config.dataset)
+    if local:
         return from_hf_dataset(_load_folder(path, config), config, str(path))
     return from_hf_dataset(_load_hub(config.dataset), config, config.dataset)
 
@@ -234,11 +301,11 @@ def fashion_mnist_from_arrays(splits: dict, image_size: int, source: str) -> Ima
 # ---------------------------------------------------------------- folders and the Hub, through datasets
 
 
-def _load_hub(dataset_id: str, fashion: bool = False):
+def _load_hub(dataset_id: str, fashion: bool = False, streaming: bool = False):
     import datasets
 
     try:
-        return datasets.load_dataset(dataset_id)
+        return datasets.load_dataset(dataset_id, streaming=streaming)
     except Exception as error:  # network, authentication, unknown id: all end the same way for a user
         reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
         if fashion:
@@ -466,3 +533,40 @@ def from_hf_dataset(data, config: DataConfig, source: str) -> ImageData:
     return ImageData(
         result[config.train_split], result[config.test_split], channels, config.image_size, class_names, source
     )
+
+
+def from_streams(streams, config: DataConfig, source: str) -> ImageData:
+    """{split: `datasets.IterableDataset`} -> ImageData: the train split as `StreamedImages`,
+    the test split as its first STREAM_TEST_IMAGES images. Labels come from a ClassLabel
+    column: plain values would need a pass over the whole stream to name the classes."""
+    import datasets
+
+    for split_name in (config.train_split, config.test_split):
+        if split_name not in streams:
+            raise UserError(
+                f"{source} has no split '{split_name}' (it has: {', '.join(streams)}); a stream has no length to hold a "
+                "fraction out of, so pass --train-split/--test-split, or drop --streaming"
+            )
+    train, test = streams[config.train_split], streams[config.test_split]
+    features = train.features or {}
+    if config.image_column not in features:
+        raise UserError(f"{source} has no column '{config.image_column}' (columns: {', '.join(features)}); pass --image-column")
+    if config.label_column != DataConfig.label_column and config.label_column not in features:
+        raise UserError(f"--label-column {config.label_column} is not a column of {source} (columns: {', '.join(features)}); "
+                        "name one of them, or leave the flag out to train without labels")
+    label_column = config.label_column if config.label_column in features else None
+    if label_column is not None and not isinstance(features[label_column], datasets.ClassLabel):
+        raise UserError(f"column '{label_column}' of {source} holds plain values, whose classes a stream cannot list "
+                        "before its end; drop --streaming, or store the labels as a ClassLabel")
+    class_names = list(features[label_column].names) if label_column else None
+    train, test = (split.cast_column(config.image_column, datasets.Image(decode=False)) for split in (train, test))
+    first = next(iter(train), None)
+    if first is None:
+        raise UserError(f"split '{config.train_split}' of {source} holds no images; add images or choose another split")
+    channels = config.channels or _channels_of_cell(first[config.image_column], f"row 0 of {config.train_split}")
+    make = lambda stream, labels: StreamedImages(stream, config.image_column, labels, config.image_size, channels,  # noqa: E731
+                                                 config.shuffle_buffer, config.data_seed)
+    held = make(test, label_column if label_column in (test.features or {}) else None).head(STREAM_TEST_IMAGES)
+    if held.labels is not None and _all_missing(held.labels.tolist()):
+        held = InMemoryImages(held.images, None)
+    return ImageData(make(train, label_column), held, channels, config.image_size, class_names, source)

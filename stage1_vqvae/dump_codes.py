@@ -9,6 +9,7 @@ original order, every image once, without loading them.
 import json
 import shutil
 import time
+from itertools import islice
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -18,8 +19,8 @@ from torch.utils.data import Subset
 from tqdm.auto import tqdm
 
 from stage1_vqvae.cli import parse_config
-from stage1_vqvae.codes import CodesMetadata, ShardWriter, weights_hash, write_codes
-from stage1_vqvae.data import DataConfig, ImageData, load_image_data
+from stage1_vqvae.codes import CodesMetadata, ShardWriter, read_metadata, weights_hash, write_codes
+from stage1_vqvae.data import DataConfig, ImageData, StreamedImages, collate_batches, load_image_data
 from stage1_vqvae.errors import UserError, run_cli
 from stage1_vqvae.metrics import eval_loader, to_unit_range
 from stage1_vqvae.model import VQVAE
@@ -34,8 +35,19 @@ class DumpConfig:
 
 @torch.no_grad()
 def encode_share(accelerator: Accelerator, model: VQVAE, dataset, batch_size: int, writer: ShardWriter, desc: str) -> None:
-    """This process's contiguous share of a split, encoded and written batch by batch."""
+    """This process's contiguous share of a split (of a stream: every world-th image from its
+    rank on, in the stream's order), encoded and written batch by batch."""
     rank, world = accelerator.process_index, accelerator.num_processes
+    if isinstance(dataset, StreamedImages):
+        mine = (dataset.decode(row, f"streamed image {i}") for i, row in enumerate(dataset.stream) if i % world == rank)
+        progress = tqdm(desc=desc, disable=not accelerator.is_main_process, leave=False)
+        while items := list(islice(mine, batch_size)):
+            batch = collate_batches(items)
+            writer.write(model.encode(to_unit_range(batch["images"].to(accelerator.device))), batch.get("labels"))
+            progress.update(len(items))
+        progress.close()
+        writer.close()
+        return
     share = Subset(dataset, range(len(dataset) * rank // world, len(dataset) * (rank + 1) // world))
     loader = eval_loader(share, batch_size, loader_workers(None, dataset, world))  # images decoded as read: in workers
     for batch in tqdm(loader, desc=desc, disable=not accelerator.is_main_process, leave=False):
@@ -63,11 +75,13 @@ def dump(accelerator: Accelerator, model: VQVAE, data: ImageData, run_dir: Path,
     shards = {}
     for name, dataset in (("train", data.train), ("test", data.test)):
         shards[name] = [shard_dir / f"{name}-{rank:05d}.arrow" for rank in range(accelerator.num_processes)]
-        writer = ShardWriter(shards[name][accelerator.process_index], metadata, labelled="labels" in dataset[0])
-        encode_share(accelerator, model, dataset, batch_size, writer, f"encoding {name}")
+        labelled = dataset.labelled if isinstance(dataset, StreamedImages) else "labels" in dataset[0]
+        encode_share(accelerator, model, dataset, batch_size, ShardWriter(shards[name][accelerator.process_index], metadata, labelled),
+                     f"encoding {name}")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        write_codes(directory, shards, metadata)
+        interleaved = {name for name, dataset in (("train", data.train), ("test", data.test)) if isinstance(dataset, StreamedImages)}
+        write_codes(directory, shards, metadata, interleaved)
         shutil.rmtree(shard_dir)
     accelerator.wait_for_everyone()
     return directory
@@ -99,7 +113,8 @@ def main(argv=None):
     with accelerator.main_process_first():  # a download or cache is built once, then read by the others
         data = load_image_data(data_config_of_run(run_dir))
     directory = dump(accelerator, model, data, run_dir, config.batch_size)
-    accelerator.print(f"Wrote code maps of {len(data.train)} train and {len(data.test)} test images to {directory} in {format_duration(time.time() - started)}")
+    counts = read_metadata(directory).splits
+    accelerator.print(f"Wrote code maps of {counts['train']} train and {counts['test']} test images to {directory} in {format_duration(time.time() - started)}")
 
 
 if __name__ == "__main__":

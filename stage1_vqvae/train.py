@@ -24,7 +24,7 @@ from stage1_vqvae.errors import UserError, run_cli
 from stage1_vqvae.metrics import reconstruction_metrics, to_unit_range
 from stage1_vqvae.model import VQVAE
 from stage1_vqvae.training import (
-    LoopConfig, describe_length, format_duration, open_stage, run_training_loop, set_up_training,
+    LoopConfig, batches_per_epoch, describe_length, format_duration, open_stage, run_training_loop, set_up_training,
 )
 
 
@@ -144,8 +144,9 @@ def main(argv=None):
     grid_images = collate_batches([data.test[i] for i in range(min(config.grid_images, len(data.test)))])["images"]
     grid_images = grid_images.to(accelerator.device)
     accelerator.print(
-        f"Stage one: {sum(p.numel() for p in unwrapped.parameters()) / 1e6:.2f}M parameters, {len(data.train)} train "
-        f"images from {data.source}, {describe_length(config, setup.steps, len(setup.train_loader))} "
+        f"Stage one: {sum(p.numel() for p in unwrapped.parameters()) / 1e6:.2f}M parameters, "
+        f"{'a stream of' if config.streaming else len(data.train)} train images from {data.source}, "
+        f"{describe_length(config, setup.steps, batches_per_epoch(setup.train_loader))} "
         f"of {config.batch_size * accelerator.num_processes} images"
     )
 

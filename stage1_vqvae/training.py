@@ -14,13 +14,13 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, is_tensorboard_available, set_seed
+from accelerate.utils import DataLoaderConfiguration, is_tensorboard_available, send_to_device, set_seed
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from stage1_vqvae.codes import CodeMapSplit
-from stage1_vqvae.data import InMemoryBatches, collate_batches
+from stage1_vqvae.data import InMemoryBatches, StreamedImages, collate_batches
 from stage1_vqvae.errors import UserError
 from stage1_vqvae.metrics import eval_loader
 
@@ -143,7 +143,12 @@ def warmup_cosine(optimizer, warmup_steps: int, total_steps: int) -> LambdaLR:
     return LambdaLR(optimizer, factor)
 
 
-def total_steps(config: LoopConfig, batches_per_epoch: int) -> int:
+def batches_per_epoch(loader) -> int | None:
+    """None for a stream, whose length is unknown."""
+    return None if isinstance(loader.dataset, StreamedImages) else len(loader)
+
+
+def total_steps(config: LoopConfig, batches_per_epoch: int | None) -> int:
     """--max-steps, else --epochs of the data but at least --min-steps: a model needs about as many
     updates on 1,000 images as on 60,000, which epochs alone would not give it."""
     if config.max_steps is not None:
@@ -171,6 +176,9 @@ def batches_from(accelerator: Accelerator, dataloader, start_step: int, accumula
     epoch at another step, so that draw is kept off the global RNG, which label dropout,
     dead-code restarts and dropout use and every checkpoint restores.
     """
+    if isinstance(dataloader.dataset, StreamedImages):
+        yield from stream_batches(accelerator, dataloader, start_step * accumulation)
+        return
     steps_per_epoch = math.ceil(len(dataloader) / accumulation)
     epoch, step_in_epoch = divmod(start_step, steps_per_epoch)
     skip = step_in_epoch * accumulation
@@ -184,6 +192,28 @@ def batches_from(accelerator: Accelerator, dataloader, start_step: int, accumula
             yield epoch, batch
             batch = next(batches, None)
         epoch, skip = epoch + 1, 0
+
+
+def stream_batches(accelerator: Accelerator, dataloader, skip: int):
+    """Yield (epoch, batch on the device) forever from this process's part of a stream, one
+    pass per epoch, each shuffled anew. A stream cannot jump: a resumed run reads and drops
+    the `skip` batches it had already trained on, and so sees what an uninterrupted run would."""
+    epoch = 0
+    while True:
+        dataloader.dataset.set_epoch(epoch)
+        batches, empty = iter(dataloader), True
+        with torch.random.fork_rng(devices=[]):  # as for maps: starting the workers draws from the global RNG
+            batch = next(batches, None)
+        while batch is not None:
+            empty = False
+            if skip:
+                skip -= 1
+            else:
+                yield epoch, send_to_device(batch, accelerator.device)
+            batch = next(batches, None)
+        if empty:
+            raise UserError("this process's part of the stream holds less than one batch; lower --batch-size or use fewer processes")
+        epoch += 1
 
 
 class MetricsLog:
@@ -355,17 +385,25 @@ def set_up_training(
     # whole batches out to the processes, so 64 images in batches of 40 on 2 processes would
     # leave both with none.
     workers = loader_workers(config.num_workers, train_data, accelerator.num_processes)
-    train_loader = DataLoader(
-        train_data, batch_size=config.batch_size, shuffle=True, collate_fn=collate_batches,
-        drop_last=len(train_data) >= config.batch_size * accelerator.num_processes,
-        num_workers=workers, persistent_workers=workers > 0, pin_memory=accelerator.device.type == "cuda",
-    )
     test_loader = eval_loader(test_data, config.batch_size * 4)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
-    model, optimizer, train_loader, test_loader = accelerator.prepare(model, optimizer, train_loader, test_loader)
+    if isinstance(train_data, StreamedImages):  # each process reads its own part; accelerate must not split it again
+        if config.max_steps is None:
+            raise UserError("--streaming reads a stream whose length is unknown; give --max-steps (stage one's floor is 936)")
+        train_loader = DataLoader(train_data.for_process(accelerator.process_index, accelerator.num_processes),
+                                  batch_size=config.batch_size, collate_fn=collate_batches, drop_last=True,
+                                  num_workers=workers, pin_memory=accelerator.device.type == "cuda")
+        model, optimizer, test_loader = accelerator.prepare(model, optimizer, test_loader)
+    else:
+        train_loader = DataLoader(
+            train_data, batch_size=config.batch_size, shuffle=True, collate_fn=collate_batches,
+            drop_last=len(train_data) >= config.batch_size * accelerator.num_processes,
+            num_workers=workers, persistent_workers=workers > 0, pin_memory=accelerator.device.type == "cuda",
+        )
+        model, optimizer, train_loader, test_loader = accelerator.prepare(model, optimizer, train_loader, test_loader)
     companions = [tuple(accelerator.prepare(module, companion_optimizer)) for module, companion_optimizer in companions]
-    steps = total_steps(config, len(train_loader))
+    steps = total_steps(config, batches_per_epoch(train_loader))
     scheduler = warmup_cosine(optimizer, config.warmup_steps, steps)
     accelerator.register_for_checkpointing(scheduler)
     state = {**initial_state, **start_or_resume(accelerator, checkpoints, config, what)}

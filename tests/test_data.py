@@ -266,3 +266,38 @@ def test_the_command_line_prints_one_sentence_and_no_traceback(tmp_path):
     lines = [line for line in completed.stderr.splitlines() if line.strip()]
     assert lines[-1].startswith("error: --dataset") and "does not exist" in lines[-1]
     assert "Traceback" not in completed.stderr
+
+
+def test_a_streamed_folder_gives_two_processes_parts_that_hold_every_image_once_per_epoch(tmp_path):
+    """split_dataset_by_node after a seeded shuffle: together the parts are the split, each
+    epoch, in another order every epoch."""
+    from collections import Counter
+
+    folder = write_image_folder(tmp_path / "images", per_class=10, mode="RGB")
+    data = load_image_data(DataConfig(dataset=str(folder), image_size=8, streaming=True, test_fraction=0.2, shuffle_buffer=4))
+    assert type(data.train).__name__ == "StreamedImages" and data.class_names == ["circles", "squares"]
+    assert data.test.images.shape == (4, 3, 8, 8) and data.test.labels is not None  # the test split: in memory
+    whole = Counter(image.numpy().tobytes() for image in data.train.head(100).images)
+    assert sum(whole.values()) == 16 and len(whole) == 16
+    orders = []
+    for epoch in range(2):
+        seen = []
+        for rank in range(2):
+            part = data.train.for_process(rank, 2)
+            part.set_epoch(epoch)
+            seen += [item["images"].numpy().tobytes() for item in part]
+        assert Counter(seen) == whole
+        orders.append(seen)
+    assert orders[0] != orders[1]
+
+
+def test_streaming_refuses_fashion_mnist_and_plain_label_values_in_one_sentence(tmp_path):
+    with pytest.raises(UserError, match="Fashion-MNIST is small enough to hold in memory, so drop the flag"):
+        load_image_data(DataConfig(streaming=True))
+    images = [Image.fromarray(np.full((8, 8), i * 20, dtype=np.uint8)) for i in range(4)]
+    table = datasets.Dataset.from_dict({"image": images, "kind": ["b", "a", "b", "a"]})
+    streams = {"train": table.to_iterable_dataset(), "test": table.to_iterable_dataset()}
+    with pytest.raises(UserError, match="holds plain values, whose classes a stream cannot list"):
+        data_module.from_streams(streams, DataConfig(label_column="kind", streaming=True), "someone/dataset")
+    with pytest.raises(UserError, match="has no split 'test' .* a stream has no length to hold a fraction out of"):
+        data_module.from_streams({"train": streams["train"]}, DataConfig(streaming=True), "someone/dataset")

@@ -301,3 +301,21 @@ def test_a_run_whose_splits_are_decoded_as_read_samples_its_guidance_and_evaluat
     evaluate.main(["--run-dir", str(run), "--n", "6", "--classifier-epochs", "1", "--batch-size", "8"])
     samples = json.loads((run / "metrics.json").read_text())["samples"]
     assert samples["n"] == 6 and isinstance(samples["fd"], float) and isinstance(samples["classifier_test_accuracy"], float)
+
+
+def test_a_streamed_run_trains_its_prior_and_evaluates_on_bounded_samples(tmp_path):
+    """With --streaming the judge and the distances take the stream's first images; nothing
+    asks a stream for its length."""
+    from tests.conftest import write_image_folder
+
+    folder = write_image_folder(tmp_path / "images", per_class=20)
+    run = tmp_path / "run"
+    stage_one.main(["--run-dir", str(run), "--dataset", str(folder), "--streaming", "--test-fraction", "0.3", "--num-workers", "0",
+                    *TINY_MODEL, "--max-steps", "4"])
+    reset_accelerate_state()
+    stage_two.main(["--run-dir", str(run), *TINY_PRIOR[:-1], "1,2", "--guidance-samples", "6", "--max-steps", "4"])
+    reset_accelerate_state()
+    evaluate.main(["--run-dir", str(run), "--n", "6", "--classifier-epochs", "1", "--batch-size", "8"])
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["samples"]["n"] == 6 and isinstance(metrics["samples"]["fd"], float)
+    assert isinstance(metrics["stage1"]["rfd"], float) and metrics["stage2"]["conditional_on_labels"] is True

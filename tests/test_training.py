@@ -14,7 +14,7 @@ from stage1_vqvae.codes import read_codes
 from stage1_vqvae.data import DataConfig, load_image_data
 from stage1_vqvae.errors import UserError
 from stage1_vqvae.model import VQVAE
-from tests.conftest import REPO, TINY_MODEL, accelerate_command, cpu_env, reset_accelerate_state
+from tests.conftest import REPO, TINY_MODEL, accelerate_command, cpu_env, reset_accelerate_state, write_image_folder
 
 
 def run_stage_one(run_dir, *extra):
@@ -226,3 +226,41 @@ def test_loader_workers_decode_the_same_batches_so_the_weights_are_the_same(tmp_
     assert all(torch.equal(a[key], b[key]) for key in a)
     with pytest.raises(UserError, match="--num-workers -1 must be 0"):
         train.main(["--run-dir", str(tmp_path / "c"), *common, "--num-workers", "-1"])
+
+
+def stream_flags(folder):
+    return ["--dataset", str(folder), "--streaming", "--image-size", "16", "--test-fraction", "0.25", "--shuffle-buffer", "8"]
+
+
+def test_a_streamed_folder_trains_resumes_exactly_and_needs_max_steps(tmp_path):
+    """Epochs of a stream (15 train images, batches of 8: one step each); killed after step 4
+    and resumed, the run reads the batches it had trained on again and ends with the same weights."""
+    folder = write_image_folder(tmp_path / "images", per_class=10, mode="RGB")
+    with pytest.raises(UserError, match="--streaming reads a stream whose length is unknown; give --max-steps"):
+        run_stage_one(tmp_path / "endless", *stream_flags(folder), "--num-workers", "0")
+    flags = [*stream_flags(folder), "--max-steps", "6", "--checkpoint-every", "4", "--eval-every", "100", "--no-dump",
+             "--num-workers", "0", "--disc-start", "3", "--disc-channels", "8"]
+    run_stage_one(tmp_path / "straight", *flags)
+    run_stage_one(tmp_path / "resumed", *flags)
+    shutil.rmtree(tmp_path / "resumed" / "vqvae" / "checkpoints" / "step_0000006")
+    run_stage_one(tmp_path / "resumed", *flags, "--resume")
+    straight = load_file(tmp_path / "straight" / "vqvae" / "final" / "model.safetensors")
+    resumed = load_file(tmp_path / "resumed" / "vqvae" / "final" / "model.safetensors")
+    assert all(torch.equal(straight[name], resumed[name]) for name in straight)
+    assert max(row.get("epoch", 0) for row in read_log(tmp_path / "straight")) == 5  # 6 passes over the stream
+
+
+def test_two_processes_stream_a_folder_with_workers_and_dump_every_image_once_in_order(tmp_path):
+    folder = write_image_folder(tmp_path / "images", per_class=10, mode="RGB")
+    command = accelerate_command(2) + [
+        str(REPO / "stage1_vqvae" / "train.py"), "--run-dir", str(tmp_path / "run"), *TINY_MODEL, *stream_flags(folder),
+        "--max-steps", "3", "--batch-size", "4", "--num-workers", "1", "--log-every", "1",
+    ]
+    completed = subprocess.run(command, env=cpu_env(), capture_output=True, text=True, timeout=240)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    model = VQVAE.from_pretrained(str(tmp_path / "run" / "vqvae")).eval()
+    data = load_image_data(DataConfig(dataset=str(folder), image_size=16, test_fraction=0.25))  # the same split, in memory
+    for split, dataset in (("train", data.train), ("test", data.test)):
+        stored = read_codes(tmp_path / "run" / "codes", split, vqvae=model)
+        assert torch.equal(stored.codes, model.encode(dataset.images.float() / 255))
+        assert torch.equal(stored.labels, dataset.labels)
