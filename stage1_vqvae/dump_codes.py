@@ -9,8 +9,8 @@ original order, every image once, without loading them.
 import json
 import shutil
 import time
-from itertools import islice
 from dataclasses import dataclass, field, fields
+from itertools import islice
 from pathlib import Path
 
 import torch

@@ -289,6 +289,10 @@ def test_a_streamed_folder_gives_two_processes_parts_that_hold_every_image_once_
         assert Counter(seen) == whole
         orders.append(seen)
     assert orders[0] != orders[1]
+    # DataLoader workers share a part out among themselves (datasets shards it), never read it twice
+    part = data.train.for_process(0, 1)
+    loader = torch.utils.data.DataLoader(part, batch_size=1, collate_fn=data_module.collate_batches, num_workers=2)
+    assert Counter(batch["images"][0].numpy().tobytes() for batch in loader) == whole
 
 
 def test_streaming_refuses_fashion_mnist_and_plain_label_values_in_one_sentence(tmp_path):
