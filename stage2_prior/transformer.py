@@ -37,11 +37,12 @@ class KVCache:
 CUDA_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
-def attention_kernel(device: torch.device, length: int):
+def attention_kernel(device: torch.device, length: int | None = None):
     """On a CPU, short sequences train faster with plain matmul attention than with the fused
     kernel (65 codes, forward and backward: 7 ms against 67 ms; a step of the default prior:
-    118 ms against 139 ms); from 256 codes on, the fused kernel wins. On CUDA, no cuDNN."""
-    if device.type == "cpu" and length <= 128:
+    118 ms against 139 ms); from 256 codes on, the fused kernel wins. On CUDA, no cuDNN.
+    `length` None (a decoding step) leaves the CPU's choice to PyTorch."""
+    if device.type == "cpu" and length is not None and length <= 128:
         return sdpa_kernel(SDPBackend.MATH)
     return sdpa_kernel(CUDA_ATTENTION) if device.type == "cuda" else nullcontext()
 
@@ -67,7 +68,7 @@ class SelfAttention(nn.Module):
             mask = None
             if x.shape[1] > 1:
                 mask = torch.ones(x.shape[1], end, dtype=torch.bool, device=x.device).tril(diagonal=start)
-            with sdpa_kernel(CUDA_ATTENTION) if x.device.type == "cuda" else nullcontext():
+            with attention_kernel(x.device):
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.proj_dropout(self.proj(rearrange(out, "b h t d -> b t (h d)")))
 

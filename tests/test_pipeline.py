@@ -140,7 +140,9 @@ def test_cuda_paths_as_far_as_a_cpu_allows():
     # cuDNN attention builds a plan per sequence length: sampling on CUDA must not reach it
     with attention_kernel(torch.device("cuda"), 65):
         assert not torch.backends.cuda.cudnn_sdp_enabled() and torch.backends.cuda.flash_sdp_enabled()
-    assert SDPBackend.CUDNN_ATTENTION not in CUDA_ATTENTION  # the KV-cache steps use this list
+    assert SDPBackend.CUDNN_ATTENTION not in CUDA_ATTENTION
+    with attention_kernel(torch.device("cuda")):  # a KV-cache step
+        assert not torch.backends.cuda.cudnn_sdp_enabled() and torch.backends.cuda.flash_sdp_enabled()
 
 
 def test_the_sample_command_line_prints_one_sentence(tmp_path):
