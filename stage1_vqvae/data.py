@@ -95,25 +95,50 @@ class InMemoryImages(InMemoryBatches):
         return self.columns.get("labels")
 
 
-class ArrowImages(Dataset):
+class ImageRows:
+    """Rows of image cells (and labels) decoded as they are read: what ArrowImages and
+    StreamedImages share."""
+
+    def __init__(self, image_column, label_column, image_size, channels):
+        self.image_column, self.label_column, self.image_size, self.channels = image_column, label_column, image_size, channels
+
+    @property
+    def labelled(self) -> bool:
+        return self.label_column is not None
+
+    def decode(self, row, where: str) -> dict:
+        item = {"images": to_uint8_tensor(row[self.image_column], self.image_size, self.channels, where)}
+        if self.labelled:
+            item["labels"] = torch.tensor(row[self.label_column])
+        return item
+
+    @staticmethod
+    def hold(items: list[dict]) -> InMemoryImages:
+        if not items:
+            raise UserError("a split holds no images; add images or choose another split")
+        batch = collate_batches(items)
+        return InMemoryImages(batch["images"], batch.get("labels"))
+
+
+class ArrowImages(ImageRows, Dataset):
     """A split too large for memory: rows are decoded and resized as they are read."""
 
     def __init__(self, table, image_column, label_column, image_size, channels):
-        self.table, self.image_column, self.label_column = table, image_column, label_column
-        self.image_size, self.channels = image_size, channels
+        super().__init__(image_column, label_column, image_size, channels)
+        self.table = table
 
     def __len__(self):
         return len(self.table)
 
     def __getitem__(self, i):
-        row = self.table[i]
-        item = {"images": to_uint8_tensor(row[self.image_column], self.image_size, self.channels, f"row {i}")}
-        if self.label_column:
-            item["labels"] = torch.tensor(row[self.label_column])
-        return item
+        return self.decode(self.table[i], f"row {i}")
+
+    def head(self, count: int) -> InMemoryImages:
+        """The split's first `count` images, decoded."""
+        return self.hold([self[i] for i in range(min(count, len(self)))])
 
 
-class StreamedImages(IterableDataset):
+class StreamedImages(ImageRows, IterableDataset):
     """A train split read as a stream (--streaming): no length, nothing read up front.
 
     `for_process` gives each process its part of the stream, shuffled among `shuffle_buffer`
@@ -123,12 +148,8 @@ class StreamedImages(IterableDataset):
     """
 
     def __init__(self, stream, image_column, label_column, image_size, channels, shuffle_buffer, seed):
-        self.stream, self.image_column, self.label_column = stream, image_column, label_column
-        self.image_size, self.channels, self.shuffle_buffer, self.seed = image_size, channels, shuffle_buffer, seed
-
-    @property
-    def labelled(self) -> bool:
-        return self.label_column is not None
+        super().__init__(image_column, label_column, image_size, channels)
+        self.stream, self.shuffle_buffer, self.seed = stream, shuffle_buffer, seed
 
     def for_process(self, rank: int, world: int) -> "StreamedImages":
         from datasets.distributed import split_dataset_by_node
@@ -140,23 +161,13 @@ class StreamedImages(IterableDataset):
     def set_epoch(self, epoch: int) -> None:
         self.stream.set_epoch(epoch)  # another shuffle every epoch
 
-    def decode(self, row, where: str) -> dict:
-        item = {"images": to_uint8_tensor(row[self.image_column], self.image_size, self.channels, where)}
-        if self.labelled:
-            item["labels"] = torch.tensor(row[self.label_column])
-        return item
-
     def __iter__(self):
         for i, row in enumerate(self.stream):
             yield self.decode(row, f"streamed image {i}")
 
     def head(self, count: int) -> InMemoryImages:
         """The stream's first `count` images, in its own order (unshuffled), decoded."""
-        items = [self.decode(row, f"streamed image {i}") for i, row in zip(range(count), self.stream)]
-        if not items:
-            raise UserError("a split of the stream holds no images; add images or choose another split")
-        batch = collate_batches(items)
-        return InMemoryImages(batch["images"], batch.get("labels"))
+        return self.hold([self.decode(row, f"streamed image {i}") for i, row in zip(range(count), self.stream)])
 
 
 def held_in_memory(split, limit: int | None = None, max_bytes: int | None = None):
@@ -166,16 +177,13 @@ def held_in_memory(split, limit: int | None = None, max_bytes: int | None = None
     hold: the judge, the Frechet distances."""
     if hasattr(split, "images"):
         return split
-    if isinstance(split, StreamedImages):
-        if limit is None:
+    if limit is None:
+        if isinstance(split, StreamedImages):
             raise ValueError("a stream has no end: give a limit")
-        per_image = split.channels * split.image_size**2
-        return split.head(limit if max_bytes is None else min(limit, max(1, max_bytes // per_image)))
-    count = len(split) if limit is None else min(limit, len(split))
+        limit = len(split)
     if max_bytes is not None:
-        count = min(count, max(1, max_bytes // split[0]["images"].numel()))
-    batch = collate_batches([split[i] for i in range(count)])
-    return InMemoryImages(batch["images"], batch.get("labels"))
+        limit = min(limit, max(1, max_bytes // (split.channels * split.image_size**2)))
+    return split.head(limit)
 
 
 def collate_batches(batch):
