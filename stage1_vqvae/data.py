@@ -158,6 +158,13 @@ class StreamedImages(ImageRows, IterableDataset):
         part.stream = split_dataset_by_node(self.stream.shuffle(seed=self.seed, buffer_size=self.shuffle_buffer), rank, world)
         return part
 
+    def dealt(self, rank: int, world: int) -> "StreamedImages":
+        """Every world-th image from `rank` on, in the stream's own order (unshuffled): the
+        dump's share, which the main process deals back into order."""
+        part = copy.copy(self)
+        part.stream = self.stream.filter(lambda _, i: i % world == rank, with_indices=True)
+        return part
+
     def set_epoch(self, epoch: int) -> None:
         self.stream.set_epoch(epoch)  # another shuffle every epoch
 

@@ -10,7 +10,6 @@ import json
 import shutil
 import time
 from dataclasses import dataclass, field, fields
-from itertools import islice
 from pathlib import Path
 
 import torch
@@ -20,7 +19,7 @@ from tqdm.auto import tqdm
 
 from stage1_vqvae.cli import parse_config
 from stage1_vqvae.codes import CodesMetadata, ShardWriter, read_metadata, weights_hash, write_codes
-from stage1_vqvae.data import DataConfig, ImageData, StreamedImages, collate_batches, load_image_data
+from stage1_vqvae.data import DataConfig, ImageData, StreamedImages, load_image_data
 from stage1_vqvae.errors import UserError, run_cli
 from stage1_vqvae.metrics import eval_loader, to_unit_range
 from stage1_vqvae.model import VQVAE
@@ -38,18 +37,11 @@ def encode_share(accelerator: Accelerator, model: VQVAE, dataset, batch_size: in
     """This process's contiguous share of a split (of a stream: every world-th image from its
     rank on, in the stream's order), encoded and written batch by batch."""
     rank, world = accelerator.process_index, accelerator.num_processes
-    if isinstance(dataset, StreamedImages):
-        mine = (dataset.decode(row, f"streamed image {i}") for i, row in enumerate(dataset.stream) if i % world == rank)
-        progress = tqdm(desc=desc, disable=not accelerator.is_main_process, leave=False)
-        while items := list(islice(mine, batch_size)):
-            batch = collate_batches(items)
-            writer.write(model.encode(to_unit_range(batch["images"].to(accelerator.device))), batch.get("labels"))
-            progress.update(len(items))
-        progress.close()
-        writer.close()
-        return
-    share = Subset(dataset, range(len(dataset) * rank // world, len(dataset) * (rank + 1) // world))
-    loader = eval_loader(share, batch_size, loader_workers(None, dataset, world))  # images decoded as read: in workers
+    if isinstance(dataset, StreamedImages):  # decoded here: a worker would count the images of its own shards
+        loader = eval_loader(dataset.dealt(rank, world), batch_size)
+    else:
+        share = Subset(dataset, range(len(dataset) * rank // world, len(dataset) * (rank + 1) // world))
+        loader = eval_loader(share, batch_size, loader_workers(None, dataset, world))  # images decoded as read: in workers
     for batch in tqdm(loader, desc=desc, disable=not accelerator.is_main_process, leave=False):
         codes = model.encode(to_unit_range(batch["images"].to(accelerator.device)))  # fp32: codes must not depend on the hardware
         writer.write(codes, batch.get("labels"))
