@@ -185,13 +185,20 @@ def batches_from(accelerator: Accelerator, dataloader, start_step: int, accumula
     while True:
         loader = accelerator.skip_first_batches(dataloader, skip) if skip else dataloader
         loader.set_epoch(epoch)
-        batches = iter(loader)
-        with torch.random.fork_rng(devices=[]):
-            batch = next(batches, None)
-        while batch is not None:
+        for batch in one_pass(loader):
             yield epoch, batch
-            batch = next(batches, None)
         epoch, skip = epoch + 1, 0
+
+
+def one_pass(loader):
+    """The batches of one epoch. Starting the iterator draws worker seeds from the global RNG,
+    at another step in a resumed run, so that draw is kept off it."""
+    batches = iter(loader)
+    with torch.random.fork_rng(devices=[]):
+        batch = next(batches, None)
+    while batch is not None:
+        yield batch
+        batch = next(batches, None)
 
 
 def stream_batches(accelerator: Accelerator, dataloader, skip: int):
@@ -201,16 +208,13 @@ def stream_batches(accelerator: Accelerator, dataloader, skip: int):
     epoch = 0
     while True:
         dataloader.dataset.set_epoch(epoch)
-        batches, empty = iter(dataloader), True
-        with torch.random.fork_rng(devices=[]):  # as for maps: starting the workers draws from the global RNG
-            batch = next(batches, None)
-        while batch is not None:
+        empty = True
+        for batch in one_pass(dataloader):
             empty = False
             if skip:
                 skip -= 1
             else:
                 yield epoch, send_to_device(batch, accelerator.device)
-            batch = next(batches, None)
         if empty:
             raise UserError("this process's part of the stream holds less than one batch; lower --batch-size or use fewer processes")
         epoch += 1
