@@ -10,6 +10,7 @@ Arrow shard (`ShardWriter`), `write_codes` joins the shards memory-mapped, and
 `open_codes` hands stage two memory-mapped maps that become int64 one batch at a time.
 """
 
+import functools
 import hashlib
 import json
 from dataclasses import asdict, dataclass
@@ -154,8 +155,12 @@ class CodeMapSplit(Dataset):
         self.labelled = labels and "label" in table.column_names
         self.table = table.data.table.select(["codes", "label"] if self.labelled else ["codes"])  # memory-mapped
         self.in_memory = self.table.num_rows * self.shape[0] * self.shape[1] * 2 <= (IN_MEMORY_MAX_BYTES if max_bytes is None else max_bytes)
-        if self.in_memory:  # a gather from one array costs microseconds, an Arrow `take` about a millisecond
-            self.maps, self.labels = self._read(self.table)
+
+    @functools.cached_property
+    def _whole(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """The split read into memory on first use: opening a split to look at it costs nothing.
+        A gather from one array costs microseconds, an Arrow `take` about a millisecond."""
+        return self._read(self.table)
 
     def _read(self, table) -> tuple[np.ndarray, np.ndarray | None]:
         labels = table.column("label").to_numpy().astype(np.int64) if self.labelled else None
@@ -167,7 +172,8 @@ class CodeMapSplit(Dataset):
     def __getitems__(self, indices):
         indices = np.asarray(indices, dtype=np.int64)
         if self.in_memory:
-            maps, labels = self.maps[indices], (self.labels[indices] if self.labelled else None)
+            maps, labels = self._whole
+            maps, labels = maps[indices], (labels[indices] if self.labelled else None)
         else:
             maps, labels = self._read(self.table.take(indices))
         batch = {"codes": torch.from_numpy(maps.astype(np.int64))}
