@@ -56,7 +56,7 @@ class DataConfig:
     )
     test_fraction: float = field(default=0.1, metadata={"help": "held-out fraction when the data has no test split (seeded)"})
     max_memory_gb: float = field(default=8.0, metadata={"help": "splits larger than this are decoded on the fly"})
-    data_seed: int = field(default=0, metadata={"help": "seed of the held-out split of data without a test split"})
+    data_seed: int = field(default=0, metadata={"help": "seed of the held-out split of data without a test split, and of the order a folder streams in"})
     streaming: bool = field(default=False, metadata={"help": "read a Hub data set or a folder as a stream: nothing is "
                                                              "downloaded or decoded up front (needs --max-steps)"})
     shuffle_buffer: int = field(default=10_000, metadata={"help": "images a stream is shuffled among (--streaming)"})
@@ -133,9 +133,13 @@ class ArrowImages(ImageRows, Dataset):
     def __getitem__(self, i):
         return self.decode(self.table[i], f"row {i}")
 
-    def head(self, count: int) -> InMemoryImages:
-        """The split's first `count` images, decoded."""
-        return self.hold([self[i] for i in range(min(count, len(self)))])
+    def sample(self, count: int, seed: int = 0) -> InMemoryImages:
+        """`count` of the split's images, drawn by a fixed seed and kept in the split's order,
+        decoded: the same images every time, from all over the split (a folder's files are
+        sorted by class, so its first images could all be of one class)."""
+        count = min(count, len(self))
+        chosen = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:count].sort().values
+        return self.hold([self[i] for i in chosen.tolist()])
 
 
 class StreamedImages(ImageRows, IterableDataset):
@@ -178,10 +182,11 @@ class StreamedImages(ImageRows, IterableDataset):
 
 
 def held_in_memory(split, limit: int | None = None, max_bytes: int | None = None):
-    """A split as tensors (`.images`, `.labels`): itself when it is held in memory, else its
-    first images decoded, at most `limit` of them and `max_bytes`, in the split's order (the
-    same images every time), for figures that need a bounded sample of a split too large to
-    hold: the judge, the Frechet distances."""
+    """A split as tensors (`.images`, `.labels`): itself when it is held in memory, else at
+    most `limit` of its images and `max_bytes`, decoded, for figures that need a bounded
+    sample of a split too large to hold (the judge, the Frechet distances): a seeded sample
+    of a split read from Arrow, the first images of a stream (a folder's stream is shuffled
+    once when its index is built; a Hub stream comes in its publisher's order)."""
     if hasattr(split, "images"):
         return split
     if limit is None:
@@ -190,7 +195,7 @@ def held_in_memory(split, limit: int | None = None, max_bytes: int | None = None
         limit = len(split)
     if max_bytes is not None:
         limit = min(limit, max(1, max_bytes // (split.channels * split.image_size**2)))
-    return split.head(limit)
+    return split.head(limit) if isinstance(split, StreamedImages) else split.sample(limit)
 
 
 def collate_batches(batch):
@@ -232,6 +237,8 @@ def load_image_data(config: DataConfig) -> ImageData:
     if config.streaming:
         if local:  # the folder's index (paths, no pixels) streams; its held-out split is drawn first
             index = _with_held_out_split(_load_folder(path, config), config, str(path))
+            # shuffled once, so that a stream's first images (its test split, the judge's sample) are not one class's
+            index = {name: split.shuffle(seed=config.data_seed) for name, split in index.items()}
             streams = {name: split.to_iterable_dataset(num_shards=max(1, min(64, len(split)))) for name, split in index.items()}
             return from_streams(streams, config, str(path))
         return from_streams(_load_hub(config.dataset, streaming=True), config, config.dataset)

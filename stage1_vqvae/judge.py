@@ -54,9 +54,9 @@ def load_or_train_judge(run_dir: Path, data, device, epochs: int = 3) -> "Featur
     with torch.random.fork_rng(devices=[]):  # the same judge whatever ran before: figures stay comparable
         torch.manual_seed(0)
         model = FeatureClassifier(in_channels=data.channels, num_classes=data.num_classes, source=data.source)
-    # a split decoded as it is read lends its first images, at most 60,000 (Fashion-MNIST's count) and 256 MB,
+    # a split decoded as it is read lends a sample, at most 60,000 images (Fashion-MNIST's count) and 128 MB,
     # so the memory a run needs does not grow with its data set (60,000 32x32 grayscale images are 61 MB)
-    train = held_in_memory(data.train, limit=60000, max_bytes=2**28)
+    train = held_in_memory(data.train, limit=60000, max_bytes=2**27)
     model = train_classifier(model, train.images, train.labels, epochs, device)
     save_pretrained_atomic(model, directory)
     return model

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from stage1_vqvae import data as data_module
-from stage1_vqvae.data import DataConfig, from_hf_dataset, load_image_data
+from stage1_vqvae.data import DataConfig, from_hf_dataset, held_in_memory, load_image_data
 from stage1_vqvae.errors import UserError
 from stage1_vqvae.train import TrainConfig, check_config
 from tests.conftest import REPO, cpu_env, synthetic_images, write_image_folder
@@ -120,6 +120,20 @@ def test_a_split_larger_than_the_memory_limit_is_decoded_on_the_fly(tmp_path):
     item = data.train[0]
     assert isinstance(data.train, data_module.ArrowImages)
     assert item["images"].shape == (1, 8, 8) and item["images"].dtype == torch.uint8
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_a_bounded_sample_of_a_class_sorted_folder_holds_every_class(tmp_path, streaming):
+    """A folder's files are read sorted by class, so its first images would be one class's:
+    the judge's and the Frechet distances' samples are drawn from all over the split instead."""
+    write_image_folder(tmp_path / "images" / "train", per_class=10)
+    write_image_folder(tmp_path / "images" / "test", per_class=10)
+    data = load_image_data(DataConfig(dataset=str(tmp_path / "images"), image_size=8, max_memory_gb=0, streaming=streaming))
+    sample = held_in_memory(data.train, limit=8)
+    assert len(sample.labels) == 8 and set(sample.labels.tolist()) == {0, 1}
+    assert torch.equal(held_in_memory(data.train, limit=8).images, sample.images)  # the same images every time
+    if streaming:  # the test split is the stream's first images
+        assert set(data.test.labels[:8].tolist()) == {0, 1}
 
 
 # ---------------------------------------------------------------- bad input: one clear sentence each
