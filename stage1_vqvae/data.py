@@ -112,12 +112,22 @@ class ImageRows:
             item["labels"] = torch.tensor(row[self.label_column])
         return item
 
-    @staticmethod
-    def hold(items: list[dict]) -> InMemoryImages:
-        if not items:
+    def hold(self, items, count: int) -> InMemoryImages:
+        """At most `count` decoded items, copied one by one into a tensor made for them: a list
+        of them stacked at the end would need twice the sample's memory at the peak."""
+        images = torch.empty(count, self.channels, self.image_size, self.image_size, dtype=torch.uint8)
+        labels = torch.empty(count, dtype=torch.long) if self.labelled else None
+        held = 0
+        for item in items:
+            images[held] = item["images"]
+            if labels is not None:
+                labels[held] = item["labels"]
+            held += 1
+        if not held:
             raise UserError("a split holds no images; add images or choose another split")
-        batch = collate_batches(items)
-        return InMemoryImages(batch["images"], batch.get("labels"))
+        if held < count:  # a stream shorter than asked for
+            images, labels = images[:held].clone(), labels[:held].clone() if labels is not None else None
+        return InMemoryImages(images, labels)
 
 
 class ArrowImages(ImageRows, Dataset):
@@ -139,7 +149,7 @@ class ArrowImages(ImageRows, Dataset):
         sorted by class, so its first images could all be of one class)."""
         count = min(count, len(self))
         chosen = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:count].sort().values
-        return self.hold([self[i] for i in chosen.tolist()])
+        return self.hold((self[i] for i in chosen.tolist()), count)
 
 
 class StreamedImages(ImageRows, IterableDataset):
@@ -178,7 +188,7 @@ class StreamedImages(ImageRows, IterableDataset):
 
     def head(self, count: int) -> InMemoryImages:
         """The stream's first `count` images, in its own order (unshuffled), decoded."""
-        return self.hold([self.decode(row, f"streamed image {i}") for i, row in zip(range(count), self.stream)])
+        return self.hold((self.decode(row, f"streamed image {i}") for i, row in zip(range(count), self.stream)), count)
 
 
 def held_in_memory(split, limit: int | None = None, max_bytes: int | None = None):
