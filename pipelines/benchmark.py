@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 
 from pipelines.sample import pick_device
 from stage1_vqvae.cli import parse_config
-from stage1_vqvae.data import DataConfig, collate_batches, from_hf_dataset
+from stage1_vqvae.data import DataConfig, StreamedImages, collate_batches, from_hf_dataset, from_streams
 from stage1_vqvae.errors import UserError, run_cli
 from stage1_vqvae.model import VQVAE
 from stage1_vqvae.training import bf16_is_fast, use_all_cores
@@ -153,8 +153,9 @@ def build_priors(sizes, device) -> dict:
 def data_rows(name, sizes, timer) -> list[dict]:
     """How fast the loader delivers training batches, to set beside stage one's training rows:
     images held in memory, and images decoded as they are read (a split over --max-memory-gb)
-    by the training process itself or by 1 or 2 DataLoader workers: PNG files of a folder, and
-    PNG bytes stored in Arrow, as a Hub data set holds them."""
+    by the training process itself or by 1 or 2 DataLoader workers: PNG files of a folder,
+    PNG bytes stored in Arrow, as a Hub data set holds them, and the files read as a stream
+    (--streaming), shuffled among its buffer as training reads it."""
     import datasets
     import numpy as np
     from PIL import Image
@@ -178,18 +179,22 @@ def data_rows(name, sizes, timer) -> list[dict]:
             "in memory": from_hf_dataset(splits, config, "benchmark").train,
             "PNG files decoded as read": from_hf_dataset(splits, replace(config, max_memory_gb=0), "benchmark").train,
             "PNG in Arrow decoded as read": from_hf_dataset(in_arrow, replace(config, max_memory_gb=0), "benchmark").train,
+            "PNG files streamed": from_streams({split: files.to_iterable_dataset(num_shards=min(64, len(files)))
+                                                for split, files in splits.items()}, config, "benchmark").train.for_process(0, 1),
         }
         runs = [("in memory", 0)] + [(label, workers) for label in list(sources)[1:] for workers in (0, 1, 2)]
         for label, workers in runs:
-            loader = DataLoader(sources[label], batch_size=sizes["train_batch"], shuffle=True, collate_fn=collate_batches,
-                                drop_last=True, num_workers=workers, persistent_workers=workers > 0)
+            streamed = isinstance(sources[label], StreamedImages)  # a stream shuffles itself and starts its workers each pass, as training does
+            loader = DataLoader(sources[label], batch_size=sizes["train_batch"], shuffle=None if streamed else True,
+                                collate_fn=collate_batches, drop_last=True, num_workers=workers,
+                                persistent_workers=workers > 0 and not streamed)
 
             def one_pass():
                 for _ in loader:
                     pass
 
             what = f"loader, {label}" + (f", {workers} worker{'' if workers == 1 else 's'}" if label != "in memory" else "")
-            images = len(loader) * sizes["train_batch"]
+            images = count // sizes["train_batch"] * sizes["train_batch"]
             rows.append(row(name, "data", what, "images/s", images, timer(one_pass)))
     return rows
 

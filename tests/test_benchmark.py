@@ -18,7 +18,7 @@ def test_the_benchmark_runs_end_to_end_and_every_row_has_a_number(tmp_path, caps
     names = [r["name"] for r in results["rows"]]
     assert "train fp32" in names and "encode (dump, fp32)" in names
     assert {"loader, in memory", "loader, PNG files decoded as read, 0 workers", "loader, PNG files decoded as read, 2 workers",
-            "loader, PNG in Arrow decoded as read, 1 worker"} <= set(names)
+            "loader, PNG in Arrow decoded as read, 1 worker", "loader, PNG files streamed, 2 workers"} <= set(names)
     assert any(n.startswith("train transformer") for n in names) and any(n.startswith("train pixelcnn") for n in names)
     assert sum("fast" in n for n in names) == 3 and sum("naive" in n for n in names) == 2  # 2 images each, and 1 image
     assert any(n.startswith("train maskgit") for n in names) and "2 images, maskgit, 4 passes" in names
