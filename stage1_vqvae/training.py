@@ -39,7 +39,6 @@ class LoopConfig:
     batch_size: int = field(default=128, metadata={"help": "images per process per step"})
     lr: float = field(default=2e-3, metadata={"help": "peak learning rate of AdamW"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
-    adam_beta2: float = field(default=0.999, metadata={"help": "AdamW's decay of its squared-gradient average"})
     warmup_steps: int = field(default=100, metadata={"help": "linear warm-up before the cosine decay"})
     grad_clip: float = field(default=1.0, metadata={"help": "clip gradients to this norm (0: off)"})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
@@ -392,7 +391,7 @@ def set_up_training(
     workers = loader_workers(config.num_workers, train_data, accelerator.num_processes)
     test_loader = eval_loader(test_data, config.batch_size * 4)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=config.lr, betas=(0.9, config.adam_beta2), weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
     if isinstance(train_data, StreamedImages):  # each process reads its own part; accelerate must not split it again
         if config.max_steps is None:
             raise UserError("--streaming reads a stream whose length is unknown; give --max-steps (stage one's floor is 936)")
