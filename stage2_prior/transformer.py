@@ -111,13 +111,14 @@ class CodeTransformer(PriorMetadata):
         self.apply(self._init_weights)
         nn.init.normal_(self.row_embed, std=0.02)
         nn.init.normal_(self.col_embed, std=0.02)
-        # The raster prior starts as GPT-2 does: the layers that write into the residual stream
-        # start smaller, so its variance does not grow with depth (the default prior: test NLL
-        # 2.757 against 2.767). MaskGIT learned more slowly so (masked NLL at step 2000: 4.61
-        # against 4.57), and keeps the plain start.
-        for block in self.blocks if causal else []:
-            nn.init.normal_(block.attention.proj.weight, std=0.02 / (2 * layers) ** 0.5)
-            nn.init.normal_(block.mlp[2].weight, std=0.02 / (2 * layers) ** 0.5)
+        if causal:
+            # The raster prior starts as GPT-2 does: the layers that write into the residual stream
+            # start smaller, so its variance does not grow with depth (the default prior: test NLL
+            # 2.757 against 2.767). MaskGIT's masked NLL fell more slowly with this start (4.326
+            # against 4.305 after the same steps), so it keeps the plain one.
+            for block in self.blocks:
+                nn.init.normal_(block.attention.proj.weight, std=0.02 / (2 * layers) ** 0.5)
+                nn.init.normal_(block.mlp[2].weight, std=0.02 / (2 * layers) ** 0.5)
 
     @staticmethod
     def _init_weights(module):

@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from stage2_prior.maskgit import MaskGITPrior
 from stage2_prior.pixelcnn import GatedPixelCNN
 from stage2_prior.sampling import filter_logits, sample_logits
 from stage2_prior.transformer import TransformerPrior
@@ -179,3 +180,13 @@ def test_guidance_pushes_away_from_the_unconditional_logits_not_towards_them():
 
     assert 0.45 < share_of_code_0(1.0) < 0.55
     assert share_of_code_0(3.0) > 0.95
+
+
+def test_only_the_raster_transformer_starts_its_residual_writing_layers_smaller():
+    """GPT-2's start measured better for the raster prior and worse for MaskGIT (see the README)."""
+    torch.manual_seed(0)
+    raster, masked = (kind(width=128, layers=8, heads=2) for kind in (TransformerPrior, MaskGITPrior))
+    for model, expected in ((raster, 0.02 / 4), (masked, 0.02)):
+        for block in model.blocks:
+            for weight in (block.attention.proj.weight, block.mlp[2].weight):
+                assert abs(weight.std().item() - expected) < 0.1 * expected
