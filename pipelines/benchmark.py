@@ -185,7 +185,7 @@ def data_rows(name, sizes, timer) -> list[dict]:
         runs = [("in memory", 0)] + [(label, workers) for label in list(sources)[1:] for workers in (0, 1, 2)]
         for label, workers in runs:
             streamed = isinstance(sources[label], StreamedImages)  # a stream shuffles itself and starts its workers each pass, as training does
-            loader = DataLoader(sources[label], batch_size=sizes["train_batch"], shuffle=None if streamed else True,
+            loader = DataLoader(sources[label], batch_size=sizes["train_batch"], shuffle=not streamed,
                                 collate_fn=collate_batches, drop_last=True, num_workers=workers,
                                 persistent_workers=workers > 0 and not streamed)
 

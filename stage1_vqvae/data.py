@@ -94,6 +94,10 @@ class InMemoryImages(InMemoryBatches):
     def labels(self) -> torch.Tensor | None:
         return self.columns.get("labels")
 
+    @property
+    def labelled(self) -> bool:
+        return "labels" in self.columns
+
 
 class ImageRows:
     """Rows of image cells (and labels) decoded as they are read: what ArrowImages and

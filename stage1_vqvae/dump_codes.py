@@ -67,9 +67,8 @@ def dump(accelerator: Accelerator, model: VQVAE, data: ImageData, run_dir: Path,
     shards = {}
     for name, dataset in (("train", data.train), ("test", data.test)):
         shards[name] = [shard_dir / f"{name}-{rank:05d}.arrow" for rank in range(accelerator.num_processes)]
-        labelled = dataset.labelled if isinstance(dataset, StreamedImages) else "labels" in dataset[0]
-        encode_share(accelerator, model, dataset, batch_size, ShardWriter(shards[name][accelerator.process_index], metadata, labelled),
-                     f"encoding {name}")
+        writer = ShardWriter(shards[name][accelerator.process_index], metadata, dataset.labelled)
+        encode_share(accelerator, model, dataset, batch_size, writer, f"encoding {name}")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         interleaved = {name for name, dataset in (("train", data.train), ("test", data.test)) if isinstance(dataset, StreamedImages)}
