@@ -143,7 +143,7 @@ def build_priors(sizes, device) -> dict:
     side = sizes["image_size"] // sizes["downsample"]
     common = dict(codebook_size=sizes["codebook_size"], map_height=side, map_width=side, num_classes=10)
     return {
-        "transformer": TransformerPrior(**common, **sizes["transformer"], dropout=0.0).to(device),
+        "transformer": TransformerPrior(**common, **sizes["transformer"], dropout=0.0, label_every_code=True).to(device),  # as stage two builds it
         "pixelcnn": GatedPixelCNN(**common, **sizes["pixelcnn"]).to(device),
         # the transformer's sizes, so that the two sampling schemes compare on one network
         "maskgit": MaskGITPrior(**common, **sizes["transformer"], dropout=0.0).to(device),

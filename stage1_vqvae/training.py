@@ -307,7 +307,9 @@ BOOKKEEPING_FLAGS = {"run_dir", "resume", "overwrite", "allow_changes", "log_eve
 
 
 def changed_flags(saved: dict, config) -> dict:
-    """{flag: (was, now)} for the flags that differ from a saved run's and change its training."""
+    """{flag: (was, now)} for the flags that differ from a saved run's and change its training.
+    A run saved before a flag existed trained as `config.FLAGS_ADDED_SINCE` says it did."""
+    saved = {**getattr(config, "FLAGS_ADDED_SINCE", {}), **saved}
     return {key: (saved[key], value) for key, value in asdict(config).items()
             if key in saved and saved[key] != value and key not in BOOKKEEPING_FLAGS}
 

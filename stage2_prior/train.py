@@ -9,6 +9,7 @@ cross-entropy of masked codes for MaskGIT.
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torchvision.utils import make_grid, save_image
@@ -34,6 +35,9 @@ class PriorConfig:
     prior_dir: str = field(default="prior", metadata={"help": "folder of the prior inside the run (another name keeps two priors side by side)"})
     unconditional: bool = field(default=False, metadata={"help": "ignore the labels even when the maps have them"})
     label_dropout: float = field(default=0.1, metadata={"help": "fraction of examples trained without their label"})
+    # Measured on the demo's codes, two training seeds: judge accuracy 0.855 against 0.839, sample FD 4.08x
+    # against 4.41x the floor (see the README).
+    label_every_code: bool = field(default=True, metadata={"help": "transformer: add the class to every code's input, not only the first token's"})
     # Narrow: at the demo's budget more updates beat more width (see the README's ablation).
     width: int = field(default=128, metadata={"help": "transformer (and MaskGIT) width"})
     layers: int = field(default=4, metadata={"help": "transformer (and MaskGIT) blocks"})
@@ -48,6 +52,8 @@ class PriorConfig:
 
 @dataclass
 class TrainConfig(LoopConfig, PriorConfig):
+    # how runs saved before these flags existed trained, so that --resume of one refuses the new default
+    FLAGS_ADDED_SINCE: ClassVar[dict] = {"label_every_code": False}
     epochs: float = field(default=2.25, metadata={"help": "passes over the train maps (ignored with --max-steps)"})
     # the demo's 2.25 epochs of Fashion-MNIST's maps: what a small data set gets too
     min_steps: int = field(default=4219, metadata={"help": "at least this many optimizer steps, however few --epochs make on a small data set"})
@@ -88,7 +94,7 @@ def choose_guidance(accelerator, run_dir: Path, stage_dir: Path, vqvae, scales: 
 
 
 PRIOR_FLAGS = {
-    "transformer": ("width", "layers", "heads", "dropout"),
+    "transformer": ("width", "layers", "heads", "dropout", "label_every_code"),
     "pixelcnn": ("channels", "pixelcnn_layers", "kernel_size"),
     "maskgit": ("width", "layers", "heads", "dropout", "steps"),
 }
@@ -123,13 +129,14 @@ def build_prior(config: TrainConfig, codebook_size: int, map_shape, class_names:
                   label_dropout=config.label_dropout if class_names else None)
     try:
         if config.prior == "transformer":
-            return PRIORS["transformer"](width=config.width, layers=config.layers, heads=config.heads, dropout=config.dropout, **common)
+            return PRIORS["transformer"](width=config.width, layers=config.layers, heads=config.heads, dropout=config.dropout,
+                                         label_every_code=config.label_every_code and bool(class_names), **common)
         if config.prior == "maskgit":
             return PRIORS["maskgit"](width=config.width, layers=config.layers, heads=config.heads, dropout=config.dropout,
                                      default_steps=config.steps, **common)
         return PRIORS["pixelcnn"](channels=config.channels, layers=config.pixelcnn_layers, kernel_size=config.kernel_size, **common)
     except ValueError as error:  # sizes that do not fit together: an even kernel, too few layers for the maps
-        flags = " ".join(f"--{name.replace('_', '-')} {getattr(config, name)}" for name in PRIOR_FLAGS[config.prior] if name != "dropout")
+        flags = " ".join(f"--{name.replace('_', '-')} {getattr(config, name)}" for name in PRIOR_FLAGS[config.prior] if name not in ("dropout", "label_every_code"))
         raise UserError(f"{flags}: {error}") from None
 
 

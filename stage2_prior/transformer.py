@@ -2,7 +2,9 @@
 
 The sequence is [class-or-null token, code 0, ..., code n-2]; output t predicts code t.
 Input t also carries the learned row and column embedding of the code it predicts, so
-the model always knows where it is writing. Blocks are pre-norm and use
+the model always knows where it is writing, and (`label_every_code`, as stage two builds it)
+an embedding of the class, so that no position has to find the class through attention
+alone: the samples are recognised as their class more often. Blocks are pre-norm and use
 `scaled_dot_product_attention`. Generation keeps a preallocated key/value cache, so each
 new code costs one token's work instead of the whole prefix.
 """
@@ -148,10 +150,20 @@ class TransformerPrior(CodeTransformer, PyTorchModelHubMixin):
         class_names: list[str] | None = None,
         default_guidance: float = 1.0,
         label_dropout: float | None = None,
+        label_every_code: bool = False,
     ):
         super().__init__()
         self._build(codebook_size, map_height, map_width, num_classes, width, layers, heads, dropout, prior,
                     codes_source, class_names, default_guidance, label_dropout, causal=True)
+        # False where config.json predates it: such a prior loads and samples as it was trained.
+        self.label_every_code = label_every_code
+        if label_every_code:
+            self.label_bias = nn.Embedding(num_classes + 1, width)
+            nn.init.normal_(self.label_bias.weight, std=0.02)
+
+    def _label_bias(self, labels: torch.Tensor) -> torch.Tensor | float:
+        """[B, 1, width]: the class added to every input token, or 0 when the prior has none."""
+        return self.label_bias(labels)[:, None] if self.label_every_code else 0.0
 
     def _run(self, tokens, cache=None):
         x = self.dropout(tokens)
@@ -166,7 +178,7 @@ class TransformerPrior(CodeTransformer, PyTorchModelHubMixin):
         batch, height, width = codes.shape
         labels = prepare_labels(batch, labels, self.num_classes, codes.device)
         previous = self.code_embed(rearrange(codes, "b h w -> b (h w)")[:, :-1])
-        tokens = torch.cat([self.label_embed(labels)[:, None], previous], dim=1) + self._positions()
+        tokens = torch.cat([self.label_embed(labels)[:, None], previous], dim=1) + self._positions() + self._label_bias(labels)
         logits = self._run(tokens)
         return rearrange(logits, "b (h w) k -> b k h w", h=height, w=width)
 
@@ -183,7 +195,8 @@ class TransformerPrior(CodeTransformer, PyTorchModelHubMixin):
         labels = with_null_labels(prepare_labels(n, labels, self.num_classes, device), self.null_label, guidance)
         batch, length = len(labels), self.map_shape[0] * self.map_shape[1]
         positions = self._positions()
-        tokens = (self.label_embed(labels) + positions[0])[:, None]  # the cached path keeps only the newest
+        bias = self._label_bias(labels)
+        tokens = (self.label_embed(labels) + positions[0])[:, None] + bias  # the cached path keeps only the newest
         cache = None
         if cached:
             dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else tokens.dtype
@@ -198,6 +211,6 @@ class TransformerPrior(CodeTransformer, PyTorchModelHubMixin):
                 sampled = torch.where(keep[:, t], known[:, t], sampled)
             codes[:, t] = sampled.repeat(batch // n)
             if t + 1 < length:
-                next_token = (self.code_embed(codes[:, t]) + positions[t + 1])[:, None]
+                next_token = (self.code_embed(codes[:, t]) + positions[t + 1])[:, None] + bias
                 tokens = next_token if cached else torch.cat([tokens, next_token], dim=1)
         return rearrange(codes[:n], "b (h w) -> b h w", h=self.map_shape[0])

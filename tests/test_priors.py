@@ -1,3 +1,4 @@
+import json
 import math
 
 import pytest
@@ -16,12 +17,13 @@ def make_prior(kind: str, depth: int, num_classes: int = 3):
     torch.manual_seed(depth)
     if kind == "pixelcnn":
         model = GatedPixelCNN(K, H, W, num_classes=num_classes, channels=16, layers=depth, kernel_size=5)
-    else:
-        model = TransformerPrior(K, H, W, num_classes=num_classes, width=32, layers=depth, heads=4)
+    else:  # "transformer+label": the class added to every code's input, as stage two builds it
+        model = TransformerPrior(K, H, W, num_classes=num_classes, width=32, layers=depth, heads=4,
+                                 label_every_code=kind == "transformer+label")
     return model.eval()
 
 
-PRIORS = [("pixelcnn", 2), ("pixelcnn", 4), ("transformer", 1), ("transformer", 3)]
+PRIORS = [("pixelcnn", 2), ("pixelcnn", 4), ("transformer", 1), ("transformer", 3), ("transformer+label", 2)]
 
 
 @pytest.mark.parametrize("kind,depth", PRIORS)
@@ -55,13 +57,13 @@ def test_every_position_depends_on_every_position_before_it(kind, depth):
         i, j = divmod(position, W)
         logits[0, :, i, j].square().sum().backward(retain_graph=True)
         influence = sum(out.grad.abs().sum(-1).flatten() for out in outputs if out.grad is not None)
-        if kind == "transformer":  # its input t is code t-1: pad so index q is code q
+        if kind != "pixelcnn":  # the transformer's input t is code t-1: pad so index q is code q
             influence = F.pad(influence, (0, 1))
         assert (influence[:position] > 0).all(), f"position {position} misses an earlier code"
         assert (influence[position:] == 0).all(), f"position {position} sees itself or a later code"
 
 
-@pytest.mark.parametrize("kind", ["pixelcnn", "transformer"])
+@pytest.mark.parametrize("kind", ["pixelcnn", "transformer", "transformer+label"])
 def test_cached_and_uncached_generation_give_the_same_codes(kind):
     model = make_prior(kind, 2)
     for labels, guidance in ((None, 1.0), (torch.tensor([0, 1, 2]), 1.0), (torch.tensor([2, 2, 0]), 3.0)):
@@ -112,7 +114,7 @@ def test_a_tiny_prior_overfits_a_handful_of_maps(kind):
     assert bits_per_code < 0.25 * math.log2(K), bits_per_code
 
 
-@pytest.mark.parametrize("kind", ["pixelcnn", "transformer"])
+@pytest.mark.parametrize("kind", ["pixelcnn", "transformer", "transformer+label"])
 def test_a_label_changes_the_output_and_the_null_label_works(kind):
     model = make_prior(kind, 2)
     codes = torch.randint(0, K, (1, H, W))
@@ -190,3 +192,18 @@ def test_only_the_raster_transformer_starts_its_residual_writing_layers_smaller(
         for block in model.blocks:
             for weight in (block.attention.proj.weight, block.mlp[2].weight):
                 assert abs(weight.std().item() - expected) < 0.1 * expected
+
+
+def test_a_transformer_saved_before_the_class_reached_every_code_still_loads(tmp_path):
+    """Its config.json has no label_every_code: it loads as it was trained, the class in the
+    first token only, and samples what it sampled before."""
+    torch.manual_seed(0)
+    old = TransformerPrior(K, H, W, num_classes=3, width=32, layers=1, heads=4)
+    old.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["label_every_code"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    loaded = TransformerPrior.from_pretrained(tmp_path).eval()
+    assert not loaded.label_every_code
+    draw = lambda model: model.generate(2, torch.tensor([0, 2]), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(draw(loaded), draw(old.eval()))

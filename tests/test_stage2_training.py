@@ -122,6 +122,23 @@ def test_resume_of_stage_two_matches_an_uninterrupted_run(stage_one_run, tmp_pat
     assert all(torch.equal(a[name], b[name]) for name in a)
 
 
+def test_resuming_a_run_from_before_the_class_reached_every_code_names_the_flag(stage_one_run, tmp_path):
+    """Its train_config.json has no label_every_code: it trained without, so --resume must say so
+    rather than fail on weights the new default would expect."""
+    run_dir = copy_run(stage_one_run, tmp_path)
+    flags = [*TINY_PRIOR, "--max-steps", "4", "--checkpoint-every", "2", "--eval-every", "100"]
+    stage_two.main(["--run-dir", str(run_dir), *flags, "--no-label-every-code"])
+    saved = run_dir / "prior" / "train_config.json"
+    config = json.loads(saved.read_text())
+    del config["label_every_code"]
+    saved.write_text(json.dumps(config))
+    shutil.rmtree(run_dir / "prior" / "checkpoints" / "step_0000004")
+    with pytest.raises(UserError, match=r"other flags than it was trained with: --label-every-code True \(was False\)"):
+        stage_two.main(["--run-dir", str(run_dir), *flags, "--resume"])
+    stage_two.main(["--run-dir", str(run_dir), *flags, "--resume", "--no-label-every-code"])
+    assert not load_prior(run_dir / "prior" / "final").label_every_code
+
+
 def test_the_final_evaluation_stores_the_guidance_scale_of_lowest_fd(stage_one_run, tiny_fashion, tmp_path, capsys):
     run_dir = copy_run(stage_one_run, tmp_path)
     stage_two.main(["--run-dir", str(run_dir), *TINY_PRIOR, "--max-steps", "4", "--guidance-scales", "1,3", "--guidance-samples", "12"])
