@@ -11,6 +11,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from accelerate import Accelerator
@@ -32,6 +33,8 @@ PROGRESS_FILE = "progress.json"
 class LoopConfig:
     """Flags of the training loop, the same for both stages."""
 
+    # {flag: value}: how a run saved before the flag existed trained, for --resume's comparison
+    FLAGS_ADDED_SINCE: ClassVar[dict] = {}
     run_dir: str = field(default="runs/default", metadata={"help": "folder of this run's artifacts"})
     epochs: float = field(default=2.0, metadata={"help": "passes over the train split (ignored with --max-steps)"})
     max_steps: int | None = field(default=None, metadata={"help": "optimizer steps; overrides --epochs and --min-steps"})
@@ -309,7 +312,7 @@ BOOKKEEPING_FLAGS = {"run_dir", "resume", "overwrite", "allow_changes", "log_eve
 def changed_flags(saved: dict, config) -> dict:
     """{flag: (was, now)} for the flags that differ from a saved run's and change its training.
     A run saved before a flag existed trained as `config.FLAGS_ADDED_SINCE` says it did."""
-    saved = {**getattr(config, "FLAGS_ADDED_SINCE", {}), **saved}
+    saved = {**config.FLAGS_ADDED_SINCE, **saved}
     return {key: (saved[key], value) for key, value in asdict(config).items()
             if key in saved and saved[key] != value and key not in BOOKKEEPING_FLAGS}
 
