@@ -37,7 +37,7 @@ from stage2_prior.transformer import TransformerPrior
 # the scale of the VQ-VAE paper's ImageNet model (128x128x3 images, 32x32 maps, K=1024).
 CONFIGS = {
     "small": dict(
-        channels=1, image_size=32, downsample=4, codebook_size=512, hidden=128, res_blocks=2,
+        channels=1, image_size=32, downsample=4, codebook_size=1024, hidden=128, res_blocks=2,
         transformer=dict(width=128, layers=4, heads=2), pixelcnn=dict(channels=128, layers=8),
         train_batch=128, encode_batch=512, prior_batch=128, samples=64, data_images=2048,
     ),
@@ -143,7 +143,7 @@ def build_priors(sizes, device) -> dict:
     side = sizes["image_size"] // sizes["downsample"]
     common = dict(codebook_size=sizes["codebook_size"], map_height=side, map_width=side, num_classes=10)
     return {
-        "transformer": TransformerPrior(**common, **sizes["transformer"], dropout=0.0, label_every_code=True).to(device),  # as stage two builds it
+        "transformer": TransformerPrior(**common, **sizes["transformer"], dropout=0.0, label_every_code=True, code_vector_dim=64).to(device),  # as stage two builds it (64: the VQ-VAE's code_dim)
         "pixelcnn": GatedPixelCNN(**common, **sizes["pixelcnn"]).to(device),
         # the transformer's sizes, so that the two sampling schemes compare on one network
         "maskgit": MaskGITPrior(**common, **sizes["transformer"], dropout=0.0).to(device),

@@ -4,7 +4,10 @@ The sequence is [class-or-null token, code 0, ..., code n-2]; output t predicts 
 Input t also carries the learned row and column embedding of the code it predicts, so
 the model always knows where it is writing, and (`label_every_code`, as stage two builds it)
 an embedding of the class, so that no position has to find the class through attention
-alone: the samples are recognised as their class more often. Blocks are pre-norm and use
+alone: the samples are recognised as their class more often. With `code_vector_dim` (as
+stage two builds it) a code's input also carries its VQ-VAE codebook vector, projected:
+codes the decoder draws alike start alike, so a code seen rarely borrows from its
+neighbours (test NLL 0.04-0.05 bits/code lower in the same steps). Blocks are pre-norm and use
 `scaled_dot_product_attention`. Generation keeps a preallocated key/value cache, so each
 new code costs one token's work instead of the whole prefix.
 """
@@ -151,6 +154,7 @@ class TransformerPrior(CodeTransformer, PyTorchModelHubMixin):
         default_guidance: float = 1.0,
         label_dropout: float | None = None,
         label_every_code: bool = False,
+        code_vector_dim: int = 0,
     ):
         super().__init__()
         self._build(codebook_size, map_height, map_width, num_classes, width, layers, heads, dropout, prior,
@@ -160,6 +164,24 @@ class TransformerPrior(CodeTransformer, PyTorchModelHubMixin):
         if label_every_code:
             self.label_bias = nn.Embedding(num_classes + 1, width)
             nn.init.normal_(self.label_bias.weight, std=0.02)
+        # 0 where config.json predates it. The vectors are a buffer: saved with the weights, never trained.
+        self.code_vector_dim = code_vector_dim
+        if code_vector_dim:
+            self.register_buffer("code_vectors", torch.zeros(codebook_size, code_vector_dim))
+            self.code_proj = nn.Linear(code_vector_dim, width)
+            nn.init.normal_(self.code_proj.weight, std=0.02 / code_vector_dim**0.5)  # outputs start at std 0.02, as code_embed's
+            nn.init.zeros_(self.code_proj.bias)
+
+    def set_code_vectors(self, codebook: torch.Tensor) -> None:
+        """Store the VQ-VAE's codebook [K, D], standardised per dimension so the projection's
+        start does not depend on the codebook's scale."""
+        codebook = codebook.detach().float()
+        self.code_vectors.copy_((codebook - codebook.mean(0)) / codebook.std(0).clamp_min(1e-6))
+
+    def embed_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes [...] -> [..., width]: the learned embedding, plus the projected codebook vector."""
+        embedded = self.code_embed(codes)
+        return embedded + self.code_proj(self.code_vectors[codes]) if self.code_vector_dim else embedded
 
     def _label_bias(self, labels: torch.Tensor) -> torch.Tensor | float:
         """[B, 1, width]: the class added to every input token, or 0 when the prior has none."""
@@ -177,7 +199,7 @@ class TransformerPrior(CodeTransformer, PyTorchModelHubMixin):
         """codes [B, h, w] -> logits [B, K, h, w]; the logits of a code see only codes before it."""
         batch, height, width = codes.shape
         labels = prepare_labels(batch, labels, self.num_classes, codes.device)
-        previous = self.code_embed(rearrange(codes, "b h w -> b (h w)")[:, :-1])
+        previous = self.embed_codes(rearrange(codes, "b h w -> b (h w)")[:, :-1])
         tokens = torch.cat([self.label_embed(labels)[:, None], previous], dim=1) + self._positions() + self._label_bias(labels)
         logits = self._run(tokens)
         return rearrange(logits, "b (h w) k -> b k h w", h=height, w=width)
@@ -211,6 +233,6 @@ class TransformerPrior(CodeTransformer, PyTorchModelHubMixin):
                 sampled = torch.where(keep[:, t], known[:, t], sampled)
             codes[:, t] = sampled.repeat(batch // n)
             if t + 1 < length:
-                next_token = (self.code_embed(codes[:, t]) + positions[t + 1])[:, None] + bias
+                next_token = (self.embed_codes(codes[:, t]) + positions[t + 1])[:, None] + bias
                 tokens = next_token if cached else torch.cat([tokens, next_token], dim=1)
         return rearrange(codes[:n], "b (h w) -> b h w", h=self.map_shape[0])

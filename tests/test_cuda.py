@@ -31,7 +31,7 @@ def test_bf16_autocast_on_the_gpu_keeps_the_nearest_codes():
     assert torch.equal(indices.flatten().cpu(), torch.arange(64))
 
 
-@pytest.mark.parametrize("kind", ["pixelcnn", "transformer", "transformer+label"])
+@pytest.mark.parametrize("kind", ["pixelcnn", "transformer", "transformer+inputs"])
 def test_cached_sampling_on_the_gpu_draws_the_codes_of_the_whole_network(kind):
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     model = make_prior(kind, 2).cuda()

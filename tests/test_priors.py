@@ -17,13 +17,16 @@ def make_prior(kind: str, depth: int, num_classes: int = 3):
     torch.manual_seed(depth)
     if kind == "pixelcnn":
         model = GatedPixelCNN(K, H, W, num_classes=num_classes, channels=16, layers=depth, kernel_size=5)
-    else:  # "transformer+label": the class added to every code's input, as stage two builds it
+    else:  # "transformer+inputs": the class and the codebook vectors added to every code's input, as stage two builds it
+        extras = kind == "transformer+inputs"
         model = TransformerPrior(K, H, W, num_classes=num_classes, width=32, layers=depth, heads=4,
-                                 label_every_code=kind == "transformer+label")
+                                 label_every_code=extras, code_vector_dim=6 if extras else 0)
+        if extras:
+            model.set_code_vectors(torch.randn(K, 6))
     return model.eval()
 
 
-PRIORS = [("pixelcnn", 2), ("pixelcnn", 4), ("transformer", 1), ("transformer", 3), ("transformer+label", 2)]
+PRIORS = [("pixelcnn", 2), ("pixelcnn", 4), ("transformer", 1), ("transformer", 3), ("transformer+inputs", 2)]
 
 
 @pytest.mark.parametrize("kind,depth", PRIORS)
@@ -63,7 +66,7 @@ def test_every_position_depends_on_every_position_before_it(kind, depth):
         assert (influence[position:] == 0).all(), f"position {position} sees itself or a later code"
 
 
-@pytest.mark.parametrize("kind", ["pixelcnn", "transformer", "transformer+label"])
+@pytest.mark.parametrize("kind", ["pixelcnn", "transformer", "transformer+inputs"])
 def test_cached_and_uncached_generation_give_the_same_codes(kind):
     model = make_prior(kind, 2)
     for labels, guidance in ((None, 1.0), (torch.tensor([0, 1, 2]), 1.0), (torch.tensor([2, 2, 0]), 3.0)):
@@ -114,7 +117,7 @@ def test_a_tiny_prior_overfits_a_handful_of_maps(kind):
     assert bits_per_code < 0.25 * math.log2(K), bits_per_code
 
 
-@pytest.mark.parametrize("kind", ["pixelcnn", "transformer", "transformer+label"])
+@pytest.mark.parametrize("kind", ["pixelcnn", "transformer", "transformer+inputs"])
 def test_a_label_changes_the_output_and_the_null_label_works(kind):
     model = make_prior(kind, 2)
     codes = torch.randint(0, K, (1, H, W))
@@ -194,16 +197,32 @@ def test_only_the_raster_transformer_starts_its_residual_writing_layers_smaller(
                 assert abs(weight.std().item() - expected) < 0.1 * expected
 
 
-def test_a_transformer_saved_before_the_class_reached_every_code_still_loads(tmp_path):
-    """Its config.json has no label_every_code: it loads as it was trained, the class in the
-    first token only, and samples what it sampled before."""
+def test_a_transformer_saved_before_the_class_and_codebook_inputs_still_loads(tmp_path):
+    """Its config.json has no label_every_code and no code_vector_dim: it loads as it was
+    trained, the class in the first token only and no codebook vectors, and samples what it
+    sampled before."""
     torch.manual_seed(0)
     old = TransformerPrior(K, H, W, num_classes=3, width=32, layers=1, heads=4)
     old.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
-    del config["label_every_code"]
+    del config["label_every_code"], config["code_vector_dim"]
     (tmp_path / "config.json").write_text(json.dumps(config))
     loaded = TransformerPrior.from_pretrained(tmp_path).eval()
-    assert not loaded.label_every_code
+    assert not loaded.label_every_code and not loaded.code_vector_dim
     draw = lambda model: model.generate(2, torch.tensor([0, 2]), generator=torch.Generator().manual_seed(3))
     assert torch.equal(draw(loaded), draw(old.eval()))
+
+
+def test_codebook_vectors_are_saved_with_the_prior_and_shape_its_inputs(tmp_path):
+    """The vectors are a buffer: they come back from disk, and codes with equal vectors get inputs
+    that differ only by their learned embeddings (zeroed here)."""
+    model = make_prior("transformer+inputs", 1)
+    model.save_pretrained(tmp_path)
+    loaded = TransformerPrior.from_pretrained(tmp_path)
+    assert loaded.code_vector_dim == 6 and torch.equal(loaded.code_vectors, model.code_vectors)
+    assert torch.allclose(model.code_vectors.mean(0), torch.zeros(6), atol=1e-5)  # standardised per dimension
+    with torch.no_grad():
+        model.code_embed.weight.zero_()
+        model.code_vectors[3] = model.code_vectors[5]
+    inputs = model.embed_codes(torch.tensor([3, 5, 6]))
+    assert torch.equal(inputs[0], inputs[1]) and not torch.equal(inputs[0], inputs[2])

@@ -6,6 +6,7 @@ import torch
 
 from stage1_vqvae import train as stage_one
 from stage1_vqvae.codes import read_metadata
+from stage1_vqvae.dump_codes import load_vqvae
 from stage1_vqvae.errors import UserError
 from stage2_prior import train as stage_two
 from stage2_prior.priors import load_prior
@@ -46,6 +47,9 @@ def test_each_prior_trains_and_saves_the_best_weights_and_sample_grids(stage_one
     tests = [row for row in log if "test/nll_bits_per_code" in row]
     assert len(tests) == 2 and all(row["test/prior_bits_per_dim"] > 0 for row in tests)
     assert sorted(p.name for p in (run_dir / "prior" / "samples").iterdir()) == ["step_0000015.png", "step_0000030.png"]
+    if prior == "transformer":  # its inputs carry the VQ-VAE's codebook, standardised
+        codebook = load_vqvae(run_dir).quantizer.codebook.detach()
+        assert torch.allclose(loaded.code_vectors, (codebook - codebook.mean(0)) / codebook.std(0), atol=1e-5)
 
 
 def test_stage_two_trains_from_memory_mapped_maps_exactly_as_from_maps_in_memory(stage_one_run, tmp_path, monkeypatch):
@@ -122,21 +126,22 @@ def test_resume_of_stage_two_matches_an_uninterrupted_run(stage_one_run, tmp_pat
     assert all(torch.equal(a[name], b[name]) for name in a)
 
 
-def test_resuming_a_run_from_before_the_class_reached_every_code_names_the_flag(stage_one_run, tmp_path):
-    """Its train_config.json has no label_every_code: it trained without, so --resume must say so
+@pytest.mark.parametrize("flag,attribute", [("label-every-code", "label_every_code"), ("codebook-inputs", "code_vector_dim")])
+def test_resuming_a_run_from_before_a_new_default_names_the_flag(stage_one_run, tmp_path, flag, attribute):
+    """Its train_config.json lacks the flag: it trained without, so --resume must say so
     rather than fail on weights the new default would expect."""
     run_dir = copy_run(stage_one_run, tmp_path)
     flags = [*TINY_PRIOR, "--max-steps", "4", "--checkpoint-every", "2", "--eval-every", "100"]
-    stage_two.main(["--run-dir", str(run_dir), *flags, "--no-label-every-code"])
+    stage_two.main(["--run-dir", str(run_dir), *flags, f"--no-{flag}"])
     saved = run_dir / "prior" / "train_config.json"
     config = json.loads(saved.read_text())
-    del config["label_every_code"]
+    del config[flag.replace("-", "_")]
     saved.write_text(json.dumps(config))
     shutil.rmtree(run_dir / "prior" / "checkpoints" / "step_0000004")
-    with pytest.raises(UserError, match=r"other flags than it was trained with: --label-every-code True \(was False\)"):
+    with pytest.raises(UserError, match=rf"other flags than it was trained with: --{flag} True \(was False\)"):
         stage_two.main(["--run-dir", str(run_dir), *flags, "--resume"])
-    stage_two.main(["--run-dir", str(run_dir), *flags, "--resume", "--no-label-every-code"])
-    assert not load_prior(run_dir / "prior" / "final").label_every_code
+    stage_two.main(["--run-dir", str(run_dir), *flags, "--resume", f"--no-{flag}"])
+    assert not getattr(load_prior(run_dir / "prior" / "final"), attribute)
 
 
 def test_the_final_evaluation_stores_the_guidance_scale_of_lowest_fd(stage_one_run, tiny_fashion, tmp_path, capsys):
