@@ -14,7 +14,7 @@ from pipelines import evaluate, sample
 from stage1_vqvae import train as stage_one
 from stage1_vqvae.errors import UserError
 from stage2_prior import train as stage_two
-from stage2_prior.quality import autocast_for
+from stage2_prior.quality import autocast_for, best_guidance
 from stage2_prior.transformer import CUDA_ATTENTION, attention_kernel
 from tests.conftest import REPO, TINY_MODEL, cpu_env, reset_accelerate_state
 from tests.test_stage2_training import TINY_PRIOR
@@ -321,3 +321,11 @@ def test_a_streamed_run_trains_its_prior_and_evaluates_on_bounded_samples(tmp_pa
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["samples"]["n"] == 6 and isinstance(metrics["samples"]["fd"], float)
     assert isinstance(metrics["stage1"]["rfd"], float) and metrics["stage2"]["conditional_on_labels"] is True
+
+
+def test_the_sweep_keeps_the_lowest_fd_and_breaks_ties_within_noise_by_judge_accuracy():
+    row = lambda guidance, fd, accuracy: {"guidance": guidance, "fd": fd, "classifier_accuracy": accuracy}
+    # 6.29 is 1% above 6.23: a tie the FD cannot settle, so the more recognisable samples win
+    assert best_guidance([row(1.0, 6.23, 0.79), row(1.35, 6.29, 0.86), row(1.5, 8.31, 0.88)]) == 1.35
+    # 4.5 is 12.5% above 4.0: no tie, so the more recognisable 1.5 does not win
+    assert best_guidance([row(1.0, 5.0, 0.79), row(1.25, 4.0, 0.85), row(1.5, 4.5, 0.90)]) == 1.25
