@@ -7,7 +7,7 @@ an embedding of the class, so that no position has to find the class through att
 alone: the samples are recognised as their class more often. With `code_vector_dim` (as
 stage two builds it) a code's input also carries its VQ-VAE codebook vector, projected:
 codes the decoder draws alike start alike, so a code seen rarely borrows from its
-neighbours (test NLL 0.04-0.05 bits/code lower in the same steps). Blocks are pre-norm and use
+neighbours (test NLL 0.04-0.06 bits/code lower in the same steps). Blocks are pre-norm and use
 `scaled_dot_product_attention`. Generation keeps a preallocated key/value cache, so each
 new code costs one token's work instead of the whole prefix.
 """
