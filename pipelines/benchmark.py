@@ -37,7 +37,7 @@ from stage2_prior.transformer import TransformerPrior
 # the scale of the VQ-VAE paper's ImageNet model (128x128x3 images, 32x32 maps, K=1024).
 CONFIGS = {
     "small": dict(
-        channels=1, image_size=32, downsample=4, codebook_size=1024, hidden=128, res_blocks=2,
+        channels=1, image_size=32, downsample=4, codebook_size=512, hidden=128, res_blocks=2,
         transformer=dict(width=128, layers=4, heads=2), pixelcnn=dict(channels=128, layers=8),
         train_batch=128, encode_batch=512, prior_batch=128, samples=64, data_images=2048,
     ),

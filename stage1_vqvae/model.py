@@ -93,7 +93,7 @@ class VQVAE(nn.Module, PyTorchModelHubMixin):
         res_blocks: int = 2,
         res_channels: int = 32,
         downsample: int = 4,
-        codebook_size: int = 1024,
+        codebook_size: int = 512,
         code_dim: int = 64,
         beta: float = 0.25,
         ema: bool = True,

@@ -34,7 +34,7 @@ class ModelConfig:
     res_blocks: int = field(default=2, metadata={"help": "residual blocks in encoder and decoder"})
     res_channels: int = field(default=32, metadata={"help": "width inside a residual block"})
     downsample: int = field(default=4, metadata={"help": "image side / code-map side, a power of two"})
-    codebook_size: int = field(default=1024, metadata={"help": "number of codes K (1024: sharper reconstructions and steadier across seeds than 512, see the README)"})
+    codebook_size: int = field(default=512, metadata={"help": "number of codes K"})
     code_dim: int = field(default=64, metadata={"help": "dimension of a code vector"})
     codebook: str = field(default="ema", metadata={"help": "how the codebook learns", "choices": ["ema", "loss"]})
     decay: float = field(default=0.99, metadata={"help": "EMA decay of the codebook"})
