@@ -10,6 +10,7 @@ from stage1_vqvae.dump_codes import load_vqvae
 from stage1_vqvae.errors import UserError
 from stage2_prior import train as stage_two
 from stage2_prior.priors import load_prior
+from stage2_prior.quality import best_guidance
 from tests.conftest import TINY_MODEL, reset_accelerate_state
 
 TINY_PRIOR = ["--width", "32", "--layers", "2", "--heads", "2",
@@ -144,13 +145,14 @@ def test_resuming_a_run_from_before_a_new_default_names_the_flag(stage_one_run, 
     assert not getattr(load_prior(run_dir / "prior" / "final"), attribute)
 
 
-def test_the_final_evaluation_stores_the_guidance_scale_of_lowest_fd(stage_one_run, tiny_fashion, tmp_path, capsys):
+def test_the_final_evaluation_stores_the_guidance_scale_the_sweep_chose(stage_one_run, tiny_fashion, tmp_path, capsys):
+    """The scale stored is the one the sweep's rule (unit-tested in test_pipeline) picks from the rows it logged."""
     run_dir = copy_run(stage_one_run, tmp_path)
     stage_two.main(["--run-dir", str(run_dir), *TINY_PRIOR, "--max-steps", "4", "--guidance-scales", "1,3", "--guidance-samples", "12"])
     log = [json.loads(line) for line in (run_dir / "prior" / "log.jsonl").read_text().splitlines()]
     rows = [row for row in log if "guidance/guidance" in row]
     assert [row["guidance/guidance"] for row in rows] == [1.0, 3.0]
-    best = min(rows, key=lambda row: row["guidance/fd"])["guidance/guidance"]
+    best = best_guidance([{key.removeprefix("guidance/"): value for key, value in row.items()} for row in rows])
     assert json.loads((run_dir / "prior" / "config.json").read_text())["default_guidance"] == best
     assert load_prior(run_dir / "prior").default_guidance == best
     assert f"guidance {best:g} became the default" in capsys.readouterr().out
