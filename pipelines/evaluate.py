@@ -8,7 +8,7 @@
   the sampler's defaults; the same distance for held-out real images (`fd_floor`, what a
   perfect generator would score) and for their reconstructions (`stage1.rfd`, the ceiling
   stage one sets); how often the judge recognises the class a sample was asked for
-  (`classifier_accuracy`). Every distance is also given as a ratio to `fd_floor`.
+  (`classifier_accuracy`), and a reconstruction's (`stage1.classifier_accuracy`, its ceiling). Every distance is also given as a ratio to `fd_floor`.
   `--guidance 1,1.5,2,3` adds one row per scale (`samples.guidance_sweep`).
 - with `--inception on` (or `auto` on a GPU), the standard Inception FID of the same samples
   and its real-vs-real floor (`samples.fid`, `samples.fid_floor`), through torchmetrics.
@@ -70,11 +70,13 @@ def reconstruct(vqvae, images: torch.Tensor, device, batch_size: int = 500) -> t
     ])
 
 
-def reconstruction_fd(judge, reconstructed: torch.Tensor, reference_features: torch.Tensor, device) -> float:
-    """The Frechet distance of reconstructed held-out images to the reference: stage one's ceiling.
-    Given the held-out images themselves (a perfect reconstruction) it is the floor."""
-    features, _ = features_and_predictions(judge, reconstructed, device)
-    return frechet_distance(features, reference_features)
+def reconstruction_quality(judge, reconstructed: torch.Tensor, reference_features: torch.Tensor, device, labels=None) -> dict:
+    """Stage one's ceiling on the samples' figures: `rfd`, the Frechet distance of reconstructed
+    held-out images to the reference (given the held-out images themselves, a perfect
+    reconstruction, it is the floor), and with their labels `classifier_accuracy`, how often
+    the judge still recognises their class."""
+    result = judge_images(judge, reconstructed, reference_features, device, labels)
+    return {"rfd": result.pop("fd"), **result}
 
 
 def with_ratio(metrics: dict, key: str, floor: float) -> None:
@@ -92,7 +94,8 @@ def sample_metrics(vqvae, prior, data, judge, config: EvaluateConfig, device) ->
     real_features, real_predictions = features_and_predictions(judge, test_images, device)
     held_out, reference = real_features[:n], real_features[n:]
     floor = frechet_distance(held_out, reference)
-    stage1 = {"rfd": reconstruction_fd(judge, reconstruct(vqvae, test_images[:n], device), reference, device)}
+    held_out_labels = test.labels[:n] if test.labels is not None else None
+    stage1 = reconstruction_quality(judge, reconstruct(vqvae, test_images[:n], device), reference, device, held_out_labels)
     with_ratio(stage1, "rfd", floor)
 
     labels = balanced_labels(n, prior.num_classes)

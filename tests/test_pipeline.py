@@ -44,7 +44,7 @@ def test_end_to_end_sample_and_evaluate_write_every_file(trained_run, tiny_fashi
     evaluate.main(["--run-dir", str(trained_run), "--n", "8", "--classifier-epochs", "1", "--batch-size", "8",
                    "--guidance", "1,2"])
     metrics = json.loads((trained_run / "metrics.json").read_text())
-    for key in ("mse", "psnr", "ssim", "codebook_usage", "perplexity", "rfd", "rfd_ratio"):
+    for key in ("mse", "psnr", "ssim", "codebook_usage", "perplexity", "rfd", "rfd_ratio", "classifier_accuracy"):
         assert isinstance(metrics["stage1"][key], float), key
     samples = metrics["samples"]
     assert samples["fd_ratio"] == pytest.approx(samples["fd"] / samples["fd_floor"])
@@ -218,19 +218,21 @@ def test_label_none_samples_without_a_class(trained_run, tmp_path, capsys):
         sample.main(["--run-dir", str(trained_run), "--label", "none", "--guidance", "2", "--out", str(tmp_path / "x")])
 
 
-def test_the_reconstruction_fd_of_a_perfect_reconstruction_is_the_floor():
+def test_a_perfect_reconstruction_scores_the_floor_and_the_real_images_accuracy():
     from stage1_vqvae.judge import FeatureClassifier, features_and_predictions, frechet_distance
 
     torch.manual_seed(0)
     judge = FeatureClassifier(in_channels=1, num_classes=3, feature_dim=6).eval()
     images = torch.randint(0, 256, (40, 1, 16, 16), dtype=torch.uint8)
-    features, _ = features_and_predictions(judge, images, "cpu")
+    features, predictions = features_and_predictions(judge, images, "cpu")
     held_out, reference = features[:20], features[20:]
     floor = frechet_distance(held_out, reference)
-    identity = evaluate.reconstruction_fd(judge, images[:20].float() / 255, reference, "cpu")
-    assert floor > 0 and identity == pytest.approx(floor, rel=1e-9)
+    labels = torch.arange(20) % 3
+    identity = evaluate.reconstruction_quality(judge, images[:20].float() / 255, reference, "cpu", labels)
+    assert floor > 0 and identity["rfd"] == pytest.approx(floor, rel=1e-9)
+    assert identity["classifier_accuracy"] == pytest.approx((predictions[:20] == labels).float().mean().item())
     blurred = torch.nn.functional.avg_pool2d(images[:20].float() / 255, 3, stride=1, padding=1)
-    assert evaluate.reconstruction_fd(judge, blurred, reference, "cpu") > floor
+    assert evaluate.reconstruction_quality(judge, blurred, reference, "cpu")["rfd"] > floor
 
 
 def test_guidance_and_unconditional_samples_are_refused_for_a_prior_that_never_saw_the_null_label(trained_run, tmp_path):
