@@ -70,9 +70,6 @@ def pixel_loss(kind: str, reconstruction: torch.Tensor, images: torch.Tensor) ->
 class TrainConfig(LoopConfig, DataConfig, ModelConfig, LossConfig):
     # the demo's 2 epochs of Fashion-MNIST: what a small data set gets too
     min_steps: int = field(default=936, metadata={"help": "at least this many optimizer steps, however few --epochs make on a small data set"})
-    # With the discriminator, a faster generator keeps up with it: over four seeds rFD 4.0x the floor on average
-    # at 4e-3 against 4.7x at 2e-3, better on each seed (6e-3 and 1e-3 were worse; see the README).
-    lr: float = field(default=4e-3, metadata={"help": "peak learning rate of AdamW"})
     dump: bool = field(default=True, metadata={"help": "write the code maps at the end"})
     grid_images: int = field(default=16, metadata={"help": "test images in each reconstruction grid"})
 

@@ -178,7 +178,7 @@ def test_resume_refuses_changed_flags_unless_allowed_and_keeps_a_history(tiny_fa
     config_path = tmp_path / "vqvae" / "train_config.json"
     shutil.rmtree(tmp_path / "vqvae" / "checkpoints" / "step_0000004")  # as if killed after step 2
     before = config_path.read_text()
-    for flags, named in ((["--lr", "0.003"], "--lr 0.003 (was 0.004)"), (["--batch-size", "4"], "--batch-size 4 (was 8)"),
+    for flags, named in ((["--lr", "0.003"], "--lr 0.003 (was 0.002)"), (["--batch-size", "4"], "--batch-size 4 (was 8)"),
                          (["--max-steps", "6"], "--max-steps 6 (was 4)")):
         with pytest.raises(UserError, match=rf"--resume would continue stage one with other flags than it was trained with: {re.escape(named)}; .*--allow-changes"):
             run_stage_one(tmp_path, "--max-steps", "4", "--checkpoint-every", "2", "--no-dump", "--resume", *flags)
