@@ -8,7 +8,8 @@
   the sampler's defaults; the same distance for held-out real images (`fd_floor`, what a
   perfect generator would score) and for their reconstructions (`stage1.rfd`, the ceiling
   stage one sets); how often the judge recognises the class a sample was asked for
-  (`classifier_accuracy`), and a reconstruction's (`stage1.classifier_accuracy`, its ceiling). Every distance is also given as a ratio to `fd_floor`.
+  (`classifier_accuracy`), and a reconstruction's (`stage1.classifier_accuracy`, its
+  ceiling). Every distance is also given as a ratio to `fd_floor`.
   `--guidance 1,1.5,2,3` adds one row per scale (`samples.guidance_sweep`).
 - with `--inception on` (or `auto` on a GPU), the standard Inception FID of the same samples
   and its real-vs-real floor (`samples.fid`, `samples.fid_floor`), through torchmetrics.
