@@ -37,17 +37,17 @@ from stage2_prior.transformer import TransformerPrior
 # the scale of the VQ-VAE paper's ImageNet model (128x128x3 images, 32x32 maps, K=1024).
 CONFIGS = {
     "small": dict(
-        channels=1, image_size=32, downsample=4, codebook_size=512, hidden=128, res_blocks=2,
+        channels=1, image_size=32, downsample=4, codebook_size=512, code_dim=64, hidden=128, res_blocks=2,
         transformer=dict(width=128, layers=4, heads=2), pixelcnn=dict(channels=128, layers=8),
         train_batch=128, encode_batch=512, prior_batch=128, samples=64, data_images=2048,
     ),
     "large": dict(
-        channels=3, image_size=128, downsample=4, codebook_size=1024, hidden=128, res_blocks=2,
+        channels=3, image_size=128, downsample=4, codebook_size=1024, code_dim=64, hidden=128, res_blocks=2,
         transformer=dict(width=512, layers=12, heads=8), pixelcnn=dict(channels=128, layers=16),  # 16 x 2 codes: sees all 32x32
         train_batch=32, encode_batch=64, prior_batch=16, samples=64, data_images=512,
     ),
     "tiny": dict(  # for the test of the benchmark itself
-        channels=1, image_size=16, downsample=4, codebook_size=16, hidden=16, res_blocks=1,
+        channels=1, image_size=16, downsample=4, codebook_size=16, code_dim=8, hidden=16, res_blocks=1,
         transformer=dict(width=32, layers=1, heads=2), pixelcnn=dict(channels=8, layers=2),
         train_batch=4, encode_batch=4, prior_batch=4, samples=2, data_images=16,
     ),
@@ -135,7 +135,8 @@ def row(config, stage, name, unit, items, timing) -> dict:
 def build_vqvae(sizes, device) -> VQVAE:
     return VQVAE(
         in_channels=sizes["channels"], image_size=sizes["image_size"], downsample=sizes["downsample"],
-        codebook_size=sizes["codebook_size"], hidden_channels=sizes["hidden"], res_blocks=sizes["res_blocks"],
+        codebook_size=sizes["codebook_size"], code_dim=sizes["code_dim"], hidden_channels=sizes["hidden"],
+        res_blocks=sizes["res_blocks"],
     ).to(device)
 
 
@@ -143,7 +144,8 @@ def build_priors(sizes, device) -> dict:
     side = sizes["image_size"] // sizes["downsample"]
     common = dict(codebook_size=sizes["codebook_size"], map_height=side, map_width=side, num_classes=10)
     return {
-        "transformer": TransformerPrior(**common, **sizes["transformer"], dropout=0.0, label_every_code=True, code_vector_dim=64).to(device),  # as stage two builds it (64: the VQ-VAE's code_dim)
+        "transformer": TransformerPrior(**common, **sizes["transformer"], dropout=0.0, label_every_code=True,
+                                        code_vector_dim=sizes["code_dim"]).to(device),  # as stage two builds it, with the VQ-VAE's codebook
         "pixelcnn": GatedPixelCNN(**common, **sizes["pixelcnn"]).to(device),
         # the transformer's sizes, so that the two sampling schemes compare on one network
         "maskgit": MaskGITPrior(**common, **sizes["transformer"], dropout=0.0).to(device),
