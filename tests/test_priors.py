@@ -225,4 +225,5 @@ def test_codebook_vectors_are_saved_with_the_prior_and_shape_its_inputs(tmp_path
         model.code_embed.weight.zero_()
         model.code_vectors[3] = model.code_vectors[5]
     inputs = model.embed_codes(torch.tensor([3, 5, 6]))
-    assert torch.equal(inputs[0], inputs[1]) and not torch.equal(inputs[0], inputs[2])
+    # equal up to rounding: a matrix product may round one row differently from another on some CPUs
+    assert torch.allclose(inputs[0], inputs[1], rtol=1e-5, atol=1e-7) and not torch.allclose(inputs[0], inputs[2])
