@@ -472,10 +472,20 @@ def _dataset_channels(cells, where: str) -> int:
     return 1
 
 
+def on_white(image: Image.Image) -> Image.Image:
+    """An image with transparency laid on white, as a viewer shows it. Dropping the alpha channel
+    instead would keep whatever colour transparent pixels happen to store (often black, sometimes
+    noise), and hard fringes where edges were half transparent."""
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)
+    return image
+
+
 def to_uint8_tensor(value, image_size: int, channels: int, where: str) -> torch.Tensor:
     """One image cell of any mode (grayscale, RGB, RGBA, palette) -> uint8 [channels, S, S]:
-    converted, resized (short side) and center-cropped."""
-    image = _open_image(value, where).convert("L" if channels == 1 else "RGB")
+    laid on white where it has transparency, converted, resized (short side) and center-cropped."""
+    image = on_white(_open_image(value, where)).convert("L" if channels == 1 else "RGB")
     tensor = v2.functional.pil_to_tensor(image)
     tensor = v2.functional.resize(tensor, image_size, antialias=True)
     return v2.functional.center_crop(tensor, [image_size, image_size])

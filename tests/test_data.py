@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from stage1_vqvae import data as data_module
-from stage1_vqvae.data import DataConfig, from_hf_dataset, held_in_memory, load_image_data
+from stage1_vqvae.data import DataConfig, from_hf_dataset, held_in_memory, load_image_data, load_image_file
 from stage1_vqvae.errors import UserError
 from stage1_vqvae.train import TrainConfig, check_config
 from tests.conftest import REPO, cpu_env, synthetic_images, write_image_folder
@@ -201,6 +201,18 @@ def test_images_of_any_mode_are_converted(tmp_path, mode):
     Image.new("RGB", (20, 20), (0, 200, 0)).convert(mode).save(tmp_path / "images" / "circles" / f"odd.png")
     data = load_image_data(DataConfig(dataset=str(tmp_path / "images"), image_size=8, test_fraction=0.3))
     assert data.channels == 3 and torch.cat([data.train.images, data.test.images]).shape == (7, 3, 8, 8)
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA"])
+def test_transparent_pixels_are_white_whatever_colour_they_store(tmp_path, mode):
+    icon = Image.new("RGBA", (20, 20), (0, 0, 0, 0))  # transparent black, as many icons store it
+    icon.paste((200, 0, 0, 255), (5, 5, 15, 15))
+    icon.putpixel((0, 0), (255, 0, 255, 0))  # a transparent pixel holding stray magenta
+    icon.convert(mode).save(tmp_path / "icon.png")
+    channels = 3 if mode == "RGBA" else 1
+    pixels = load_image_file(tmp_path / "icon.png", 20, channels)
+    assert pixels[:, 0, 0].tolist() == [255] * channels and pixels[:, 19, 19].tolist() == [255] * channels
+    assert pixels[:, 10, 10].tolist() == ([200, 0, 0] if mode == "RGBA" else [Image.new("RGB", (1, 1), (200, 0, 0)).convert("L").getpixel((0, 0))])
 
 
 def test_channels_3_makes_fashion_mnist_rgb(tiny_fashion):
