@@ -32,12 +32,12 @@ from stage1_vqvae.codes import open_codes
 from stage1_vqvae.data import held_in_memory, load_image_data
 from stage1_vqvae.dump_codes import data_config_of_run
 from stage1_vqvae.errors import UserError, run_cli
-from stage1_vqvae.judge import features_and_predictions, frechet_distance, load_or_train_judge
+from stage1_vqvae.judge import hold_out, judge_images, judge_reconstructions, load_or_train_judge
 from stage1_vqvae.metrics import eval_loader, reconstruction_metrics
 from stage1_vqvae.training import bf16_is_fast, use_all_cores
 from stage2_prior.evaluation import prior_bits_per_dim, test_nll
 from stage2_prior.priors import PARALLEL_PRIORS
-from stage2_prior.quality import balanced_labels, generate_images, guidance_sweep, judge_images, parse_scales
+from stage2_prior.quality import balanced_labels, generate_images, guidance_sweep, parse_scales
 
 
 @dataclass
@@ -62,24 +62,6 @@ def decoder_bits_per_dim(mse: float) -> float:
     return 0.5 * math.log2(2 * math.pi * math.e * mse) + 8
 
 
-@torch.no_grad()
-def reconstruct(vqvae, images: torch.Tensor, device, batch_size: int = 500) -> torch.Tensor:
-    """decode(encode(images)) in fp32, uint8 in, [0, 1] floats out, on the CPU."""
-    return torch.cat([
-        vqvae.decode(vqvae.encode(images[start: start + batch_size].to(device).float() / 255)).float().cpu()
-        for start in range(0, len(images), batch_size)
-    ])
-
-
-def reconstruction_quality(judge, reconstructed: torch.Tensor, reference_features: torch.Tensor, device, labels=None) -> dict:
-    """Stage one's ceiling on the samples' figures: `rfd`, the Frechet distance of reconstructed
-    held-out images to the reference (given the held-out images themselves, a perfect
-    reconstruction, it is the floor), and with their labels `classifier_accuracy`, how often
-    the judge still recognises their class."""
-    result = judge_images(judge, reconstructed, reference_features, device, labels)
-    return {"rfd": result.pop("fd"), **result}
-
-
 def with_ratio(metrics: dict, key: str, floor: float) -> None:
     metrics[f"{key}_ratio"] = metrics[key] / floor if floor > 0 else None
 
@@ -88,16 +70,12 @@ def sample_metrics(vqvae, prior, data, judge, config: EvaluateConfig, device) ->
     """(the stage-one figures rfd and its ratio, the sample figures) on the same features and n."""
     # the whole test split when it is held in memory; else a bounded sample of it: 4n images
     test = held_in_memory(data.test, 4 * config.n)
-    test_images = test.images
-    n = min(config.n, len(test_images) // 2)
-    if n < 2:
-        raise UserError(f"the test split has {len(test_images)} images; the Frechet distance needs at least 4")
-    real_features, real_predictions = features_and_predictions(judge, test_images, device)
-    held_out, reference = real_features[:n], real_features[n:]
-    floor = frechet_distance(held_out, reference)
-    held_out_labels = test.labels[:n] if test.labels is not None else None
-    stage1 = reconstruction_quality(judge, reconstruct(vqvae, test_images[:n], device), reference, device, held_out_labels)
-    with_ratio(stage1, "rfd", floor)
+    try:
+        held_out = hold_out(judge, test, config.n, device)
+    except ValueError as error:
+        raise UserError(str(error)) from None
+    n, reference, floor = len(held_out.images), held_out.reference_features, held_out.floor
+    stage1 = judge_reconstructions(vqvae, judge, held_out, device)
 
     labels = balanced_labels(n, prior.num_classes)
     guidance = resolve_guidance(None, labels, prior)  # what `pipelines.sample` uses with no flags
@@ -106,7 +84,7 @@ def sample_metrics(vqvae, prior, data, judge, config: EvaluateConfig, device) ->
     with_ratio(metrics, "fd", floor)
     metrics.update({
         # None where the test split has no labels (ImageNet's test split): the FDs need none
-        "classifier_test_accuracy": (real_predictions == test.labels).float().mean().item() if test.labels is not None else None,
+        "classifier_test_accuracy": held_out.accuracy,
         "n": n,
         "features": "penultimate layer of a small CNN classifier trained on the run's train split",
         "sampling": "balanced classes, the prior's default guidance" if labels is not None else "unconditional",
@@ -125,7 +103,7 @@ def sample_metrics(vqvae, prior, data, judge, config: EvaluateConfig, device) ->
                 raise UserError(f"--inception on needs the standard FID, but {error}; use --inception off") from None
             metrics["fid_note"] = f"standard FID skipped: {error}"
         else:
-            metrics.update(standard_fid(metric, test_images[n:], generated, test_images[:n]))
+            metrics.update(standard_fid(metric, test.images[n:], generated, test.images[:n]))
             with_ratio(metrics, "fid", metrics["fid_floor"])
     return stage1, metrics
 

@@ -9,6 +9,7 @@ It sits in stage one, beside the images it is trained on, because both stage two
 picks its guidance scale by it) and the pipelines use it, and imports only run downstream.
 """
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -118,3 +119,61 @@ def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     sqrt_a = vectors @ torch.diag(values.clamp(min=0).sqrt()) @ vectors.T
     cross = torch.linalg.eigvalsh(sqrt_a @ cov_b @ sqrt_a).clamp(min=0).sqrt().sum()
     return ((mu_a - mu_b).square().sum() + cov_a.trace() + cov_b.trace() - 2 * cross).item()
+
+
+def judge_images(judge, images: torch.Tensor, reference_features: torch.Tensor, device, labels=None) -> dict:
+    """Frechet distance of `images` to the reference features, and the judge's accuracy on the
+    classes they were asked to show (when given)."""
+    features, predictions = features_and_predictions(judge, images, device)
+    result = {"fd": frechet_distance(features, reference_features)}
+    if labels is not None:
+        result["classifier_accuracy"] = (predictions == labels).float().mean().item()
+    return result
+
+
+@dataclass
+class HeldOut:
+    """The judge's view of a test split: its first `n` images are held out (reconstructed, or
+    the reference samples are compared with), the rest are the reference."""
+
+    images: torch.Tensor  # uint8, the held-out images
+    labels: torch.Tensor | None
+    reference_features: torch.Tensor
+    floor: float  # the Frechet distance between held-out and reference real images: a perfect score
+    accuracy: float | None  # how often the judge recognises the real test images' class
+
+
+def hold_out(judge, test, n: int, device) -> HeldOut:
+    """`test` holds `.images` (uint8) and `.labels`; n is at most half of it."""
+    n = min(n, len(test.images) // 2)
+    if n < 2:
+        raise ValueError(f"the test split has {len(test.images)} images; the Frechet distance needs at least 4")
+    features, predictions = features_and_predictions(judge, test.images, device)
+    accuracy = (predictions == test.labels).float().mean().item() if test.labels is not None else None
+    return HeldOut(test.images[:n], test.labels[:n] if test.labels is not None else None, features[n:],
+                   frechet_distance(features[:n], features[n:]), accuracy)
+
+
+@torch.no_grad()
+def reconstruct(vqvae, images: torch.Tensor, device, batch_size: int = 500) -> torch.Tensor:
+    """decode(encode(images)) in fp32, uint8 in, [0, 1] floats out, on the CPU."""
+    return torch.cat([
+        vqvae.decode(vqvae.encode(images[start: start + batch_size].to(device).float() / 255)).float().cpu()
+        for start in range(0, len(images), batch_size)
+    ])
+
+
+def reconstruction_quality(judge, reconstructed: torch.Tensor, reference_features: torch.Tensor, device, labels=None) -> dict:
+    """Stage one's ceiling on the samples' figures: `rfd`, the Frechet distance of reconstructed
+    held-out images to the reference (given the held-out images themselves, a perfect
+    reconstruction, it is the floor), and with their labels `classifier_accuracy`, how often
+    the judge still recognises their class."""
+    result = judge_images(judge, reconstructed, reference_features, device, labels)
+    return {"rfd": result.pop("fd"), **result}
+
+
+def judge_reconstructions(vqvae, judge, held_out: HeldOut, device) -> dict:
+    """rfd, its ratio to the floor, and the judge's accuracy on the reconstructions."""
+    result = reconstruction_quality(judge, reconstruct(vqvae, held_out.images, device), held_out.reference_features,
+                                    device, held_out.labels)
+    return {**result, "rfd_ratio": result["rfd"] / held_out.floor if held_out.floor > 0 else None}

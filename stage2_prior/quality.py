@@ -9,7 +9,7 @@ import torch
 from tqdm.auto import tqdm
 
 from stage1_vqvae.errors import UserError
-from stage1_vqvae.judge import features_and_predictions, frechet_distance
+from stage1_vqvae.judge import judge_images
 from stage1_vqvae.training import bf16_is_fast
 
 
@@ -55,16 +55,6 @@ def generate_images(prior, vqvae, labels, n: int, device, batch_size: int = 500,
         codes.append(batch_codes.cpu())
         images.append(batch_images.float().cpu())
     return torch.cat(codes), torch.cat(images)
-
-
-def judge_images(judge, images: torch.Tensor, reference_features: torch.Tensor, device, labels=None) -> dict:
-    """Frechet distance of `images` to the reference features, and the judge's accuracy on the
-    classes they were asked to show (when given)."""
-    features, predictions = features_and_predictions(judge, images, device)
-    result = {"fd": frechet_distance(features, reference_features)}
-    if labels is not None:
-        result["classifier_accuracy"] = (predictions == labels).float().mean().item()
-    return result
 
 
 def guidance_sweep(prior, vqvae, judge, reference_features, n: int, device, scales,

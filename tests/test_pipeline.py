@@ -219,7 +219,7 @@ def test_label_none_samples_without_a_class(trained_run, tmp_path, capsys):
 
 
 def test_a_perfect_reconstruction_scores_the_floor_and_the_real_images_accuracy():
-    from stage1_vqvae.judge import FeatureClassifier, features_and_predictions, frechet_distance
+    from stage1_vqvae.judge import FeatureClassifier, features_and_predictions, frechet_distance, reconstruction_quality
 
     torch.manual_seed(0)
     judge = FeatureClassifier(in_channels=1, num_classes=3, feature_dim=6).eval()
@@ -228,11 +228,11 @@ def test_a_perfect_reconstruction_scores_the_floor_and_the_real_images_accuracy(
     held_out, reference = features[:20], features[20:]
     floor = frechet_distance(held_out, reference)
     labels = torch.arange(20) % 3
-    identity = evaluate.reconstruction_quality(judge, images[:20].float() / 255, reference, "cpu", labels)
+    identity = reconstruction_quality(judge, images[:20].float() / 255, reference, "cpu", labels)
     assert floor > 0 and identity["rfd"] == pytest.approx(floor, rel=1e-9)
     assert identity["classifier_accuracy"] == pytest.approx((predictions[:20] == labels).float().mean().item())
     blurred = torch.nn.functional.avg_pool2d(images[:20].float() / 255, 3, stride=1, padding=1)
-    assert evaluate.reconstruction_quality(judge, blurred, reference, "cpu")["rfd"] > floor
+    assert reconstruction_quality(judge, blurred, reference, "cpu")["rfd"] > floor
 
 
 def test_guidance_and_unconditional_samples_are_refused_for_a_prior_that_never_saw_the_null_label(trained_run, tmp_path):
