@@ -7,8 +7,9 @@ loss that needs no downloaded weights: feature matching (pix2pixHD, Wang et al. 
 
 - `PatchDiscriminator`: strided convolutions to a grid of real/fake logits, one per patch;
   GroupNorm rather than BatchNorm, so real and fake halves of a batch and several processes
-  never share statistics.
-- `hinge_discriminator_loss`, `generator_adversarial_loss`, `feature_matching_loss`.
+  never share statistics (or spectral norm, an option).
+- `hinge_discriminator_loss`, `generator_adversarial_loss`, `feature_matching_loss`,
+  `r1_penalty`.
 - `adaptive_weight`: the VQGAN balance ||grad L_rec|| / ||grad L_adv|| at the decoder's
   last layer, so the adversarial term never swamps the reconstruction.
 - `lpips_loss`: the optional LPIPS term, when the `lpips` package and its weights are here.
@@ -17,27 +18,39 @@ loss that needs no downloaded weights: feature matching (pix2pixHD, Wang et al. 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.parametrizations import spectral_norm
+
+
+def _conv(norm: str, *args, **kwargs) -> nn.Module:
+    layer = nn.Conv2d(*args, **kwargs)
+    return spectral_norm(layer) if norm == "spectral" else layer
+
+
+def _norm(norm: str, width: int) -> nn.Module:
+    return nn.GroupNorm(max(1, min(32, width // 4)), width) if norm == "group" else nn.Identity()
 
 
 class PatchDiscriminator(nn.Module):
-    """Images in [0, 1] [B, C, H, W] -> (logits [B, 1, H/2^d, W/2^d], features of each stage)."""
+    """Images in [0, 1] [B, C, H, W] -> (logits [B, 1, H/2^d, W/2^d], features of each stage).
 
-    def __init__(self, in_channels: int = 1, channels: int = 64, downsamplings: int = 2):
+    `norm="spectral"` bounds every convolution's spectral norm (Miyato et al. 2018) instead of
+    normalising activations with GroupNorm.
+    """
+
+    def __init__(self, in_channels: int = 1, channels: int = 32, downsamplings: int = 2, norm: str = "group"):
         super().__init__()
+        if norm not in ("group", "spectral"):
+            raise ValueError(f"norm must be 'group' or 'spectral', got {norm!r}")
         stages, previous = [], in_channels
         for i in range(downsamplings):
             width = channels * 2**i
             stages.append(nn.Sequential(
-                nn.Conv2d(previous, width, 4, stride=2, padding=1),
-                nn.GroupNorm(max(1, min(32, width // 4)), width) if i else nn.Identity(),
-                nn.LeakyReLU(0.2),
+                _conv(norm, previous, width, 4, stride=2, padding=1), _norm(norm, width) if i else nn.Identity(), nn.LeakyReLU(0.2),
             ))
             previous = width
-        stages.append(nn.Sequential(
-            nn.Conv2d(previous, 2 * previous, 3, padding=1), nn.GroupNorm(max(1, min(32, previous // 2)), 2 * previous), nn.LeakyReLU(0.2),
-        ))
+        stages.append(nn.Sequential(_conv(norm, previous, 2 * previous, 3, padding=1), _norm(norm, 2 * previous), nn.LeakyReLU(0.2)))
         self.stages = nn.ModuleList(stages)
-        self.to_logits = nn.Conv2d(2 * previous, 1, 3, padding=1)
+        self.to_logits = _conv(norm, 2 * previous, 1, 3, padding=1)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         x, features = images * 2 - 1, []
@@ -50,6 +63,14 @@ class PatchDiscriminator(nn.Module):
 def hinge_discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
     """Push real logits above +1 and fake ones below -1; nothing more is asked of either."""
     return 0.5 * (F.relu(1 - real_logits.float()).mean() + F.relu(1 + fake_logits.float()).mean())
+
+
+def r1_penalty(real_logits: torch.Tensor, real_images: torch.Tensor) -> torch.Tensor:
+    """Mean squared norm of the real logits' gradient with respect to the real images (Mescheder
+    et al. 2018): a discriminator flat around the data cannot sharpen into a memorised set.
+    `real_images` must require grad and have produced `real_logits`."""
+    (gradient,) = torch.autograd.grad(real_logits.float().sum(), real_images, create_graph=True)
+    return gradient.float().square().flatten(1).sum(1).mean()
 
 
 def generator_adversarial_loss(fake_logits: torch.Tensor) -> torch.Tensor:

@@ -6,26 +6,26 @@ code maps to runs/default/codes for stage two.
 
 import time
 from dataclasses import dataclass, field
+from typing import ClassVar
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torchvision.utils import make_grid, save_image
 
 from stage1_vqvae.atomic import save_pretrained_atomic
 from stage1_vqvae.cli import parse_config
 from stage1_vqvae.data import DataConfig, collate_batches, load_image_data
-from stage1_vqvae.discriminator import (
-    PatchDiscriminator, adaptive_weight, feature_matching_loss, generator_adversarial_loss,
-    hinge_discriminator_loss, load_lpips, lpips_loss,
-)
+from stage1_vqvae.discriminator import load_lpips
 from stage1_vqvae.dump_codes import dump
 from stage1_vqvae.errors import UserError, run_cli
+from stage1_vqvae.gan_health import diagnose
+from stage1_vqvae.gan_loss import GANLoss, LossConfig, build_discriminator
 from stage1_vqvae.metrics import reconstruction_metrics, to_unit_range
 from stage1_vqvae.model import VQVAE
 from stage1_vqvae.training import (
     LoopConfig, batches_per_epoch, describe_length, format_duration, open_stage, run_training_loop, set_up_training,
 )
+from stage1_vqvae.weight_average import update_average, weight_average
 
 
 @dataclass
@@ -44,32 +44,13 @@ class ModelConfig:
 
 
 @dataclass
-class LossConfig:
-    """What the decoder is trained to match: pixels, and (after --disc-start) a discriminator."""
-
-    pixel_loss: str = field(default="l1", metadata={"help": "pixel term", "choices": ["l1", "mse", "l1+mse"]})
-    disc_start: int = field(default=400, metadata={"help": "optimizer step at which the discriminator starts (-1: never)"})
-    disc_weight: float = field(default=0.5, metadata={"help": "factor on the adaptive weight of the adversarial term (0: none)"})
-    feature_matching_weight: float = field(default=1.0, metadata={"help": "weight of the discriminator feature-matching loss"})
-    lpips_weight: float = field(default=0.0, metadata={"help": "weight of LPIPS (needs the lpips package and its weights)"})
-    disc_channels: int = field(default=32, metadata={"help": "discriminator width"})
-    disc_lr: float = field(default=4e-4, metadata={"help": "discriminator learning rate (Adam, betas 0.5, 0.9)"})
-
-    @property
-    def uses_discriminator(self) -> bool:
-        return self.disc_start >= 0 and (self.disc_weight > 0 or self.feature_matching_weight > 0)
-
-
-def pixel_loss(kind: str, reconstruction: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-    l1 = F.l1_loss(reconstruction, images) if "l1" in kind else 0.0
-    mse = F.mse_loss(reconstruction, images) if "mse" in kind else 0.0
-    return l1 + mse
-
-
-@dataclass
 class TrainConfig(LoopConfig, DataConfig, ModelConfig, LossConfig):
+    # how runs saved before these flags existed trained, for --resume's comparison
+    FLAGS_ADDED_SINCE: ClassVar[dict] = {"disc_augment": "none", "disc_norm": "group", "adaptive_weight": True,
+                                         "r1_weight": 0.0, "r1_every": 4, "ema_decay": 0.0}
     # the demo's 2 epochs of Fashion-MNIST: what a small data set gets too
     min_steps: int = field(default=936, metadata={"help": "at least this many optimizer steps, however few --epochs make on a small data set"})
+    ema_decay: float = field(default=0.0, metadata={"help": "keep an EMA of the weights with this decay and export it (0: the trained weights)"})
     dump: bool = field(default=True, metadata={"help": "write the code maps at the end"})
     grid_images: int = field(default=16, metadata={"help": "test images in each reconstruction grid"})
 
@@ -99,6 +80,10 @@ def check_config(config: TrainConfig) -> None:
         raise UserError("--disc-weight, --feature-matching-weight and --lpips-weight must not be negative; 0 turns a term off")
     if config.disc_channels < 1:
         raise UserError(f"--disc-channels {config.disc_channels} must be at least 1 (32 is the default); use --disc-start -1 for no discriminator")
+    if config.r1_weight < 0 or config.r1_every < 1:
+        raise UserError(f"--r1-weight {config.r1_weight} must not be negative (0 turns it off) and --r1-every {config.r1_every} must be at least 1")
+    if not 0 <= config.ema_decay < 1:
+        raise UserError(f"--ema-decay {config.ema_decay} must be at least 0 (0: no average) and below 1, e.g. 0.999")
 
 
 def save_reconstruction_grid(model, images: torch.Tensor, path: Path) -> None:
@@ -128,19 +113,21 @@ def main(argv=None):
     lpips_network = lpips_network.to(accelerator.device) if lpips_network is not None else None
     with accelerator.main_process_first():  # a download or cache is built once, then read by the others
         data = load_image_data(config)
-    companions = []
-    if config.uses_discriminator:
-        discriminator = PatchDiscriminator(data.channels, config.disc_channels)
-        companions = [(discriminator, torch.optim.Adam(discriminator.parameters(), lr=config.disc_lr, betas=(0.5, 0.9)))]
+    model = build_model(config, data.channels).to(accelerator.device)
+    average = weight_average(model, config.ema_decay) if config.ema_decay > 0 else None
+    discriminator = build_discriminator(config, data.channels)
+    companions = [(discriminator, {"lr": config.disc_lr, "betas": (0.5, 0.9)})] if discriminator is not None else []
+    loss = GANLoss(config, None, lpips_network, accelerator.autocast)
+    checkpointed = [holder for holder in (average, loss.adaptive) if holder is not None]  # restored on --resume
     setup = set_up_training(
-        accelerator, config, stage_dir, checkpoints, build_model(config, data.channels), data.train, data.test,
-        "stage one", {"best_mse": float("inf")}, companions,
+        accelerator, config, stage_dir, checkpoints, model, data.train, data.test,
+        "stage one", {"best_mse": float("inf")}, companions, checkpointed,
     )
     model, state, log = setup.model, setup.state, setup.log
     unwrapped = accelerator.unwrap_model(model)
+    kept = average.module if average is not None else unwrapped  # what is evaluated, exported and dumped
     last_layer = unwrapped.decoder[-1].weight
-    discriminator = setup.companions[0][0] if setup.companions else None
-    bare_discriminator = accelerator.unwrap_model(discriminator) if discriminator is not None else None
+    loss.discriminator = setup.companions[0] if setup.companions else None  # prepared: wrapped for several processes
     grid_images = collate_batches([data.test[i] for i in range(min(config.grid_images, len(data.test)))])["images"]
     grid_images = grid_images.to(accelerator.device)
     accelerator.print(
@@ -154,65 +141,38 @@ def main(argv=None):
         unwrapped.quantizer.defer_updates = not accelerator.sync_gradients  # codebook learns once per optimizer step
         images = to_unit_range(batch["images"])
         output = model(images)
-        reconstruction, quantizer = output.reconstruction.float(), output.quantizer
-        metrics = {"mse": output.reconstruction_loss, "commitment": quantizer.commitment,
-                   "perplexity": quantizer.perplexity, "codes_used": quantizer.usage}
-        reconstruction_loss = pixel_loss(config.pixel_loss, reconstruction, images)
-        metrics["pixel_loss"] = reconstruction_loss.detach()
-        if lpips_network is not None:
-            reconstruction_loss = reconstruction_loss + config.lpips_weight * lpips_loss(lpips_network, reconstruction, images)
-        if discriminator is None or state["step"] < config.disc_start:
-            return reconstruction_loss + quantizer.loss, metrics, len(images)
-        return adversarial_step(images, reconstruction, reconstruction_loss, quantizer.loss, metrics), metrics, len(images)
-
-    def adversarial_step(images, reconstruction, reconstruction_loss, quantizer_loss, metrics):
-        """The discriminator learns from real against detached reconstructions; the decoder
-        learns from a copy of the discriminator whose weights take no gradient."""
-        with accelerator.autocast():
-            logits, features = discriminator(torch.cat([images, reconstruction.detach()]))
-        real_logits, fake_logits = logits.float().chunk(2)
-        real_features = [feature.chunk(2)[0] for feature in features]
-        disc_loss = hinge_discriminator_loss(real_logits, fake_logits)
-        frozen = {name: p.detach() for name, p in bare_discriminator.named_parameters()}
-        with accelerator.autocast():
-            logits, features = torch.func.functional_call(bare_discriminator, frozen, (reconstruction,))
-        if config.feature_matching_weight > 0:
-            matching = feature_matching_loss(features, real_features)
-            reconstruction_loss = reconstruction_loss + config.feature_matching_weight * matching
-            metrics["feature_matching"] = matching.detach()
-        loss = reconstruction_loss + quantizer_loss + disc_loss
-        if config.disc_weight > 0:
-            adversarial = generator_adversarial_loss(logits)
-            weight = config.disc_weight * adaptive_weight(reconstruction_loss, adversarial, last_layer)
-            loss = loss + weight * adversarial
-            metrics.update(adversarial=adversarial.detach(), adaptive_weight=weight)
-        metrics.update(disc_loss=disc_loss.detach(), real_logit=real_logits.mean().detach(), fake_logit=fake_logits.mean().detach())
-        return loss
+        quantizer = output.quantizer
+        reconstruction_loss, metrics = loss(images, output.reconstruction.float(), last_layer, state["step"])
+        metrics.update(mse=output.reconstruction_loss, commitment=quantizer.commitment,
+                       perplexity=quantizer.perplexity, codes_used=quantizer.usage)
+        return reconstruction_loss + quantizer.loss, metrics, len(images)
 
     def evaluate(step):
-        metrics = reconstruction_metrics(accelerator, model, setup.test_loader)
+        metrics = reconstruction_metrics(accelerator, kept, setup.test_loader)
         log.log({f"test/{k}": v for k, v in metrics.items()}, step)
         if accelerator.is_main_process:
-            save_reconstruction_grid(unwrapped, grid_images, stage_dir / "reconstructions" / f"step_{step:07d}.png")
+            save_reconstruction_grid(kept, grid_images, stage_dir / "reconstructions" / f"step_{step:07d}.png")
             # Once the discriminator trades MSE for sharpness, MSE no longer ranks weights: the newest are kept.
-            adversarial = bool(setup.companions) and step > config.disc_start
+            adversarial = discriminator is not None and step > config.disc_start
             if adversarial or metrics["mse"] < state["best_mse"]:
                 state["best_mse"] = metrics["mse"]
-                save_pretrained_atomic(unwrapped, stage_dir)
+                save_pretrained_atomic(kept, stage_dir)
         accelerator.wait_for_everyone()
         return f"test mse {metrics['mse']:.5f}, psnr {metrics['psnr']:.2f} dB, codebook used {metrics['codebook_usage']:.1%}"
 
-    run_training_loop(accelerator, config, setup, checkpoints, train_step, evaluate, "stage one")
+    after_step = (lambda step: update_average(average, unwrapped)) if average is not None else None
+    run_training_loop(accelerator, config, setup, checkpoints, train_step, evaluate, "stage one", after_step)
 
     if accelerator.is_main_process:
         save_pretrained_atomic(unwrapped, stage_dir / "final")
     accelerator.wait_for_everyone()
     summary = f"test mse {state['best_mse']:.5f} of the weights kept in {stage_dir}"
     if config.dump:
-        best = type(unwrapped).from_pretrained(str(stage_dir)).to(accelerator.device)
+        best = type(kept).from_pretrained(str(stage_dir)).to(accelerator.device)
         summary += f", code maps in {dump(accelerator, best, data, run_dir)}"
     accelerator.end_training()
-    accelerator.print(f"Stage one done in {format_duration(time.time() - started)}: {summary}")
+    warnings = diagnose(stage_dir / "log.jsonl", config.disc_start) if accelerator.is_main_process else []
+    accelerator.print(f"Stage one done in {format_duration(time.time() - started)}: {summary}" + "".join(f"; but {w}" for w in warnings))
 
 
 if __name__ == "__main__":

@@ -134,7 +134,8 @@ def loader_workers(asked: int | None, dataset, num_processes: int = 1) -> int:
 
 
 def warmup_cosine(optimizer, warmup_steps: int, total_steps: int) -> LambdaLR:
-    """Linear warm-up to the peak rate, then a cosine decay to zero at `total_steps`."""
+    """Linear warm-up to the peak rate, then a cosine decay to zero at `total_steps`, for the
+    optimizer's first parameter group (the model's); companions' groups keep their rate."""
     warmup_steps = min(warmup_steps, max(total_steps // 10, 1))
 
     def factor(step):
@@ -143,7 +144,8 @@ def warmup_cosine(optimizer, warmup_steps: int, total_steps: int) -> LambdaLR:
         progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
         return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
-    return LambdaLR(optimizer, factor)
+    constant = [lambda step: 1.0] * (len(optimizer.param_groups) - 1)
+    return LambdaLR(optimizer, [factor, *constant])
 
 
 def batches_per_epoch(loader) -> int | None:
@@ -379,42 +381,52 @@ class TrainingSetup:
     steps: int
     state: dict  # at least {"step": int}; saved in every checkpoint
     log: "MetricsLog"
-    # (module, optimizer) pairs trained beside the model, such as a discriminator: prepared,
-    # accumulated, stepped and checkpointed with it, never clipped or scheduled with it
+    # modules trained beside the model, such as a discriminator: prepared, accumulated and
+    # checkpointed with it, stepped by the same optimizer, never clipped or scheduled with it
     companions: list = field(default_factory=list)
 
 
 def set_up_training(
     accelerator: Accelerator, config: LoopConfig, stage_dir: Path, checkpoints: Checkpoints,
-    model, train_data, test_data, what: str, initial_state: dict, companions=(),
+    model, train_data, test_data, what: str, initial_state: dict, companions=(), checkpointed=(),
 ) -> TrainingSetup:
-    """Build the loaders, prepare everything with accelerate, then start at step 0 or
-    resume from a checkpoint. `companions` are (module, optimizer) pairs trained alongside."""
+    """Build the loaders and the optimizer, prepare everything with accelerate, then start at
+    step 0 or resume from a checkpoint.
+
+    `companions` are (module, {"lr": ..., "betas": ...}) pairs trained alongside the model, each a
+    parameter group of the one optimizer: under fp16 one gradient scaler then unscales every
+    gradient once and steps once (two optimizers would have the second unscaled twice).
+    `checkpointed` holds objects with a state_dict saved in every checkpoint (an EMA of the
+    weights); they are restored too when the run resumes.
+    """
     # Drop a last, smaller batch only when every process still gets a full one: accelerate deals
     # whole batches out to the processes, so 64 images in batches of 40 on 2 processes would
     # leave both with none.
     workers = loader_workers(config.num_workers, train_data, accelerator.num_processes)
     test_loader = eval_loader(test_data, config.batch_size * 4)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+    groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    groups += [{"params": list(module.parameters()), "weight_decay": 0.0, **options} for module, options in companions]
+    modules = [module for module, _ in companions]
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
     if isinstance(train_data, StreamedImages):  # each process reads its own part; accelerate must not split it again
         if config.max_steps is None:
             raise UserError("--streaming reads a stream whose length is unknown; give --max-steps (stage one's floor is 936)")
         train_loader = DataLoader(train_data.for_process(accelerator.process_index, accelerator.num_processes),
                                   batch_size=config.batch_size, collate_fn=collate_batches, drop_last=True,
                                   num_workers=workers, pin_memory=accelerator.device.type == "cuda")
-        model, optimizer, test_loader = accelerator.prepare(model, optimizer, test_loader)
+        model, *companions, optimizer, test_loader = accelerator.prepare(model, *modules, optimizer, test_loader)
     else:
         train_loader = DataLoader(
             train_data, batch_size=config.batch_size, shuffle=True, collate_fn=collate_batches,
             drop_last=len(train_data) >= config.batch_size * accelerator.num_processes,
             num_workers=workers, persistent_workers=workers > 0, pin_memory=accelerator.device.type == "cuda",
         )
-        model, optimizer, train_loader, test_loader = accelerator.prepare(model, optimizer, train_loader, test_loader)
-    companions = [tuple(accelerator.prepare(module, companion_optimizer)) for module, companion_optimizer in companions]
+        model, *companions, optimizer, train_loader, test_loader = accelerator.prepare(
+            model, *modules, optimizer, train_loader, test_loader)
     steps = total_steps(config, batches_per_epoch(train_loader))
     scheduler = warmup_cosine(optimizer, config.warmup_steps, steps)
-    accelerator.register_for_checkpointing(scheduler)
+    for saved in (scheduler, *checkpointed):
+        accelerator.register_for_checkpointing(saved)
     state = {**initial_state, **start_or_resume(accelerator, checkpoints, config, what)}
     if accelerator.is_main_process:
         record_config(config, stage_dir / "train_config.json", state["step"])
@@ -425,13 +437,14 @@ def set_up_training(
 
 def run_training_loop(
     accelerator: Accelerator, config: LoopConfig, setup: TrainingSetup, checkpoints: Checkpoints,
-    train_step, evaluate, desc: str,
+    train_step, evaluate, desc: str, after_step=None,
 ) -> None:
     """The loop both stages share: accumulate, clip, step, log, evaluate, checkpoint.
 
     `train_step(batch)` returns (loss, metrics to log, items in the batch); `evaluate(step)`
     returns a one-line summary and may record its best score in `state`, which is saved
-    with every checkpoint, so a resumed run knows it too.
+    with every checkpoint, so a resumed run knows it too. `after_step(step)`, where given,
+    runs after every optimizer step (an EMA of the weights follows them there).
     """
     model, optimizer, scheduler, state, steps = setup.model, setup.optimizer, setup.scheduler, setup.state, setup.steps
     progress = tqdm(total=steps, initial=state["step"], desc=desc, disable=not accelerator.is_main_process)
@@ -440,19 +453,20 @@ def run_training_loop(
     for epoch, batch in batches_from(accelerator, setup.train_loader, state["step"], config.gradient_accumulation_steps):
         if state["step"] >= steps:
             break
-        with accelerator.accumulate(model, *[module for module, _ in setup.companions]):
+        with accelerator.accumulate(model, *setup.companions):
             loss, metrics, items = train_step(batch)
             accelerator.backward(loss)
-            if config.grad_clip and accelerator.sync_gradients:
+            if config.grad_clip and accelerator.sync_gradients:  # the model's gradients only, not its companions'
                 accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
-            for step_optimizer in [optimizer, *[companion for _, companion in setup.companions]]:
-                step_optimizer.step()
-                step_optimizer.zero_grad(set_to_none=True)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         seen += items * accelerator.num_processes
         if not accelerator.sync_gradients:
             continue
         scheduler.step()
         state["step"] = step = state["step"] + 1
+        if after_step is not None:
+            after_step(step)
         progress.update(1)
         if step % config.log_every == 0 or step == steps:
             metrics = {f"train/{k}": (v.item() if torch.is_tensor(v) else v) for k, v in metrics.items()}

@@ -65,7 +65,7 @@ def test_resume_with_the_discriminator_on_gives_the_weights_of_an_uninterrupted_
     train.main(["--run-dir", str(tmp_path / "resumed"), *flags, "--resume"])
     for run in ("straight", "resumed"):
         log = (tmp_path / run / "vqvae" / "log.jsonl").read_text()
-        assert "train/disc_loss" in log and "train/adaptive_weight" in log
+        assert "train/disc_loss" in log and "train/adversarial_weight" in log
     straight = load_file(tmp_path / "straight" / "vqvae" / "final" / "model.safetensors")
     resumed = load_file(tmp_path / "resumed" / "vqvae" / "final" / "model.safetensors")
     for name in straight:
