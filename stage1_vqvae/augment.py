@@ -13,6 +13,7 @@ DiffAugment; ADA, Karras et al. 2020, adapts it), else that image passes unchang
 """
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from einops import rearrange
 
@@ -89,3 +90,27 @@ def cut_out(images, top, left, chosen):
     hole = (inside_rows[:, :, None] & inside_cols[:, None, :]).float() * rearrange(chosen, "b -> b 1 1")
     hole = rearrange(hole, "b h w -> b 1 h w")
     return images * (1 - hole) + GRAY * hole
+
+
+class AdaptiveProbability:
+    """ADA's augmentation probability (Karras et al. 2020): raised while more than `target` of
+    the real images' logits are positive (the discriminator is too sure of them), lowered
+    otherwise, by at most 1 per `images_to_full` images seen. Saved in checkpoints."""
+
+    def __init__(self, target: float = 0.6, images_to_full: int = 20_000):
+        self.target, self.images_to_full, self.p = target, images_to_full, 0.0
+
+    def update(self, real_logits: torch.Tensor) -> None:
+        processes = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        sure = (real_logits.detach() > 0).float().mean()
+        if processes > 1:  # the same p on every process
+            dist.all_reduce(sure)
+            sure = sure / processes
+        step = len(real_logits) * processes / self.images_to_full
+        self.p = min(1.0, max(0.0, self.p + (step if sure.item() > self.target else -step)))
+
+    def state_dict(self) -> dict:
+        return {"p": self.p}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.p = state["p"]

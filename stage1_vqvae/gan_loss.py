@@ -17,11 +17,10 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from accelerate.utils import extract_model_from_parallel
 
-from stage1_vqvae.augment import augment_pairs
+from stage1_vqvae.augment import AdaptiveProbability, augment_pairs
 from stage1_vqvae.discriminator import (
     PatchDiscriminator, adaptive_weight, feature_matching_loss, generator_adversarial_loss, hinge_discriminator_loss,
     lpips_loss, r1_penalty,
@@ -46,6 +45,8 @@ class LossConfig:
         "help": "differentiable augmentation of what the discriminator sees (colour, translation, cutout): on every image "
                 "(diffaugment), or on a share that grows while the discriminator is too sure of the real images (ada)",
         "choices": ["diffaugment", "ada", "none"]})
+    clean_feature_matching: bool = field(default=False, metadata={"help": "feature matching compares the discriminator's "
+                                                                   "features of unaugmented images (the game itself stays augmented)"})
     r1_weight: float = field(default=0.0, metadata={"help": "weight of the R1 gradient penalty on real images (0: none)"})
     r1_every: int = field(default=4, metadata={"help": "apply R1 every N steps, scaled by N (lazy regularisation)"})
 
@@ -62,29 +63,6 @@ def pixel_loss(kind: str, reconstruction: torch.Tensor, images: torch.Tensor) ->
 
 def build_discriminator(config: LossConfig, channels: int) -> PatchDiscriminator | None:
     return PatchDiscriminator(channels, config.disc_channels, norm=config.disc_norm) if config.uses_discriminator else None
-
-
-class AdaptiveProbability:
-    """ADA's augmentation probability (Karras et al. 2020): raised while more than `target` of
-    the real images' logits are positive (the discriminator is too sure of them), lowered
-    otherwise, by at most 1 per `images_to_full` images seen. Saved in checkpoints."""
-
-    def __init__(self, target: float = 0.6, images_to_full: int = 20_000):
-        self.target, self.images_to_full, self.p = target, images_to_full, 0.0
-
-    def update(self, real_logits: torch.Tensor) -> None:
-        sure = (real_logits.detach() > 0).float().mean()
-        if dist.is_available() and dist.is_initialized():  # the same p on every process
-            dist.all_reduce(sure)
-            sure = sure / dist.get_world_size()
-        step = len(real_logits) * (dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1) / self.images_to_full
-        self.p = min(1.0, max(0.0, self.p + (step if sure.item() > self.target else -step)))
-
-    def state_dict(self) -> dict:
-        return {"p": self.p}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.p = state["p"]
 
 
 class GANLoss:
@@ -109,13 +87,18 @@ class GANLoss:
             loss = loss + config.lpips_weight * lpips_loss(self.lpips, reconstruction, images)
         if not self.active(step):
             return loss, metrics
+        real, fake = images, reconstruction
         if config.disc_augment != "none":
             p = self.adaptive.p if self.adaptive is not None else 1.0
-            images, reconstruction = augment_pairs(images, reconstruction, p=p)
+            real, fake = augment_pairs(images, reconstruction, p=p)
             metrics["augment_p"] = torch.tensor(p)
-        disc_loss, real_features = self.discriminator_loss(images, reconstruction.detach(), step, metrics)
-        logits, features = self.frozen_discriminator(reconstruction)
+        disc_loss, real_features = self.discriminator_loss(real, fake.detach(), step, metrics)
+        logits, features = self.frozen_discriminator(fake)
         if config.feature_matching_weight > 0:
+            if config.clean_feature_matching and config.disc_augment != "none":
+                with torch.no_grad():
+                    _, real_features = self.frozen_discriminator(images)
+                _, features = self.frozen_discriminator(reconstruction)
             matching = feature_matching_loss(features, real_features)
             loss = loss + config.feature_matching_weight * matching
             metrics["feature_matching"] = matching.detach()

@@ -47,9 +47,11 @@ class ModelConfig:
 class TrainConfig(LoopConfig, DataConfig, ModelConfig, LossConfig):
     # how runs saved before these flags existed trained, for --resume's comparison
     FLAGS_ADDED_SINCE: ClassVar[dict] = {"disc_augment": "none", "disc_norm": "group", "adaptive_weight": True,
-                                         "r1_weight": 0.0, "r1_every": 4, "ema_decay": 0.0}
+                                         "r1_weight": 0.0, "r1_every": 4, "ema_decay": 0.0, "clean_feature_matching": False,
+                                         "adam_beta2": 0.999}
     # the demo's 2 epochs of Fashion-MNIST: what a small data set gets too
     min_steps: int = field(default=936, metadata={"help": "at least this many optimizer steps, however few --epochs make on a small data set"})
+    adam_beta2: float = field(default=0.999, metadata={"help": "AdamW's second-moment decay for the VQ-VAE"})
     ema_decay: float = field(default=0.0, metadata={"help": "keep an EMA of the weights with this decay and export it (0: the trained weights)"})
     dump: bool = field(default=True, metadata={"help": "write the code maps at the end"})
     grid_images: int = field(default=16, metadata={"help": "test images in each reconstruction grid"})
@@ -82,6 +84,8 @@ def check_config(config: TrainConfig) -> None:
         raise UserError(f"--disc-channels {config.disc_channels} must be at least 1 (32 is the default); use --disc-start -1 for no discriminator")
     if config.r1_weight < 0 or config.r1_every < 1:
         raise UserError(f"--r1-weight {config.r1_weight} must not be negative (0 turns it off) and --r1-every {config.r1_every} must be at least 1")
+    if not 0 <= config.adam_beta2 < 1:
+        raise UserError(f"--adam-beta2 {config.adam_beta2} must be at least 0 and below 1, e.g. 0.99")
     if not 0 <= config.ema_decay < 1:
         raise UserError(f"--ema-decay {config.ema_decay} must be at least 0 (0: no average) and below 1, e.g. 0.999")
 
@@ -121,7 +125,7 @@ def main(argv=None):
     checkpointed = [holder for holder in (average, loss.adaptive) if holder is not None]  # restored on --resume
     setup = set_up_training(
         accelerator, config, stage_dir, checkpoints, model, data.train, data.test,
-        "stage one", {"best_mse": float("inf")}, companions, checkpointed,
+        "stage one", {"best_mse": float("inf")}, companions, checkpointed, betas=(0.9, config.adam_beta2),
     )
     model, state, log = setup.model, setup.state, setup.log
     unwrapped = accelerator.unwrap_model(model)

@@ -388,7 +388,7 @@ class TrainingSetup:
 
 def set_up_training(
     accelerator: Accelerator, config: LoopConfig, stage_dir: Path, checkpoints: Checkpoints,
-    model, train_data, test_data, what: str, initial_state: dict, companions=(), checkpointed=(),
+    model, train_data, test_data, what: str, initial_state: dict, companions=(), checkpointed=(), betas=(0.9, 0.999),
 ) -> TrainingSetup:
     """Build the loaders and the optimizer, prepare everything with accelerate, then start at
     step 0 or resume from a checkpoint.
@@ -397,7 +397,7 @@ def set_up_training(
     parameter group of the one optimizer: under fp16 one gradient scaler then unscales every
     gradient once and steps once (two optimizers would have the second unscaled twice).
     `checkpointed` holds objects with a state_dict saved in every checkpoint (an EMA of the
-    weights); they are restored too when the run resumes.
+    weights); they are restored too when the run resumes. `betas` are the model's AdamW betas.
     """
     # Drop a last, smaller batch only when every process still gets a full one: accelerate deals
     # whole batches out to the processes, so 64 images in batches of 40 on 2 processes would
@@ -407,7 +407,7 @@ def set_up_training(
     groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
     groups += [{"params": list(module.parameters()), "weight_decay": 0.0, **options} for module, options in companions]
     modules = [module for module, _ in companions]
-    optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=betas, weight_decay=config.weight_decay)
     if isinstance(train_data, StreamedImages):  # each process reads its own part; accelerate must not split it again
         if config.max_steps is None:
             raise UserError("--streaming reads a stream whose length is unknown; give --max-steps (stage one's floor is 936)")

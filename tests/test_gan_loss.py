@@ -117,7 +117,7 @@ def test_with_probability_zero_the_augmentation_is_the_identity():
 
 
 def test_adas_probability_rises_while_the_discriminator_is_sure_of_real_images_and_falls_otherwise():
-    from stage1_vqvae.gan_loss import AdaptiveProbability
+    from stage1_vqvae.augment import AdaptiveProbability
 
     ada = AdaptiveProbability(target=0.6, images_to_full=100)
     for _ in range(30):
