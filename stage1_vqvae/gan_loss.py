@@ -6,6 +6,7 @@ trained to match, and the discriminator's own update, testable apart from the tr
   images against detached reconstructions, both augmented alike (`augment.py`).
 - For the decoder, feature matching and the adversarial term, read through a copy of the
   discriminator whose weights take no gradient, so the generator's terms never change it.
+- Both decoder terms can grow from nothing over `gan_warmup` steps after `disc_start`.
 - The adversarial term's weight: VQGAN's adaptive balance at the decoder's last layer times
   `disc_weight`, or `disc_weight` alone (`--no-adaptive-weight`).
 
@@ -49,6 +50,8 @@ class LossConfig:
                                                                    "features of unaugmented images (the game itself stays augmented)"})
     r1_weight: float = field(default=0.0, metadata={"help": "weight of the R1 gradient penalty on real images (0: none)"})
     r1_every: int = field(default=4, metadata={"help": "apply R1 every N steps, scaled by N (lazy regularisation)"})
+    gan_warmup: int = field(default=0, metadata={"help": "the decoder's feature-matching and adversarial terms grow from 0 to "
+                                                      "full over this many steps after --disc-start (0: full at once)"})
 
     @property
     def uses_discriminator(self) -> bool:
@@ -79,6 +82,13 @@ class GANLoss:
     def active(self, step: int) -> bool:
         return self.discriminator is not None and step >= self.config.disc_start
 
+    def ramp(self, step: int) -> float:
+        """How much of the decoder's GAN terms counts at `step`: a discriminator that has just
+        started has random features, and a full-strength pull towards them jolts the codebook."""
+        if self.config.gan_warmup <= 0:
+            return 1.0
+        return min(1.0, (step - self.config.disc_start + 1) / self.config.gan_warmup)
+
     def __call__(self, images, reconstruction, last_layer, step: int) -> tuple[torch.Tensor, dict]:
         config = self.config
         loss = pixel_loss(config.pixel_loss, reconstruction, images)
@@ -94,17 +104,18 @@ class GANLoss:
             metrics["augment_p"] = torch.tensor(p)
         disc_loss, real_features = self.discriminator_loss(real, fake.detach(), step, metrics)
         logits, features = self.frozen_discriminator(fake)
+        ramp = self.ramp(step)
         if config.feature_matching_weight > 0:
             if config.clean_feature_matching and config.disc_augment != "none":
                 with torch.no_grad():
                     _, real_features = self.frozen_discriminator(images)
                 _, features = self.frozen_discriminator(reconstruction)
             matching = feature_matching_loss(features, real_features)
-            loss = loss + config.feature_matching_weight * matching
+            loss = loss + ramp * config.feature_matching_weight * matching
             metrics["feature_matching"] = matching.detach()
         if config.disc_weight > 0:
             adversarial = generator_adversarial_loss(logits)
-            weight = config.disc_weight
+            weight = ramp * config.disc_weight
             if config.adaptive_weight:
                 weight = weight * adaptive_weight(loss, adversarial, last_layer)
             metrics.update(adversarial=adversarial.detach(), adversarial_weight=torch.as_tensor(weight, dtype=torch.float32))

@@ -48,7 +48,7 @@ class TrainConfig(LoopConfig, DataConfig, ModelConfig, LossConfig):
     # how runs saved before these flags existed trained, for --resume's comparison
     FLAGS_ADDED_SINCE: ClassVar[dict] = {"disc_augment": "none", "disc_norm": "group", "adaptive_weight": True,
                                          "r1_weight": 0.0, "r1_every": 4, "ema_decay": 0.0, "clean_feature_matching": False,
-                                         "adam_beta2": 0.999}
+                                         "adam_beta2": 0.999, "gan_warmup": 0}
     # the demo's 2 epochs of Fashion-MNIST: what a small data set gets too
     min_steps: int = field(default=936, metadata={"help": "at least this many optimizer steps, however few --epochs make on a small data set"})
     adam_beta2: float = field(default=0.999, metadata={"help": "AdamW's second-moment decay for the VQ-VAE"})

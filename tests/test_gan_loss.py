@@ -69,6 +69,16 @@ def test_without_the_adaptive_weight_the_adversarial_term_weighs_disc_weight():
     assert metrics["adversarial_weight"].item() == pytest.approx(0.2)
 
 
+@pytest.mark.parametrize("step, share", [(10, 0.25), (11, 0.5), (13, 1.0), (50, 1.0)])
+def test_the_decoders_gan_terms_grow_over_gan_warmup_steps(step, share):
+    images, last, reconstruction = a_batch()
+    config = LossConfig(disc_start=10, gan_warmup=4, disc_weight=0.2, adaptive_weight=False, disc_augment="none")
+    total, metrics = GANLoss(config, PatchDiscriminator(3, 8))(images, reconstruction, last.weight, step=step)
+    assert metrics["adversarial_weight"].item() == pytest.approx(0.2 * share)
+    decoder_terms = total - metrics["pixel_loss"] - metrics["disc_loss"] - metrics["adversarial_weight"] * metrics["adversarial"]
+    assert decoder_terms.item() == pytest.approx(share * metrics["feature_matching"].item(), rel=1e-5)
+
+
 def test_before_disc_start_only_the_pixel_term_counts():
     images, last, reconstruction = a_batch()
     config = LossConfig(disc_start=10, pixel_loss="l1")
