@@ -8,8 +8,9 @@ where the images have labels the Frechet distance of reconstructions (rFD, as a 
 real-vs-real floor, by one judge for all seeds). It writes each run's figures and their mean,
 min and max to `<run-dir>/seed_spread.json`, and the table to `seed_spread.md`.
 
-A seed whose run already finished with the same flags is scored, not trained again, so an
-interrupted spread continues where it stopped.
+A seed whose run already finished with the same flags is scored, not trained again, and one
+that was stopped midway resumes from its newest checkpoint, so an interrupted spread continues
+where it stopped.
 """
 
 import json
@@ -32,7 +33,7 @@ from stage1_vqvae.gan_health import diagnose, read_log
 from stage1_vqvae.judge import hold_out, judge_reconstructions, load_or_train_judge
 from stage1_vqvae.metrics import eval_loader, reconstruction_metrics
 from stage1_vqvae.train import TrainConfig
-from stage1_vqvae.training import BOOKKEEPING_FLAGS, bf16_is_fast, changed_flags, format_duration, use_all_cores
+from stage1_vqvae.training import BOOKKEEPING_FLAGS, Checkpoints, bf16_is_fast, changed_flags, format_duration, use_all_cores
 
 TRAIN_SCRIPT = Path(__file__).with_name("train.py")
 FIGURES = ("mse", "ssim", "codebook_usage", "lowest_codebook_usage", "rfd_ratio")
@@ -88,10 +89,18 @@ def finished_with(run_dir: Path, config: TrainConfig) -> bool:
     return not changed_flags(json.loads(saved.read_text()), config)
 
 
-def train(run_dir: Path, seed: int, train_flags: list[str]) -> float:
+def interrupted_with(run_dir: Path, config: TrainConfig) -> bool:
+    """Whether `run_dir` holds an unfinished stage one with `config`'s flags and a checkpoint to resume."""
+    saved = run_dir / "vqvae" / "train_config.json"
+    if not saved.exists() or Checkpoints(run_dir / "vqvae" / "checkpoints", keep=1).newest() is None:
+        return False
+    return not changed_flags(json.loads(saved.read_text()), config)
+
+
+def train(run_dir: Path, seed: int, train_flags: list[str], resume: bool) -> float:
     """One stage-one run under `accelerate launch` (the user's accelerate config applies); its seconds."""
     command = [sys.executable, "-m", "accelerate.commands.launch", str(TRAIN_SCRIPT), "--no-dump", *train_flags,
-               "--seed", str(seed), "--run-dir", str(run_dir)]
+               "--seed", str(seed), "--run-dir", str(run_dir), *(["--resume"] if resume else [])]
     started = time.time()
     done = subprocess.run(command, env=dict(os.environ, PYTHONPATH=str(TRAIN_SCRIPT.parent.parent)))
     if done.returncode:
@@ -156,7 +165,10 @@ def main(argv=None):
         if finished_with(run_dir, train_config):
             print(f"seed {seed}: already trained with these flags in {run_dir}; scoring it")
             continue
-        seconds[seed] = train(run_dir, seed, train_flags)
+        resume = interrupted_with(run_dir, train_config)
+        if resume:
+            print(f"seed {seed}: resuming the unfinished run in {run_dir}")
+        seconds[seed] = train(run_dir, seed, train_flags, resume)
     accelerator = Accelerator(mixed_precision="no")  # the figures in fp32, as pipelines.evaluate's
     use_all_cores(accelerator.device)
     runs = {}

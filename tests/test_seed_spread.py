@@ -9,7 +9,7 @@ from tests.conftest import TINY_MODEL
 FLAGS = [*TINY_MODEL, "--max-steps", "6", "--disc-start", "3", "--disc-channels", "8", "--eval-every", "3"]
 
 
-def test_the_spread_of_two_seeds_is_summarised_and_finished_seeds_are_not_trained_again(tiny_fashion, tmp_path, capsys):
+def test_the_spread_of_two_seeds_is_summarised_finished_seeds_are_kept_and_stopped_ones_resume(tiny_fashion, tmp_path, capsys):
     root = tmp_path / "spread"
     seed_spread.main(["--seeds", "0,1", "--run-dir", str(root), "--n", "10", "--", *FLAGS])
     result = json.loads((root / "seed_spread.json").read_text())
@@ -29,6 +29,12 @@ def test_the_spread_of_two_seeds_is_summarised_and_finished_seeds_are_not_traine
     out = capsys.readouterr().out
     assert out.count("already trained with these flags") == 2
     assert json.loads((root / "seed_spread.json").read_text())["summary"] == result["summary"]
+
+    # a seed stopped after its last checkpoint (no final weights yet) resumes instead of refusing
+    (root / "seed_1" / "vqvae" / "final" / "model.safetensors").unlink()
+    seed_spread.main(["--seeds", "0,1", "--run-dir", str(root), "--n", "10", "--", *FLAGS])
+    assert "seed 1: resuming the unfinished run" in capsys.readouterr().out
+    assert json.loads((root / "seed_spread.json").read_text())["runs"]["1"]["mse"] == pytest.approx(runs["1"]["mse"], rel=1e-5)
 
     # other flags over a finished run: stage one refuses, and the run is kept as it was
     with pytest.raises(UserError, match="stage one with seed 0 stopped"):
