@@ -42,7 +42,7 @@ class LossConfig:
     disc_channels: int = field(default=32, metadata={"help": "discriminator width"})
     disc_lr: float = field(default=4e-4, metadata={"help": "discriminator learning rate (Adam, betas 0.5, 0.9)"})
     disc_norm: str = field(default="group", metadata={"help": "the discriminator's normalisation", "choices": ["group", "spectral"]})
-    disc_augment: str = field(default="none", metadata={
+    disc_augment: str = field(default="ada", metadata={
         "help": "differentiable augmentation of what the discriminator sees (colour, translation, cutout): on every image "
                 "(diffaugment), or on a share that grows while the discriminator is too sure of the real images (ada)",
         "choices": ["diffaugment", "ada", "none"]})
@@ -50,7 +50,7 @@ class LossConfig:
                                                                    "features of unaugmented images (the game itself stays augmented)"})
     r1_weight: float = field(default=0.0, metadata={"help": "weight of the R1 gradient penalty on real images (0: none)"})
     r1_every: int = field(default=4, metadata={"help": "apply R1 every N steps, scaled by N (lazy regularisation)"})
-    gan_warmup: int = field(default=0, metadata={"help": "the decoder's feature-matching and adversarial terms grow from 0 to "
+    gan_warmup: int = field(default=200, metadata={"help": "the decoder's feature-matching and adversarial terms grow from 0 to "
                                                       "full over this many steps after --disc-start (0: full at once)"})
 
     @property

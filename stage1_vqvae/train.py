@@ -51,7 +51,9 @@ class TrainConfig(LoopConfig, DataConfig, ModelConfig, LossConfig):
                                          "adam_beta2": 0.999, "gan_warmup": 0}
     # the demo's 2 epochs of Fashion-MNIST: what a small data set gets too
     min_steps: int = field(default=936, metadata={"help": "at least this many optimizer steps, however few --epochs make on a small data set"})
-    adam_beta2: float = field(default=0.999, metadata={"help": "AdamW's second-moment decay for the VQ-VAE"})
+    # 0.95, not Adam's 0.999: a second moment that averages over ~1000 steps still remembers the
+    # pixel loss's small gradients when the discriminator's terms start, and the updates swell
+    adam_beta2: float = field(default=0.95, metadata={"help": "AdamW's second-moment decay for the VQ-VAE"})
     ema_decay: float = field(default=0.0, metadata={"help": "keep an EMA of the weights with this decay and export it (0: the trained weights)"})
     dump: bool = field(default=True, metadata={"help": "write the code maps at the end"})
     grid_images: int = field(default=16, metadata={"help": "test images in each reconstruction grid"})
