@@ -42,7 +42,8 @@ def discriminator_won(rows: list[dict], disc_start: int) -> str | None:
     return (f"the discriminator won outright (over steps {late[0]['step']}-{late[-1]['step']} its real logits averaged "
             f"{real:+.2f} and its fake ones {fake:+.2f}, loss {loss:.3f}; a balanced game keeps both near 0 and the loss near 1): "
             f"it has learned the training images by heart, so its features no longer help the decoder; give it "
-            f"--disc-augment diffaugment, train on more images, or train without it (--disc-start -1)")
+            f"--disc-augment diffaugment (every image augmented, not ADA's share), train on more images, or train "
+            f"without it (--disc-start -1)")
 
 
 def codebook_collapsed(rows: list[dict], disc_start: int) -> str | None:
@@ -55,8 +56,8 @@ def codebook_collapsed(rows: list[dict], disc_start: int) -> str | None:
         step, lowest = min(after, key=lambda pair: pair[1])
         if lowest < COLLAPSE * before[-1]:
             return (f"the codebook collapsed after the discriminator started: the test split used {lowest:.0%} of the codes "
-                    f"at step {step}, against {before[-1]:.0%} before; start it later (--disc-start) or weaken it "
-                    f"(--disc-weight, --feature-matching-weight)")
+                    f"at step {step}, against {before[-1]:.0%} before; ramp its terms in over more steps (--gan-warmup), "
+                    f"start it later (--disc-start) or weaken it (--disc-weight, --feature-matching-weight)")
     step, last = usage[-1]
     if last < FEW_CODES:
         return (f"the test split uses only {last:.0%} of the codes at step {step}; a smaller --codebook-size "
