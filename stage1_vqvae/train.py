@@ -86,6 +86,8 @@ def check_config(config: TrainConfig) -> None:
         raise UserError(f"--disc-channels {config.disc_channels} must be at least 1 (32 is the default); use --disc-start -1 for no discriminator")
     if config.r1_weight < 0 or config.r1_every < 1:
         raise UserError(f"--r1-weight {config.r1_weight} must not be negative (0 turns it off) and --r1-every {config.r1_every} must be at least 1")
+    if config.gan_warmup < 0:
+        raise UserError(f"--gan-warmup {config.gan_warmup} must not be negative (0: the GAN terms at full strength at once)")
     if not 0 <= config.adam_beta2 < 1:
         raise UserError(f"--adam-beta2 {config.adam_beta2} must be at least 0 and below 1, e.g. 0.99")
     if not 0 <= config.ema_decay < 1:

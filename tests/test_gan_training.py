@@ -120,6 +120,8 @@ def test_a_healthy_run_has_no_warning(tmp_path):
     (["--r1-weight", "-1"], "--r1-weight -1.0 must not be negative"),
     (["--r1-every", "0"], "--r1-every 0 must be at least 1"),
     (["--ema-decay", "1"], "--ema-decay 1.0 must be at least 0"),
+    (["--gan-warmup", "-5"], "--gan-warmup -5 must not be negative"),
+    (["--adam-beta2", "1"], "--adam-beta2 1.0 must be at least 0 and below 1"),
 ])
 def test_bad_gan_flags_are_refused_before_anything_is_written(tiny_fashion, tmp_path, flags, message):
     with pytest.raises(UserError, match=message):
