@@ -81,20 +81,21 @@ def train_config_of(train_flags: list[str], seed: int, run_dir: Path) -> TrainCo
     return config
 
 
+def trained_with(run_dir: Path, config: TrainConfig) -> bool:
+    """Whether `run_dir` holds a stage one (finished or not) started with `config`'s flags."""
+    saved = run_dir / "vqvae" / "train_config.json"
+    return saved.exists() and not changed_flags(json.loads(saved.read_text()), config)
+
+
 def finished_with(run_dir: Path, config: TrainConfig) -> bool:
     """Whether `run_dir` holds a finished stage one trained with `config`'s flags."""
-    saved = run_dir / "vqvae" / "train_config.json"
-    if not (run_dir / "vqvae" / "final" / "model.safetensors").exists() or not saved.exists():
-        return False
-    return not changed_flags(json.loads(saved.read_text()), config)
+    return (run_dir / "vqvae" / "final" / "model.safetensors").exists() and trained_with(run_dir, config)
 
 
 def interrupted_with(run_dir: Path, config: TrainConfig) -> bool:
     """Whether `run_dir` holds an unfinished stage one with `config`'s flags and a checkpoint to resume."""
-    saved = run_dir / "vqvae" / "train_config.json"
-    if not saved.exists() or Checkpoints(run_dir / "vqvae" / "checkpoints", keep=1).newest() is None:
-        return False
-    return not changed_flags(json.loads(saved.read_text()), config)
+    newest = Checkpoints(run_dir / "vqvae" / "checkpoints", keep=1).newest()
+    return newest is not None and trained_with(run_dir, config)
 
 
 def train(run_dir: Path, seed: int, train_flags: list[str], resume: bool) -> float:
