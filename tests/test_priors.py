@@ -188,7 +188,7 @@ def test_guidance_pushes_away_from_the_unconditional_logits_not_towards_them():
 
 
 def test_only_the_raster_transformer_starts_its_residual_writing_layers_smaller():
-    """GPT-2's start measured better for the raster prior and worse for MaskGIT (see the README)."""
+    """GPT-2's start measured better for the raster prior and worse for MaskGIT (see docs/measurements.md)."""
     torch.manual_seed(0)
     raster, masked = (kind(width=128, layers=8, heads=2) for kind in (TransformerPrior, MaskGITPrior))
     for model, expected in ((raster, 0.02 / 4), (masked, 0.02)):
