@@ -13,9 +13,10 @@ DiffAugment; ADA, Karras et al. 2020, adapts it), else that image passes unchang
 """
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from einops import rearrange
+
+from stage1_vqvae.distributed import all_reduce_sum
 
 POLICIES = ("color", "translation", "cutout")
 GRAY = 0.5  # what translation and cutout fill with: zero in the discriminator's [-1, 1] range
@@ -101,13 +102,13 @@ class AdaptiveProbability:
         self.target, self.images_to_full, self.p = target, images_to_full, 0.0
 
     def update(self, real_logits: torch.Tensor) -> None:
-        processes = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-        sure = (real_logits.detach() > 0).float().mean()
-        if processes > 1:  # the same p on every process
-            dist.all_reduce(sure)
-            sure = sure / processes
-        step = len(real_logits) * processes / self.images_to_full
-        self.p = min(1.0, max(0.0, self.p + (step if sure.item() > self.target else -step)))
+        logits = real_logits.detach()
+        # summed over every process, so that every process moves p alike
+        positive, patches, images = all_reduce_sum(torch.stack([
+            (logits > 0).sum().float(), torch.tensor(float(logits.numel()), device=logits.device),
+            torch.tensor(float(len(logits)), device=logits.device)])).tolist()
+        step = images / self.images_to_full
+        self.p = min(1.0, max(0.0, self.p + (step if positive / patches > self.target else -step)))
 
     def state_dict(self) -> dict:
         return {"p": self.p}

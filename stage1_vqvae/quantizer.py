@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from stage1_vqvae.distributed import all_reduce_sum, is_distributed
+
 
 @dataclass
 class QuantizerOutput:
@@ -26,16 +28,6 @@ class QuantizerOutput:
     commitment: torch.Tensor  # beta-free ||z - sg(e)||^2, for logging
     perplexity: torch.Tensor  # exp(entropy) of this step's code histogram
     usage: torch.Tensor  # fraction of codes used in this step
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    if _distributed():
-        dist.all_reduce(tensor)
-    return tensor
 
 
 def histogram_stats(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,7 +93,7 @@ class VectorQuantizer(nn.Module):
         indices = self.nearest(flat)
         counts = torch.bincount(indices, minlength=self.codebook_size).float()
         if self.training:  # the EMA and restarts need every rank's counts; evaluation never waits on other ranks
-            counts = _all_reduce_sum(counts)
+            counts = all_reduce_sum(counts)
 
         if self.training:
             self._add_pending(flat.detach(), indices, counts)
@@ -133,7 +125,7 @@ class VectorQuantizer(nn.Module):
         self.pending_counts.add_(counts)
         if self.ema:
             embed_sum = torch.zeros_like(self.pending_sums).index_add_(0, indices, self._normalized(flat))
-            self.pending_sums.add_(_all_reduce_sum(embed_sum))
+            self.pending_sums.add_(all_reduce_sum(embed_sum))
 
     @torch.no_grad()
     def _apply_pending(self, flat: torch.Tensor) -> None:
@@ -165,7 +157,7 @@ class VectorQuantizer(nn.Module):
         # Rank 0 chooses the replacements and broadcasts them, so codebooks stay identical.
         choice = torch.randint(0, flat.shape[0], (dead.numel(),), device=flat.device)
         replacements = self._normalized(flat[choice]).contiguous()
-        if _distributed():
+        if is_distributed():
             dist.broadcast(replacements, src=0)
         self.codebook.data[dead] = replacements
         self.embed_avg[dead] = replacements
