@@ -1,0 +1,5 @@
+"""Use a trained run: `VQPipeline` from Python, and the commands built on it."""
+
+from pipelines.pipeline import VQPipeline
+
+__all__ = ["VQPipeline"]

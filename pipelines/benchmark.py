@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from pipelines.sample import pick_device
+from pipelines.pipeline import pick_device
 from stage1_vqvae.cli import parse_config
 from stage1_vqvae.data import DataConfig, StreamedImages, collate_batches, from_hf_dataset, from_streams
 from stage1_vqvae.errors import UserError, run_cli

@@ -26,7 +26,7 @@ import torch
 from accelerate import Accelerator
 
 from pipelines.inception import load_fid_metric, standard_fid
-from pipelines.sample import check_null_label_was_trained, load_run, pick_device, resolve_guidance
+from pipelines.pipeline import check_null_label_was_trained, load_run, pick_device, resolve_guidance
 from stage1_vqvae.cli import parse_config
 from stage1_vqvae.codes import open_codes
 from stage1_vqvae.data import held_in_memory, load_image_data

@@ -6,7 +6,10 @@ The resolved dataclass is what the scripts write next to their outputs (training
 
 import argparse
 import dataclasses
+import sys
 import typing
+
+from stage1_vqvae.errors import UserError
 
 
 def _argument_type(annotation):
@@ -33,8 +36,19 @@ def build_parser(config_class, description: str) -> argparse.ArgumentParser:
     return parser
 
 
+def refuse_renamed_flags(config_class, argv) -> None:
+    """A flag that was renamed (`RENAMED_FLAGS = {"--old": "--new"}` on the config class) gets one
+    sentence pointing to its new name, instead of argparse's "unrecognized arguments"."""
+    renamed = getattr(config_class, "RENAMED_FLAGS", {})
+    for argument in argv or []:
+        old = argument.split("=", 1)[0]
+        if old in renamed:
+            raise UserError(f"{old} was renamed {renamed[old]}; use {renamed[old]} (one flag name, one meaning)")
+
+
 def parse_config(config_class, argv=None, description: str = ""):
     """Parse argv into an instance of `config_class` (argparse reports unknown or bad flags)."""
+    refuse_renamed_flags(config_class, sys.argv[1:] if argv is None else argv)
     args = build_parser(config_class, description).parse_args(argv)
     return config_class(**vars(args))
 

@@ -22,7 +22,7 @@ from stage1_vqvae.codes import CodesMetadata, ShardWriter, read_metadata, weight
 from stage1_vqvae.data import DataConfig, ImageData, StreamedImages, load_image_data
 from stage1_vqvae.errors import UserError, run_cli
 from stage1_vqvae.metrics import eval_loader, to_unit_range
-from stage1_vqvae.model import VQVAE
+from stage1_vqvae.model import VQVAE, load_vqvae
 from stage1_vqvae.training import format_duration, loader_workers, use_all_cores
 
 
@@ -76,13 +76,6 @@ def dump(accelerator: Accelerator, model: VQVAE, data: ImageData, run_dir: Path,
         shutil.rmtree(shard_dir)
     accelerator.wait_for_everyone()
     return directory
-
-
-def load_vqvae(run_dir: Path) -> VQVAE:
-    directory = Path(run_dir) / "vqvae"
-    if not (directory / "model.safetensors").exists():
-        raise UserError(f"no VQ-VAE in {directory}; train one with `accelerate launch stage1_vqvae/train.py --run-dir {run_dir}`")
-    return VQVAE.from_pretrained(str(directory))
 
 
 def data_config_of_run(run_dir: Path) -> DataConfig:

@@ -7,8 +7,9 @@ Every command catches `UserError` at the top and prints its message as one sente
 import sys
 
 
-class UserError(Exception):
-    """Bad input a user can fix: a missing file, a wrong flag, mismatched artifacts."""
+class UserError(ValueError):
+    """Bad input a user can fix: a missing file, a wrong flag, mismatched artifacts. A
+    `ValueError`, so that Python callers of the pipeline can catch it as one."""
 
 
 def run_cli(main, argv=None) -> None:

@@ -6,6 +6,7 @@ constructor arguments) and `model.safetensors`; `from_pretrained(dir)` reads the
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -13,6 +14,7 @@ from einops import rearrange
 from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
+from stage1_vqvae.errors import UserError
 from stage1_vqvae.quantizer import QuantizerOutput, VectorQuantizer
 
 
@@ -134,3 +136,11 @@ class VQVAE(nn.Module, PyTorchModelHubMixin):
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """Code maps [B, h, w] -> images [B, C, H, W], clamped to [0, 1]."""
         return self.decoder(self.quantizer.lookup(codes)).clamp(0, 1)
+
+
+def load_vqvae(run_dir: str | Path) -> VQVAE:
+    """The VQ-VAE a run exported (`<run>/vqvae/`), or one sentence naming the command that makes it."""
+    directory = Path(run_dir) / "vqvae"
+    if not (directory / "model.safetensors").exists():
+        raise UserError(f"no VQ-VAE in {directory}; train one with `accelerate launch stage1_vqvae/train.py --run-dir {run_dir}`")
+    return VQVAE.from_pretrained(str(directory))

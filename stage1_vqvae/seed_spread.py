@@ -22,12 +22,12 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
 from accelerate import Accelerator
 
 from stage1_vqvae.cli import build_parser, parse_config
 from stage1_vqvae.data import held_in_memory, load_image_data
-from stage1_vqvae.dump_codes import data_config_of_run, load_vqvae
+from stage1_vqvae.dump_codes import data_config_of_run
+from stage1_vqvae.model import load_vqvae
 from stage1_vqvae.errors import UserError, run_cli
 from stage1_vqvae.gan_health import diagnose, read_log
 from stage1_vqvae.judge import hold_out, judge_reconstructions, load_or_train_judge

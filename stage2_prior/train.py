@@ -18,7 +18,8 @@ from stage1_vqvae.atomic import save_pretrained_atomic
 from stage1_vqvae.cli import parse_config
 from stage1_vqvae.codes import open_codes, weights_hash
 from stage1_vqvae.data import held_in_memory, load_image_data
-from stage1_vqvae.dump_codes import data_config_of_run, load_vqvae
+from stage1_vqvae.dump_codes import data_config_of_run
+from stage1_vqvae.model import load_vqvae
 from stage1_vqvae.errors import UserError, run_cli
 from stage1_vqvae.judge import features_and_predictions, load_or_train_judge
 from stage1_vqvae.training import (
@@ -45,9 +46,9 @@ class PriorConfig:
     layers: int = field(default=4, metadata={"help": "transformer (and MaskGIT) blocks"})
     heads: int = field(default=2, metadata={"help": "transformer (and MaskGIT) attention heads"})
     dropout: float = field(default=0.0, metadata={"help": "transformer (and MaskGIT) dropout (worth 0.1 for many epochs)"})
-    steps: int | None = field(default=None, metadata={"help": "MaskGIT: sampling passes, stored as sampling's default "
+    passes: int | None = field(default=None, metadata={"help": "MaskGIT: sampling passes, stored as sampling's default "
                                                               "(default: 4 for maps of up to 8x8 codes, 8 up to 16x16, 12 above)"})
-    channels: int = field(default=128, metadata={"help": "PixelCNN channels"})
+    pixelcnn_channels: int = field(default=128, metadata={"help": "PixelCNN channels"})
     pixelcnn_layers: int = field(default=8, metadata={"help": "PixelCNN gated layers"})
     kernel_size: int = field(default=5, metadata={"help": "PixelCNN kernel size (odd)"})
 
@@ -56,6 +57,8 @@ class PriorConfig:
 class TrainConfig(LoopConfig, PriorConfig):
     # how runs saved before these flags existed trained, so that --resume of one refuses the new default
     FLAGS_ADDED_SINCE: ClassVar[dict] = {"label_every_code": False, "codebook_inputs": False}
+    # one flag name, one meaning: --steps counted optimizer steps elsewhere, --channels image channels in stage one
+    RENAMED_FLAGS: ClassVar[dict] = {"--steps": "--passes", "--channels": "--pixelcnn-channels"}
     epochs: float = field(default=2.25, metadata={"help": "passes over the train maps (ignored with --max-steps)"})
     # the demo's 2.25 epochs of Fashion-MNIST's maps: what a small data set gets too
     min_steps: int = field(default=4219, metadata={"help": "at least this many optimizer steps, however few --epochs make on a small data set"})
@@ -100,8 +103,8 @@ def choose_guidance(accelerator, run_dir: Path, stage_dir: Path, vqvae, scales: 
 NOT_SIZES = ("dropout", "label_every_code", "codebook_inputs")
 PRIOR_FLAGS = {
     "transformer": ("width", "layers", "heads", "dropout", "label_every_code", "codebook_inputs"),
-    "pixelcnn": ("channels", "pixelcnn_layers", "kernel_size"),
-    "maskgit": ("width", "layers", "heads", "dropout", "steps"),
+    "pixelcnn": ("pixelcnn_channels", "pixelcnn_layers", "kernel_size"),
+    "maskgit": ("width", "layers", "heads", "dropout", "passes"),
 }
 
 
@@ -145,8 +148,8 @@ def build_prior(config: TrainConfig, codebook_size: int, map_shape, class_names:
             return prior
         if config.prior == "maskgit":
             return PRIORS["maskgit"](width=config.width, layers=config.layers, heads=config.heads, dropout=config.dropout,
-                                     default_steps=config.steps, **common)
-        return PRIORS["pixelcnn"](channels=config.channels, layers=config.pixelcnn_layers, kernel_size=config.kernel_size, **common)
+                                     default_steps=config.passes, **common)
+        return PRIORS["pixelcnn"](channels=config.pixelcnn_channels, layers=config.pixelcnn_layers, kernel_size=config.kernel_size, **common)
     except ValueError as error:  # sizes that do not fit together: an even kernel, too few layers for the maps
         flags = " ".join(f"--{name.replace('_', '-')} {getattr(config, name)}" for name in PRIOR_FLAGS[config.prior] if name not in NOT_SIZES)
         raise UserError(f"{flags}: {error}") from None
@@ -176,8 +179,8 @@ def main(argv=None):
     scales = parse_scales(config.guidance_scales, "--guidance-scales")
     check_prior_flags(config)
     check_prior_dir(config.prior_dir)
-    if config.steps is not None and config.steps < 1:
-        raise UserError(f"--steps {config.steps} must be at least 1 (MaskGIT's sampling passes; leave it out for the map size's default, 4 on 8x8 maps)")
+    if config.passes is not None and config.passes < 1:
+        raise UserError(f"--passes {config.passes} must be at least 1 (MaskGIT's sampling passes; leave it out for the map size's default, 4 on 8x8 maps)")
     masked = config.prior in PARALLEL_PRIORS
     started = time.time()
     run_dir = Path(config.run_dir)

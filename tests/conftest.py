@@ -89,3 +89,20 @@ def accelerate_command(num_processes: int) -> list[str]:
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes),
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
     ]
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, tiny_fashion_dir):
+    """Both stages, a few steps each, on the tiny Fashion-MNIST look-alike (shared: copy it before changing it)."""
+    from stage1_vqvae import train as stage_one
+    from stage2_prior import train as stage_two
+    from tests.test_stage2_training import TINY_PRIOR
+
+    run_dir = tmp_path_factory.mktemp("pipeline") / "run"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("VQ_DATA_DIR", str(tiny_fashion_dir))
+        stage_one.main(["--run-dir", str(run_dir), *TINY_MODEL, "--max-steps", "10"])
+        reset_accelerate_state()
+        stage_two.main(["--run-dir", str(run_dir), *TINY_PRIOR, "--max-steps", "6"])
+        reset_accelerate_state()
+    return run_dir

@@ -198,7 +198,7 @@ def test_a_few_colour_files_turn_a_grayscale_set_rgb_and_channels_1_turns_it_bac
 @pytest.mark.parametrize("mode", ["RGBA", "P", "LA", "1"])
 def test_images_of_any_mode_are_converted(tmp_path, mode):
     write_image_folder(tmp_path / "images", per_class=3, mode="RGB")
-    Image.new("RGB", (20, 20), (0, 200, 0)).convert(mode).save(tmp_path / "images" / "circles" / f"odd.png")
+    Image.new("RGB", (20, 20), (0, 200, 0)).convert(mode).save(tmp_path / "images" / "circles" / "odd.png")
     data = load_image_data(DataConfig(dataset=str(tmp_path / "images"), image_size=8, test_fraction=0.3))
     assert data.channels == 3 and torch.cat([data.train.images, data.test.images]).shape == (7, 3, 8, 8)
 

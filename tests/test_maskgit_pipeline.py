@@ -7,16 +7,16 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines import complete, evaluate, sample
+from pipelines import VQPipeline, complete, evaluate, sample
+from pipelines.region import code_region
 from stage1_vqvae import train as stage_one
-from stage1_vqvae.dump_codes import load_vqvae
 from stage1_vqvae.errors import UserError
 from stage2_prior import train as stage_two
 from stage2_prior.priors import load_prior
 from tests.conftest import TINY_MODEL, reset_accelerate_state
 from tests.test_stage2_training import TINY_PRIOR
 
-MASKGIT = ["--prior", "maskgit", "--prior-dir", "prior_maskgit", "--steps", "4"]
+MASKGIT = ["--prior", "maskgit", "--prior-dir", "prior_maskgit", "--passes", "4"]
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,7 @@ def test_a_maskgit_prior_trains_beside_the_transformer_and_keeps_its_own_figures
 
 
 def test_sample_and_evaluate_take_the_prior_dir_and_steps(two_prior_run, tiny_fashion, tmp_path, capsys):
-    sample.main(["--run-dir", str(two_prior_run), "--prior-dir", "prior_maskgit", "--steps", "3", "--n", "20",
+    sample.main(["--run-dir", str(two_prior_run), "--prior-dir", "prior_maskgit", "--passes", "3", "--n", "20",
                  "--out", str(tmp_path / "mg"), "--device", "cpu"])
     assert "2 per class, 3 passes" in capsys.readouterr().out
     assert np.load(tmp_path / "mg" / "codes.npy").shape == (20, 8, 8)
@@ -59,8 +59,8 @@ def test_sample_and_evaluate_take_the_prior_dir_and_steps(two_prior_run, tiny_fa
 
 
 @pytest.mark.parametrize("prior_dir, flags, message", [
-    ("prior", ["--steps", "4"], "--steps 4 sets MaskGIT's sampling passes, but this run's prior is a transformer"),
-    ("prior_maskgit", ["--steps", "0"], "--steps 0 must be at least 1"),
+    ("prior", ["--passes", "4"], "passes 4 sets MaskGIT's sampling passes, but this run's prior is a transformer"),
+    ("prior_maskgit", ["--passes", "0"], "passes 0 must be at least 1"),
     ("nothing", [], "no prior in .*nothing"),
 ])
 def test_bad_prior_flags_are_one_clear_sentence(two_prior_run, tmp_path, prior_dir, flags, message):
@@ -72,8 +72,10 @@ def test_bad_prior_flags_are_one_clear_sentence(two_prior_run, tmp_path, prior_d
 @pytest.mark.parametrize("flags, message", [
     (["--prior-dir", "vqvae"], "--prior-dir 'vqvae' must name one new folder inside the run"),
     (["--prior-dir", "a/b"], "must name one new folder"),
-    (["--prior", "maskgit", "--steps", "0"], "--steps 0 must be at least 1"),
-    (["--prior", "pixelcnn", "--steps", "4"], "--steps 4 only apply to --prior maskgit"),
+    (["--prior", "maskgit", "--passes", "0"], "--passes 0 must be at least 1"),
+    (["--prior", "pixelcnn", "--passes", "4"], "--passes 4 only apply to --prior maskgit"),
+    (["--steps", "4"], "--steps was renamed --passes"),
+    (["--channels", "64"], "--channels was renamed --pixelcnn-channels"),
 ])
 def test_bad_stage_two_prior_flags_are_refused_before_anything_is_written(two_prior_run, flags, message):
     before = sorted(p.name for p in two_prior_run.iterdir())
@@ -89,23 +91,32 @@ def test_complete_keeps_the_top_half_with_the_transformer_by_default(two_prior_r
     assert Image.open(tmp_path / "grid.png").size == (2 + 4 * 34, 2 + 3 * 34)  # original | kept | 2 completions
 
 
-def test_maskgit_completes_any_region_and_keeps_the_rest(two_prior_run, tmp_path):
-    vqvae = load_vqvae(two_prior_run).eval()
-    prior = load_prior(two_prior_run / "prior_maskgit").eval()
+def test_maskgit_completes_any_region_and_keeps_the_rest(two_prior_run):
+    pipe = VQPipeline.from_run(two_prior_run, prior="prior_maskgit", device="cpu")
     images = torch.randint(0, 256, (3, 1, 32, 32), dtype=torch.uint8)
-    region = complete.redraw_region("center", 8, 8)
+    result = pipe.complete(images, "center", samples=2, output_type="pt")
+    region = result.region
     assert region.sum() == 16 and region[2:6, 2:6].all()
-    codes, completed, decoded = complete.complete(vqvae, prior, images, region, 2, None, torch.device("cpu"))
-    assert torch.equal(completed[:, :, ~region], codes[:, None].expand(-1, 2, -1, -1)[:, :, ~region])
-    assert decoded.shape == (3, 2, 1, 32, 32)
+    codes = pipe.vqvae.encode(images.float() / 255)
+    assert torch.equal(result.codes[:, :, ~region], codes[:, None].expand(-1, 2, -1, -1)[:, :, ~region])
+    assert result.images.shape == (3, 2, 1, 32, 32) and result.kept.shape == (3, 1, 32, 32)
 
 
-def test_a_mask_image_is_scaled_to_the_map(tmp_path):
+def test_a_mask_image_or_tensor_is_scaled_to_the_map(tmp_path):
     mask = np.zeros((64, 64), dtype=np.uint8)
     mask[:, 48:] = 255  # the right quarter is white
     Image.fromarray(mask).save(tmp_path / "mask.png")
-    region = complete.redraw_region(str(tmp_path / "mask.png"), 8, 8)
-    assert region[:, 6:].all() and not region[:, :6].any()
+    for given in (str(tmp_path / "mask.png"), Image.fromarray(mask), torch.from_numpy(mask > 0)):
+        region = code_region(given, 8, 8)
+        assert region[:, 6:].all() and not region[:, :6].any()
+
+
+def test_complete_label_all_completes_each_image_as_every_class(two_prior_run, tiny_fashion, tmp_path, capsys):
+    complete.main(["--run-dir", str(two_prior_run), "--n", "2", "--samples", "1", "--label", "all", "--out", str(tmp_path),
+                   "--device", "cpu"])
+    assert "20 x 1 completions" in capsys.readouterr().out  # 2 images x 10 classes
+    assert (tmp_path / "test_0001_Sneaker_0.png").exists()
+    assert Image.open(tmp_path / "grid.png").size == (2 + 3 * 34, 2 + 20 * 34)
 
 
 def test_complete_takes_image_files_of_any_mode(two_prior_run, tmp_path):
@@ -119,11 +130,11 @@ def test_complete_takes_image_files_of_any_mode(two_prior_run, tmp_path):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--redraw", "center"], "--redraw center keeps codes after redrawn ones in raster order, which the transformer prior cannot"),
-    (["--redraw", "middle"], "--redraw 'middle' is neither a region"),
+    (["--redraw", "center"], "mask center keeps codes after redrawn ones in raster order, which the transformer prior cannot"),
+    (["--redraw", "middle"], "mask 'middle' is neither a region"),
     (["--images", "missing.png"], "--images missing.png does not exist"),
     (["--samples", "0"], "--n and --samples must be at least 1"),
-    (["--label", "Hat"], "--label Hat is neither a class name"),
+    (["--label", "Hat"], "label 'Hat' is neither a class name"),
 ])
 def test_bad_completion_flags_are_one_clear_sentence(two_prior_run, tiny_fashion, tmp_path, flags, message):
     with pytest.raises(UserError, match=message):

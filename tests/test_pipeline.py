@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from torch.nn.attention import SDPBackend
 
-from pipelines import evaluate, sample
+from pipelines import evaluate, pipeline, sample
 from stage1_vqvae import train as stage_one
 from stage1_vqvae.errors import UserError
 from stage2_prior import train as stage_two
@@ -18,19 +18,6 @@ from stage2_prior.quality import autocast_for, best_guidance
 from stage2_prior.transformer import CUDA_ATTENTION, attention_kernel
 from tests.conftest import REPO, TINY_MODEL, cpu_env, reset_accelerate_state
 from tests.test_stage2_training import TINY_PRIOR
-
-
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory, tiny_fashion_dir):
-    """Both stages, a few steps each, on the tiny Fashion-MNIST look-alike."""
-    run_dir = tmp_path_factory.mktemp("pipeline") / "run"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("VQ_DATA_DIR", str(tiny_fashion_dir))
-        stage_one.main(["--run-dir", str(run_dir), *TINY_MODEL, "--max-steps", "10"])
-        reset_accelerate_state()
-        stage_two.main(["--run-dir", str(run_dir), *TINY_PRIOR, "--max-steps", "6"])
-        reset_accelerate_state()
-    return run_dir
 
 
 def test_end_to_end_sample_and_evaluate_write_every_file(trained_run, tiny_fashion, capsys):
@@ -49,7 +36,7 @@ def test_end_to_end_sample_and_evaluate_write_every_file(trained_run, tiny_fashi
     samples = metrics["samples"]
     assert samples["fd_ratio"] == pytest.approx(samples["fd"] / samples["fd_floor"])
     assert metrics["stage1"]["rfd_ratio"] == pytest.approx(metrics["stage1"]["rfd"] / samples["fd_floor"])
-    assert samples["guidance"] == sample.load_run(trained_run, torch.device("cpu"))[1].default_guidance
+    assert samples["guidance"] == pipeline.load_run(trained_run, torch.device("cpu"))[1].default_guidance
     assert [row["guidance"] for row in samples["guidance_sweep"]] == [1.0, 2.0]
     assert all(row["fd"] >= 0 and 0 <= row["classifier_accuracy"] <= 1 for row in samples["guidance_sweep"])
     assert 0 < metrics["stage2"]["nll_bits_per_code"] < 20
@@ -72,25 +59,30 @@ def test_the_same_seed_gives_the_same_images_and_another_seed_others(trained_run
     assert (tmp_path / "a" / "grid.png").read_bytes() == (tmp_path / "b" / "grid.png").read_bytes()
 
 
-def test_label_all_gives_one_row_per_class(trained_run, tmp_path):
-    sample.main(["--run-dir", str(trained_run), "--n", "20", "--label", "all", "--out", str(tmp_path)])
-    assert len(np.load(tmp_path / "codes.npy")) == 20
-    width, height = Image.open(tmp_path / "grid.png").size
-    assert (width, height) == (2 + 2 * 34, 2 + 10 * 34)  # 2 columns of 32 + padding 2, 10 rows
-    prior = sample.load_run(trained_run, torch.device("cpu"))[1]
-    labels, row = sample.resolve_labels("all", 20, prior)
-    assert row == 2 and labels.tolist() == [c for c in range(10) for _ in range(2)]
-    assert sample.resolve_labels("Sneaker", 3, prior)[0].tolist() == [7, 7, 7]
-    assert sample.resolve_labels("2", 2, prior)[0].tolist() == [2, 2]
+def test_n_images_are_written_balanced_over_classes_one_row_each_and_nrow_is_honoured(trained_run, tmp_path):
+    sample.main(["--run-dir", str(trained_run), "--n", "64", "--out", str(tmp_path / "all")])
+    assert len(np.load(tmp_path / "all" / "codes.npy")) == 64 and len(list((tmp_path / "all").glob("0*.png"))) == 64
+    width, height = Image.open(tmp_path / "all" / "grid.png").size
+    assert (width, height) == (2 + 7 * 34, 2 + 10 * 34)  # 7 columns of 32 + padding 2, one row per class
+    sample.main(["--run-dir", str(trained_run), "--n", "20", "--nrow", "6", "--out", str(tmp_path / "rows")])
+    assert Image.open(tmp_path / "rows" / "grid.png").size == (2 + 6 * 34, 2 + 4 * 34)  # 20 images, a ragged last row
+    prior = pipeline.load_run(trained_run, torch.device("cpu"))[1]
+    labels = pipeline.resolve_labels("all", 64, prior)
+    assert torch.bincount(labels).tolist() == [7, 7, 7, 7, 6, 6, 6, 6, 6, 6] and labels.tolist() == sorted(labels.tolist())
+    assert pipeline.resolve_labels("Sneaker", 3, prior).tolist() == [7, 7, 7]
+    assert pipeline.resolve_labels("2", 2, prior).tolist() == [2, 2]
+    assert pipeline.resolve_labels(["Sneaker", 2], None, prior).tolist() == [7, 2]
 
 
 @pytest.mark.parametrize("flags,message", [
-    (["--label", "Hat"], "--label Hat is neither a class name nor an index from 0 to 9"),
-    (["--label", "10"], "--label 10 is neither a class name nor an index"),
-    (["--temperature", "0"], "--temperature 0.0 must be above 0"),
-    (["--top-p", "1.5"], "--top-p 1.5 must lie in"),
-    (["--top-k", "0"], "--top-k 0 must be at least 1"),
+    (["--label", "Hat"], "label 'Hat' is neither a class name nor an index from 0 to 9"),
+    (["--label", "10"], "label '10' is neither a class name nor an index"),
+    (["--temperature", "0"], "temperature 0.0 must be above 0"),
+    (["--top-p", "1.5"], "top-p 1.5 must lie in"),
+    (["--top-k", "0"], "top-k 0 must be at least 1"),
     (["--n", "0"], "--n and --batch-size must be at least 1"),
+    (["--nrow", "0"], "--nrow 0 must be at least 1"),
+    (["--steps", "4"], "--steps was renamed --passes"),
 ])
 def test_bad_sampling_flags_are_one_clear_sentence(trained_run, tmp_path, flags, message):
     with pytest.raises(UserError, match=message):
@@ -126,12 +118,12 @@ def test_a_prior_from_another_vqvae_is_refused(trained_run, tmp_path):
 
 def test_cuda_paths_as_far_as_a_cpu_allows():
     if torch.cuda.is_available():
-        assert sample.pick_device("auto").type == "cuda"
-        assert sample.pick_device("cuda").type == "cuda"
+        assert pipeline.pick_device("auto").type == "cuda"
+        assert pipeline.pick_device("cuda").type == "cuda"
     else:
-        assert sample.pick_device("auto").type in ("cpu", "mps")
-        with pytest.raises(UserError, match="--device cuda was asked for but no CUDA GPU is visible"):
-            sample.pick_device("cuda")
+        assert pipeline.pick_device("auto").type in ("cpu", "mps")
+        with pytest.raises(UserError, match="device cuda was asked for but no CUDA GPU is visible"):
+            pipeline.pick_device("cuda")
     with warnings.catch_warnings():  # without a GPU torch warns that it disables CUDA autocast
         warnings.simplefilter("ignore")
         cuda_autocast = autocast_for(torch.device("cuda"))
@@ -211,10 +203,10 @@ def test_the_default_guidance_comes_from_the_priors_config_and_the_flag_override
 def test_label_none_samples_without_a_class(trained_run, tmp_path, capsys):
     sample.main(["--run-dir", str(trained_run), "--n", "5", "--label", "none", "--seed", "7", "--out", str(tmp_path)])
     assert "(unconditional, guidance 1)" in capsys.readouterr().out
-    vqvae, prior = sample.load_run(trained_run, torch.device("cpu"))
+    vqvae, prior = pipeline.load_run(trained_run, torch.device("cpu"))
     expected = prior.generate(5, None, generator=torch.Generator().manual_seed(7))
     assert np.array_equal(np.load(tmp_path / "codes.npy"), expected.numpy())
-    with pytest.raises(UserError, match="--guidance 2.0 steers samples towards their class, but --label none"):
+    with pytest.raises(UserError, match="guidance 2 steers samples towards their class, but label 'none' asks for no class"):
         sample.main(["--run-dir", str(trained_run), "--label", "none", "--guidance", "2", "--out", str(tmp_path / "x")])
 
 
@@ -278,7 +270,7 @@ def test_a_test_split_without_labels_keeps_the_run_conditional_and_evaluates(tmp
     stage_two.main(["--run-dir", str(run), *TINY_PRIOR, "--max-steps", "4", "--eval-every", "2"])
     reset_accelerate_state()
     assert "The test split has no labels" in capsys.readouterr().out
-    assert sample.load_run(run, torch.device("cpu"))[1].num_classes == 4
+    assert pipeline.load_run(run, torch.device("cpu"))[1].num_classes == 4
     evaluate.main(["--run-dir", str(run), "--n", "8", "--classifier-epochs", "1", "--batch-size", "8"])
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["stage2"]["conditional_on_labels"] is False and metrics["samples"]["classifier_test_accuracy"] is None

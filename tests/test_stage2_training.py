@@ -6,7 +6,7 @@ import torch
 
 from stage1_vqvae import train as stage_one
 from stage1_vqvae.codes import read_metadata
-from stage1_vqvae.dump_codes import load_vqvae
+from stage1_vqvae.model import load_vqvae
 from stage1_vqvae.errors import UserError
 from stage2_prior import train as stage_two
 from stage2_prior.priors import load_prior
@@ -15,7 +15,7 @@ from tests.conftest import TINY_MODEL, reset_accelerate_state
 
 TINY_PRIOR = ["--width", "32", "--layers", "2", "--heads", "2",
               "--batch-size", "16", "--warmup-steps", "2", "--grid-samples", "4", "--guidance-scales", ""]
-TINY_PIXELCNN = ["--prior", "pixelcnn", "--channels", "16", "--pixelcnn-layers", "4", *TINY_PRIOR[6:]]
+TINY_PIXELCNN = ["--prior", "pixelcnn", "--pixelcnn-channels", "16", "--pixelcnn-layers", "4", *TINY_PRIOR[6:]]
 
 
 @pytest.fixture(scope="module")
@@ -175,8 +175,8 @@ def test_without_its_images_the_sweep_is_skipped_and_the_prior_kept(stage_one_ru
 
 
 def test_flags_of_the_other_prior_are_refused_in_one_sentence(tmp_path):
-    with pytest.raises(UserError, match="--channels 64 only apply to --prior pixelcnn, not transformer; drop it"):
-        stage_two.main(["--run-dir", str(tmp_path), "--channels", "64"])
+    with pytest.raises(UserError, match="--pixelcnn-channels 64 only apply to --prior pixelcnn, not transformer; drop it"):
+        stage_two.main(["--run-dir", str(tmp_path), "--pixelcnn-channels", "64"])
     with pytest.raises(UserError, match="--width 64, --heads 4 only apply to --prior transformer, not pixelcnn; drop them"):
         stage_two.main(["--run-dir", str(tmp_path), "--prior", "pixelcnn", "--width", "64", "--heads", "4"])
     assert not any(tmp_path.iterdir())
@@ -184,7 +184,7 @@ def test_flags_of_the_other_prior_are_refused_in_one_sentence(tmp_path):
 
 def test_a_pixelcnn_too_shallow_for_the_maps_is_refused_in_one_sentence(stage_one_run, tmp_path):
     run_dir = copy_run(stage_one_run, tmp_path / "run")
-    with pytest.raises(UserError, match=r"^--channels 16 --pixelcnn-layers 2 --kernel-size 3: 2 layers of kernel 3 see 2 codes .* 8x8 map needs; use at least 7 layers"):
+    with pytest.raises(UserError, match=r"^--pixelcnn-channels 16 --pixelcnn-layers 2 --kernel-size 3: 2 layers of kernel 3 see 2 codes .* 8x8 map needs; use at least 7 layers"):
         stage_two.main(["--run-dir", str(run_dir), *TINY_PIXELCNN[:4], "--pixelcnn-layers", "2", "--kernel-size", "3", *TINY_PRIOR[6:]])
     assert not (run_dir / "prior").exists()
 
@@ -197,5 +197,14 @@ def test_a_width_that_the_heads_do_not_divide_is_refused_in_one_sentence(stage_o
 
 def test_an_even_pixelcnn_kernel_is_refused_in_one_sentence():
     config = stage_two.TrainConfig(prior="pixelcnn", kernel_size=4)
-    with pytest.raises(UserError, match=r"^--channels 128 --pixelcnn-layers 8 --kernel-size 4: kernel_size 4 must be odd, e.g. 5$"):
+    with pytest.raises(UserError, match=r"^--pixelcnn-channels 128 --pixelcnn-layers 8 --kernel-size 4: kernel_size 4 must be odd, e.g. 5$"):
         stage_two.build_prior(config, 16, (8, 8), None, "")
+
+
+def test_a_run_saved_under_a_renamed_flag_resumes_under_the_new_name():
+    from stage1_vqvae.training import changed_flags
+
+    config = stage_two.TrainConfig(prior="pixelcnn", pixelcnn_channels=128)
+    assert changed_flags({"channels": 128, "prior": "pixelcnn"}, config) == {}
+    assert changed_flags({"channels": 64, "prior": "pixelcnn"}, config) == {"pixelcnn_channels": (64, 128)}
+    assert changed_flags({"steps": 8, "prior": "pixelcnn"}, config) == {"passes": (8, None)}
