@@ -205,6 +205,7 @@ def test_a_run_saved_under_a_renamed_flag_resumes_under_the_new_name():
     from stage1_vqvae.training import changed_flags
 
     config = stage_two.TrainConfig(prior="pixelcnn", pixelcnn_channels=128)
-    assert changed_flags({"channels": 128, "prior": "pixelcnn"}, config) == {}
-    assert changed_flags({"channels": 64, "prior": "pixelcnn"}, config) == {"pixelcnn_channels": (64, 128)}
-    assert changed_flags({"steps": 8, "prior": "pixelcnn"}, config) == {"passes": (8, None)}
+    saved = {"prior": "pixelcnn", "label_every_code": True, "codebook_inputs": True}
+    assert changed_flags({**saved, "channels": 128}, config) == {}
+    assert changed_flags({**saved, "channels": 64}, config) == {"pixelcnn_channels": (64, 128)}
+    assert changed_flags({**saved, "steps": 8}, config) == {"passes": (8, None)}
