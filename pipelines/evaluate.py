@@ -114,6 +114,9 @@ def evaluate_run(config: EvaluateConfig) -> dict:
     device = pick_device(config.device)
     use_all_cores(device)
     vqvae, prior = load_run(run_dir, device, config.prior_dir)
+    if scales and not prior.num_classes:
+        raise UserError(f"--guidance {config.guidance} does nothing for an unconditional prior (guidance steers samples "
+                        f"towards their class, and this prior has none); drop --guidance")
     if any(scale != 1 for scale in scales):
         check_null_label_was_trained(prior, f"--guidance {config.guidance}")
     data = load_image_data(data_config_of_run(run_dir))

@@ -77,6 +77,11 @@ def test_unconditional_flag_ignores_labels(stage_one_run, tmp_path):
     run_dir = copy_run(stage_one_run, tmp_path)
     stage_two.main(["--run-dir", str(run_dir), "--unconditional", *TINY_PRIOR, "--max-steps", "2"])
     assert load_prior(run_dir / "prior").num_classes == 0
+    from pipelines import evaluate
+
+    with pytest.raises(UserError, match="--guidance 1,2 does nothing for an unconditional prior"):
+        evaluate.main(["--run-dir", str(run_dir), "--guidance", "1,2"])
+    assert not (run_dir / "metrics.json").exists()
 
 
 def test_missing_maps_name_the_command_that_makes_them(stage_one_run, tmp_path):
