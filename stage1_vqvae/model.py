@@ -5,7 +5,7 @@ constructor arguments) and `model.safetensors`; `from_pretrained(dir)` reads the
 """
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -16,6 +16,26 @@ from torch import nn
 
 from stage1_vqvae.errors import UserError
 from stage1_vqvae.quantizer import QuantizerOutput, VectorQuantizer
+
+
+@dataclass
+class ModelConfig:
+    """The VQ-VAE's sizes: stage one's flags and `VQVAE()`'s own defaults, one source for both."""
+
+    hidden_channels: int = field(default=128, metadata={"help": "channels at the code-map resolution"})
+    res_blocks: int = field(default=2, metadata={"help": "residual blocks in encoder and decoder"})
+    res_channels: int = field(default=32, metadata={"help": "width inside a residual block"})
+    downsample: int = field(default=4, metadata={"help": "image side / code-map side, a power of two"})
+    codebook_size: int = field(default=512, metadata={"help": "number of codes K"})
+    code_dim: int = field(default=64, metadata={"help": "dimension of a code vector"})
+    codebook: str = field(default="ema", metadata={"help": "how the codebook learns", "choices": ["ema", "loss"]})
+    decay: float = field(default=0.99, metadata={"help": "EMA decay of the codebook"})
+    beta: float = field(default=0.25, metadata={"help": "commitment loss weight"})
+    dead_code_steps: int = field(default=50, metadata={"help": "restart a code unused for this many steps (0: never)"})
+    l2_normalize: bool = field(default=False, metadata={"help": "look codes up by cosine similarity"})
+
+
+MODEL_DEFAULTS = ModelConfig()
 
 
 class ResidualBlock(nn.Module):
@@ -91,17 +111,17 @@ class VQVAE(nn.Module, PyTorchModelHubMixin):
         self,
         in_channels: int = 1,
         image_size: int = 32,
-        hidden_channels: int = 128,
-        res_blocks: int = 2,
-        res_channels: int = 32,
-        downsample: int = 4,
-        codebook_size: int = 512,
-        code_dim: int = 64,
-        beta: float = 0.25,
-        ema: bool = True,
-        decay: float = 0.99,
-        dead_code_steps: int = 50,
-        l2_normalize: bool = False,
+        hidden_channels: int = MODEL_DEFAULTS.hidden_channels,
+        res_blocks: int = MODEL_DEFAULTS.res_blocks,
+        res_channels: int = MODEL_DEFAULTS.res_channels,
+        downsample: int = MODEL_DEFAULTS.downsample,
+        codebook_size: int = MODEL_DEFAULTS.codebook_size,
+        code_dim: int = MODEL_DEFAULTS.code_dim,
+        beta: float = MODEL_DEFAULTS.beta,
+        ema: bool = MODEL_DEFAULTS.codebook == "ema",
+        decay: float = MODEL_DEFAULTS.decay,
+        dead_code_steps: int = MODEL_DEFAULTS.dead_code_steps,
+        l2_normalize: bool = MODEL_DEFAULTS.l2_normalize,
     ):
         super().__init__()
         self.in_channels, self.image_size, self.downsample = in_channels, image_size, downsample

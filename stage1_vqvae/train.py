@@ -21,26 +21,11 @@ from stage1_vqvae.errors import UserError, run_cli
 from stage1_vqvae.gan_health import diagnose
 from stage1_vqvae.gan_loss import GANLoss, LossConfig, build_discriminator
 from stage1_vqvae.metrics import reconstruction_metrics, to_unit_range
-from stage1_vqvae.model import VQVAE
+from stage1_vqvae.model import VQVAE, ModelConfig
 from stage1_vqvae.training import (
     LoopConfig, batches_per_epoch, describe_length, format_duration, open_stage, run_training_loop, set_up_training,
 )
 from stage1_vqvae.weight_average import update_average, weight_average
-
-
-@dataclass
-class ModelConfig:
-    hidden_channels: int = field(default=128, metadata={"help": "channels at the code-map resolution"})
-    res_blocks: int = field(default=2, metadata={"help": "residual blocks in encoder and decoder"})
-    res_channels: int = field(default=32, metadata={"help": "width inside a residual block"})
-    downsample: int = field(default=4, metadata={"help": "image side / code-map side, a power of two"})
-    codebook_size: int = field(default=512, metadata={"help": "number of codes K"})
-    code_dim: int = field(default=64, metadata={"help": "dimension of a code vector"})
-    codebook: str = field(default="ema", metadata={"help": "how the codebook learns", "choices": ["ema", "loss"]})
-    decay: float = field(default=0.99, metadata={"help": "EMA decay of the codebook"})
-    beta: float = field(default=0.25, metadata={"help": "commitment loss weight"})
-    dead_code_steps: int = field(default=50, metadata={"help": "restart a code unused for this many steps (0: never)"})
-    l2_normalize: bool = field(default=False, metadata={"help": "look codes up by cosine similarity"})
 
 
 @dataclass

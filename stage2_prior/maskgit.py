@@ -15,6 +15,7 @@ from einops import rearrange, repeat
 from huggingface_hub import PyTorchModelHubMixin
 from tqdm.auto import tqdm
 
+from stage2_prior.prior_config import PRIOR_DEFAULTS
 from stage2_prior.sampling import filter_logits, guide, prepare_labels, sample_logits, with_null_labels
 from stage2_prior.transformer import CodeTransformer
 
@@ -58,10 +59,10 @@ class MaskGITPrior(CodeTransformer, PyTorchModelHubMixin):
         map_height: int = 8,
         map_width: int = 8,
         num_classes: int = 10,
-        width: int = 128,
-        layers: int = 4,
-        heads: int = 2,
-        dropout: float = 0.0,
+        width: int = PRIOR_DEFAULTS.width,
+        layers: int = PRIOR_DEFAULTS.layers,
+        heads: int = PRIOR_DEFAULTS.heads,
+        dropout: float = PRIOR_DEFAULTS.dropout,
         prior: str = "maskgit",
         codes_source: str = "",
         class_names: list[str] | None = None,

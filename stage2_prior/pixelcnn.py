@@ -22,6 +22,7 @@ from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 from tqdm.auto import tqdm
 
+from stage2_prior.prior_config import PRIOR_DEFAULTS
 from stage2_prior.prior_metadata import PriorMetadata
 from stage2_prior.sampling import guide, prepare_labels, sample_logits, with_null_labels
 
@@ -72,9 +73,9 @@ class GatedPixelCNN(PriorMetadata, PyTorchModelHubMixin):
         map_height: int = 8,
         map_width: int = 8,
         num_classes: int = 10,
-        channels: int = 128,
-        layers: int = 12,
-        kernel_size: int = 5,
+        channels: int = PRIOR_DEFAULTS.pixelcnn_channels,
+        layers: int = PRIOR_DEFAULTS.pixelcnn_layers,
+        kernel_size: int = PRIOR_DEFAULTS.kernel_size,
         prior: str = "pixelcnn",
         codes_source: str = "",
         class_names: list[str] | None = None,

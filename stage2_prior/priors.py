@@ -33,10 +33,13 @@ def load_prior(directory: Path):
         raise UserError(
             f"no prior in {directory}; train one with `accelerate launch stage2_prior/train.py --run-dir {directory.parent}`"
         )
-    kind = json.loads(config.read_text()).get("prior")
+    saved = json.loads(config.read_text())
+    kind = saved.get("prior")
     if kind not in PRIORS:
         raise UserError(f"{config} names prior {kind!r}, not one of {', '.join(PRIORS)}; retrain stage two")
-    return PRIORS[kind].from_pretrained(str(directory))
+    # a transformer saved before these options existed was trained without them
+    older = {key: value for key, value in (("label_every_code", False), ("code_vector_dim", 0)) if key not in saved}
+    return PRIORS[kind].from_pretrained(str(directory), **(older if kind == "transformer" else {}))
 
 
 def set_default_guidance(prior, scale: float) -> None:

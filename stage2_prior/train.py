@@ -26,31 +26,9 @@ from stage1_vqvae.training import (
     LoopConfig, describe_length, format_duration, open_stage, run_training_loop, set_up_training,
 )
 from stage2_prior.evaluation import LOG2, prior_bits_per_dim, test_nll
+from stage2_prior.prior_config import PriorConfig
 from stage2_prior.priors import PARALLEL_PRIORS, PRIORS, load_prior, set_default_guidance, training_loss
 from stage2_prior.quality import balanced_labels, best_guidance, guidance_sweep, parse_scales
-
-
-@dataclass
-class PriorConfig:
-    prior: str = field(default="transformer", metadata={"help": "which prior", "choices": list(PRIORS)})
-    prior_dir: str = field(default="prior", metadata={"help": "folder of the prior inside the run (another name keeps two priors side by side)"})
-    unconditional: bool = field(default=False, metadata={"help": "ignore the labels even when the maps have them"})
-    label_dropout: float = field(default=0.1, metadata={"help": "fraction of examples trained without their label"})
-    # Measured on the demo's codes, three training seeds: judge accuracy 0.855 against 0.835, sample FD 4.26x
-    # against 4.56x the floor (see the README).
-    label_every_code: bool = field(default=True, metadata={"help": "transformer: add the class to every code's input, not only the first token's"})
-    # Measured on three code maps: test NLL 0.04-0.06 bits/code lower in the same steps, samples alike (see the README).
-    codebook_inputs: bool = field(default=True, metadata={"help": "transformer: add each code's VQ-VAE codebook vector, projected, to its input"})
-    # Narrow: at the demo's budget more updates beat more width (see the README's ablation).
-    width: int = field(default=128, metadata={"help": "transformer (and MaskGIT) width"})
-    layers: int = field(default=4, metadata={"help": "transformer (and MaskGIT) blocks"})
-    heads: int = field(default=2, metadata={"help": "transformer (and MaskGIT) attention heads"})
-    dropout: float = field(default=0.0, metadata={"help": "transformer (and MaskGIT) dropout (worth 0.1 for many epochs)"})
-    passes: int | None = field(default=None, metadata={"help": "MaskGIT: sampling passes, stored as sampling's default "
-                                                              "(default: 4 for maps of up to 8x8 codes, 8 up to 16x16, 12 above)"})
-    pixelcnn_channels: int = field(default=128, metadata={"help": "PixelCNN channels"})
-    pixelcnn_layers: int = field(default=8, metadata={"help": "PixelCNN gated layers"})
-    kernel_size: int = field(default=5, metadata={"help": "PixelCNN kernel size (odd)"})
 
 
 @dataclass

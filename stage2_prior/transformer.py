@@ -23,6 +23,8 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
+from stage1_vqvae.model import MODEL_DEFAULTS
+from stage2_prior.prior_config import PRIOR_DEFAULTS
 from stage2_prior.prior_metadata import PriorMetadata
 from stage2_prior.sampling import guide, prepare_labels, sample_logits, with_null_labels
 
@@ -144,27 +146,27 @@ class TransformerPrior(CodeTransformer, PyTorchModelHubMixin):
         map_height: int = 8,
         map_width: int = 8,
         num_classes: int = 10,
-        width: int = 256,
-        layers: int = 4,
-        heads: int = 4,
-        dropout: float = 0.1,
+        width: int = PRIOR_DEFAULTS.width,
+        layers: int = PRIOR_DEFAULTS.layers,
+        heads: int = PRIOR_DEFAULTS.heads,
+        dropout: float = PRIOR_DEFAULTS.dropout,
         prior: str = "transformer",
         codes_source: str = "",
         class_names: list[str] | None = None,
         default_guidance: float = 1.0,
         label_dropout: float | None = None,
-        label_every_code: bool = False,
-        code_vector_dim: int = 0,
+        label_every_code: bool = PRIOR_DEFAULTS.label_every_code,
+        code_vector_dim: int = MODEL_DEFAULTS.code_dim if PRIOR_DEFAULTS.codebook_inputs else 0,
     ):
         super().__init__()
         self._build(codebook_size, map_height, map_width, num_classes, width, layers, heads, dropout, prior,
                     codes_source, class_names, default_guidance, label_dropout, causal=True)
-        # False where config.json predates it: such a prior loads and samples as it was trained.
+        # (`load_prior` passes False and 0 where config.json predates these two: such a prior loads as it was trained.)
         self.label_every_code = label_every_code
         if label_every_code:
             self.label_bias = nn.Embedding(num_classes + 1, width)
             nn.init.normal_(self.label_bias.weight, std=0.02)
-        # 0 where config.json predates it. The vectors are a buffer: saved with the weights, never trained.
+        # The vectors are a buffer: saved with the weights, never trained.
         self.code_vector_dim = code_vector_dim
         if code_vector_dim:
             self.register_buffer("code_vectors", torch.zeros(codebook_size, code_vector_dim))

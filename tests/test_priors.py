@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from stage2_prior.maskgit import MaskGITPrior
 from stage2_prior.pixelcnn import GatedPixelCNN
+from stage2_prior.priors import load_prior
 from stage2_prior.sampling import filter_logits, sample_logits
 from stage2_prior.transformer import TransformerPrior
 
@@ -202,12 +203,12 @@ def test_a_transformer_saved_before_the_class_and_codebook_inputs_still_loads(tm
     trained, the class in the first token only and no codebook vectors, and samples what it
     sampled before."""
     torch.manual_seed(0)
-    old = TransformerPrior(K, H, W, num_classes=3, width=32, layers=1, heads=4)
+    old = TransformerPrior(K, H, W, num_classes=3, width=32, layers=1, heads=4, label_every_code=False, code_vector_dim=0)
     old.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     del config["label_every_code"], config["code_vector_dim"]
     (tmp_path / "config.json").write_text(json.dumps(config))
-    loaded = TransformerPrior.from_pretrained(tmp_path).eval()
+    loaded = load_prior(tmp_path).eval()
     assert not loaded.label_every_code and not loaded.code_vector_dim
     draw = lambda model: model.generate(2, torch.tensor([0, 2]), generator=torch.Generator().manual_seed(3))
     assert torch.equal(draw(loaded), draw(old.eval()))
@@ -227,3 +228,33 @@ def test_codebook_vectors_are_saved_with_the_prior_and_shape_its_inputs(tmp_path
     inputs = model.embed_codes(torch.tensor([3, 5, 6]))
     # equal up to rounding: a matrix product may round one row differently from another on some CPUs
     assert torch.allclose(inputs[0], inputs[1], rtol=1e-5, atol=1e-7) and not torch.allclose(inputs[0], inputs[2])
+
+
+def test_the_model_classes_defaults_are_the_command_lines():
+    """One source of truth: a model built in Python with no arguments is the one the flags describe."""
+    import inspect
+
+    from stage1_vqvae.discriminator import PatchDiscriminator
+    from stage1_vqvae.gan_loss import LossConfig
+    from stage1_vqvae.model import VQVAE, ModelConfig
+    from stage2_prior.prior_config import PriorConfig
+
+    def defaults(cls):
+        return {name: p.default for name, p in inspect.signature(cls).parameters.items()}
+
+    prior, model = PriorConfig(), ModelConfig()
+    for cls in (TransformerPrior, MaskGITPrior):
+        assert {k: defaults(cls)[k] for k in ("width", "layers", "heads", "dropout")} == \
+            {"width": prior.width, "layers": prior.layers, "heads": prior.heads, "dropout": prior.dropout}
+    assert defaults(TransformerPrior)["label_every_code"] == prior.label_every_code
+    assert defaults(TransformerPrior)["code_vector_dim"] == (model.code_dim if prior.codebook_inputs else 0)
+    pixelcnn = defaults(GatedPixelCNN)
+    assert (pixelcnn["channels"], pixelcnn["layers"], pixelcnn["kernel_size"]) == \
+        (prior.pixelcnn_channels, prior.pixelcnn_layers, prior.kernel_size)
+    vqvae = defaults(VQVAE)
+    for name in ("hidden_channels", "res_blocks", "res_channels", "downsample", "codebook_size", "code_dim", "beta",
+                 "decay", "dead_code_steps", "l2_normalize"):
+        assert vqvae[name] == getattr(model, name), name
+    assert vqvae["ema"] == (model.codebook == "ema")
+    assert defaults(PatchDiscriminator)["channels"] == LossConfig().disc_channels
+    assert TransformerPrior().width == 128 and len(TransformerPrior().blocks) == 4  # what the README documents
