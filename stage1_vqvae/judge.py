@@ -24,9 +24,11 @@ from stage1_vqvae.training import bf16_is_fast
 
 
 class FeatureClassifier(nn.Module, PyTorchModelHubMixin):
-    def __init__(self, in_channels: int = 1, num_classes: int = 10, feature_dim: int = 128, source: str = ""):
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, feature_dim: int = 128, source: str = "",
+                 trained_on: dict | None = None):
         super().__init__()
         self.source = source  # the data set it was trained on, stored in config.json
+        self.trained_on = trained_on  # everything the judge depends on (`judge_key`); None in older config.json
         self.body = nn.Sequential(
             nn.Conv2d(in_channels, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
             nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
@@ -45,16 +47,25 @@ class FeatureClassifier(nn.Module, PyTorchModelHubMixin):
 JUDGE_DIR = "eval_classifier"
 
 
+def judge_key(data, epochs: int) -> dict:
+    """What a judge depends on: a cached judge trained on anything else is the wrong yardstick
+    (another image size or channel count would not even run)."""
+    return {"source": data.source, "image_size": data.image_size, "channels": data.channels,
+            "class_names": data.class_names, "epochs": epochs}
+
+
 def load_or_train_judge(run_dir: Path, data, device, epochs: int = 3) -> "FeatureClassifier":
-    """The run's cached judge, or a new one trained on the labelled train split and cached."""
+    """The run's cached judge where it was trained on this data with these epochs; else a new
+    one, trained on the labelled train split and cached in its place."""
     directory = Path(run_dir) / JUDGE_DIR
+    key = judge_key(data, epochs)
     if (directory / "model.safetensors").exists():
         cached = FeatureClassifier.from_pretrained(str(directory))
-        if cached.source == data.source:
+        if cached.trained_on == key:
             return cached.to(device).eval()
     with torch.random.fork_rng(devices=[]):  # the same judge whatever ran before: figures stay comparable
         torch.manual_seed(0)
-        model = FeatureClassifier(in_channels=data.channels, num_classes=data.num_classes, source=data.source)
+        model = FeatureClassifier(in_channels=data.channels, num_classes=data.num_classes, source=data.source, trained_on=key)
     # a split decoded as it is read lends a sample, at most 60,000 images (Fashion-MNIST's count) and 128 MB,
     # so the memory a run needs does not grow with its data set (60,000 32x32 grayscale images are 61 MB)
     train = held_in_memory(data.train, limit=60000, max_bytes=2**27)

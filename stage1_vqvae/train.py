@@ -20,6 +20,7 @@ from stage1_vqvae.dump_codes import dump
 from stage1_vqvae.errors import UserError, run_cli
 from stage1_vqvae.gan_health import diagnose
 from stage1_vqvae.gan_loss import GANLoss, LossConfig, build_discriminator
+from stage1_vqvae.judge import JUDGE_DIR
 from stage1_vqvae.metrics import reconstruction_metrics, to_unit_range
 from stage1_vqvae.model import VQVAE, ModelConfig
 from stage1_vqvae.training import (
@@ -102,7 +103,7 @@ def main(argv=None):
         except ValueError as error:
             raise UserError(f"--lpips-weight {config.lpips_weight} needs LPIPS, but {error}; install it where its weights "
                             "can be downloaded once, or use --lpips-weight 0 (feature matching needs no weights)") from None
-    accelerator, checkpoints = open_stage(config, stage_dir, "stage one")
+    accelerator, checkpoints = open_stage(config, stage_dir, "stage one", (run_dir / "codes", run_dir / JUDGE_DIR))
     lpips_network = lpips_network.to(accelerator.device) if lpips_network is not None else None
     with accelerator.main_process_first():  # a download or cache is built once, then read by the others
         data = load_image_data(config)

@@ -62,12 +62,19 @@ class LoopConfig:
     overwrite: bool = field(default=False, metadata={"help": "start again, deleting this stage's checkpoints"})
 
 
-def open_stage(config: LoopConfig, stage_dir: Path, what: str) -> tuple[Accelerator, "Checkpoints"]:
-    """The accelerator and checkpoints of one stage, after refusing a bad start, seeded."""
+def open_stage(config: LoopConfig, stage_dir: Path, what: str, also_written: tuple[Path, ...] = ()) -> tuple[Accelerator, "Checkpoints"]:
+    """The accelerator and checkpoints of one stage, after refusing a bad start, seeded.
+    --overwrite (without --resume) first removes everything the stage wrote: `stage_dir` and
+    the folders in `also_written`, so that nothing of the old run is left to be mistaken for the new."""
     if config.keep_checkpoints < 1:
         raise UserError(f"--keep-checkpoints {config.keep_checkpoints} would leave nothing to --resume from; "
                         f"use 1 or more (the default 2 keeps the newest two)")
     accelerator = make_accelerator(config, stage_dir)
+    if config.overwrite and not config.resume:
+        if accelerator.is_main_process:
+            for folder in (stage_dir, *also_written):
+                shutil.rmtree(folder, ignore_errors=True)
+        accelerator.wait_for_everyone()
     checkpoints = Checkpoints(stage_dir / "checkpoints", config.keep_checkpoints)
     check_can_start(checkpoints, config, what)
     changes = check_resume_flags(config, stage_dir / "train_config.json", what)

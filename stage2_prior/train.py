@@ -21,7 +21,7 @@ from stage1_vqvae.data import held_in_memory, load_image_data
 from stage1_vqvae.dump_codes import data_config_of_run
 from stage1_vqvae.model import load_vqvae
 from stage1_vqvae.errors import UserError, run_cli
-from stage1_vqvae.judge import features_and_predictions, load_or_train_judge
+from stage1_vqvae.judge import JUDGE_DIR, features_and_predictions, load_or_train_judge
 from stage1_vqvae.training import (
     LoopConfig, describe_length, format_duration, open_stage, run_training_loop, set_up_training,
 )
@@ -163,7 +163,7 @@ def main(argv=None):
     started = time.time()
     run_dir = Path(config.run_dir)
     stage_dir = run_dir / config.prior_dir
-    accelerator, checkpoints = open_stage(config, stage_dir, "stage two")
+    accelerator, checkpoints = open_stage(config, stage_dir, "stage two", (run_dir / JUDGE_DIR,))
     vqvae = load_vqvae(run_dir).to(accelerator.device).eval()
     train_maps = open_codes(run_dir / "codes", "train", vqvae=vqvae)
     metadata = train_maps.metadata

@@ -10,7 +10,7 @@ def tiny_labelled_data():
     generator = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (64, 1, 16, 16), dtype=torch.uint8, generator=generator)
     train = SimpleNamespace(images=images, labels=torch.arange(64) % 4)
-    return SimpleNamespace(channels=1, num_classes=4, source="synthetic", train=train)
+    return SimpleNamespace(channels=1, num_classes=4, source="synthetic", train=train, image_size=16, class_names=list("abcd"))
 
 
 def test_the_judge_is_the_same_whatever_ran_before_and_is_cached(tmp_path):
@@ -23,9 +23,25 @@ def test_the_judge_is_the_same_whatever_ran_before_and_is_cached(tmp_path):
     second = load_or_train_judge(tmp_path / "b", data, "cpu", epochs=1)
     for (name, a), b in zip(first.state_dict().items(), second.state_dict().values()):
         assert torch.equal(a, b), name
-    cached = load_or_train_judge(tmp_path / "a", data, "cpu")
+    cached = load_or_train_judge(tmp_path / "a", data, "cpu", epochs=1)
     features, _ = features_and_predictions(cached, data.train.images, "cpu")
     torch.testing.assert_close(features, features_and_predictions(first, data.train.images, "cpu")[0])
+
+
+def test_a_judge_is_trained_again_when_what_it_depends_on_changes(tmp_path):
+    """A run trained again at another image size, or judged with other epochs, gets a new judge,
+    never the old one's yardstick (which at another size or channel count would not even run)."""
+    data = tiny_labelled_data()
+    first = load_or_train_judge(tmp_path, data, "cpu", epochs=1)
+    assert load_or_train_judge(tmp_path, data, "cpu", epochs=1).trained_on == first.trained_on
+    generator = torch.Generator().manual_seed(1)
+    larger = SimpleNamespace(**{**vars(data), "image_size": 24, "channels": 3, "train": SimpleNamespace(
+        images=torch.randint(0, 256, (64, 3, 24, 24), dtype=torch.uint8, generator=generator), labels=data.train.labels)})
+    again = load_or_train_judge(tmp_path, larger, "cpu", epochs=1)
+    assert again.trained_on["image_size"] == 24 and again.body[0].in_channels == 3
+    features, _ = features_and_predictions(again, larger.train.images, "cpu")  # the cached judge would fail here
+    assert features.shape == (64, 128)
+    assert load_or_train_judge(tmp_path, larger, "cpu", epochs=2).trained_on["epochs"] == 2
 
 
 def test_frechet_distance_matches_a_direct_scipy_computation():

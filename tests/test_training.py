@@ -100,6 +100,20 @@ def test_refuses_to_train_over_an_existing_run_or_to_resume_nothing(tiny_fashion
     assert (tmp_path / "vqvae" / "model.safetensors").read_bytes() == weights
 
 
+def test_overwrite_removes_everything_the_stage_wrote(tiny_fashion, tmp_path):
+    """Nothing of the old run is left to be mistaken for the new one: its final weights, grids,
+    code maps and judge go; another run's prior beside it stays."""
+    run_stage_one(tmp_path, "--max-steps", "2")
+    for stale in ("vqvae/final/stale.txt", "vqvae/reconstructions/step_9999999.png", "codes/stale.txt",
+                  "eval_classifier/config.json", "prior/keep.txt"):
+        (tmp_path / stale).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / stale).write_text("old")
+    run_stage_one(tmp_path, "--max-steps", "2", "--no-dump", "--overwrite")
+    assert not any((tmp_path / stale).exists() for stale in (
+        "vqvae/final/stale.txt", "vqvae/reconstructions/step_9999999.png", "codes", "eval_classifier"))
+    assert (tmp_path / "vqvae" / "model.safetensors").exists() and (tmp_path / "prior" / "keep.txt").exists()
+
+
 def test_decoding_the_stored_codes_equals_the_models_reconstruction(tiny_fashion, tmp_path):
     run_stage_one(tmp_path, "--max-steps", "4")
     model = VQVAE.from_pretrained(str(tmp_path / "vqvae")).eval()
