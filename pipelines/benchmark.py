@@ -21,12 +21,12 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
+from foundation.cli import parse_config
+from foundation.data import DataConfig, StreamedImages, collate_batches, from_hf_dataset, from_streams
+from foundation.errors import UserError, run_cli
+from foundation.training import bf16_is_fast, use_all_cores
 from pipelines.pipeline import pick_device
-from stage1_vqvae.cli import parse_config
-from stage1_vqvae.data import DataConfig, StreamedImages, collate_batches, from_hf_dataset, from_streams
-from stage1_vqvae.errors import UserError, run_cli
 from stage1_vqvae.model import VQVAE
-from stage1_vqvae.training import bf16_is_fast, use_all_cores
 from stage2_prior.maskgit import MaskGITPrior
 from stage2_prior.pixelcnn import GatedPixelCNN
 from stage2_prior.priors import training_loss

@@ -20,13 +20,12 @@ import torch
 from einops import rearrange
 from torchvision.utils import make_grid, save_image
 
+from foundation.cli import parse_config
+from foundation.data import IMAGE_SUFFIXES, data_config_of_run, held_in_memory, load_image_data
+from foundation.errors import UserError, run_cli
+from foundation.training import use_all_cores
 from pipelines.pipeline import VQPipeline
 from pipelines.region import REGIONS
-from stage1_vqvae.cli import parse_config
-from stage1_vqvae.data import IMAGE_SUFFIXES, held_in_memory, load_image_data
-from stage1_vqvae.dump_codes import data_config_of_run
-from stage1_vqvae.errors import UserError, run_cli
-from stage1_vqvae.training import use_all_cores
 
 
 @dataclass

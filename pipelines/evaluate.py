@@ -25,16 +25,15 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
+from foundation.cli import parse_config
+from foundation.data import data_config_of_run, eval_loader, held_in_memory, load_image_data
+from foundation.errors import UserError, run_cli
+from foundation.judge import hold_out, judge_images, judge_reconstructions, load_or_train_judge
+from foundation.training import bf16_is_fast, use_all_cores
 from pipelines.inception import load_fid_metric, standard_fid
 from pipelines.pipeline import check_null_label_was_trained, load_run, pick_device, resolve_guidance
-from stage1_vqvae.cli import parse_config
 from stage1_vqvae.codes import open_codes
-from stage1_vqvae.data import held_in_memory, load_image_data
-from stage1_vqvae.dump_codes import data_config_of_run
-from stage1_vqvae.errors import UserError, run_cli
-from stage1_vqvae.judge import hold_out, judge_images, judge_reconstructions, load_or_train_judge
-from stage1_vqvae.metrics import eval_loader, reconstruction_metrics
-from stage1_vqvae.training import bf16_is_fast, use_all_cores
+from stage1_vqvae.metrics import reconstruction_metrics
 from stage2_prior.evaluation import prior_bits_per_dim, test_nll
 from stage2_prior.priors import PARALLEL_PRIORS
 from stage2_prior.quality import balanced_labels, generate_images, guidance_sweep, parse_scales

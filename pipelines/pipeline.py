@@ -23,11 +23,11 @@ from PIL import Image
 from torchvision.transforms import v2
 from torchvision.utils import make_grid
 
+from foundation.data import to_uint8_tensor
+from foundation.errors import UserError
 from pipelines.model_card import write_model_card
 from pipelines.region import check_region, code_region
 from stage1_vqvae.codes import weights_hash
-from stage1_vqvae.data import to_uint8_tensor
-from stage1_vqvae.errors import UserError
 from stage1_vqvae.model import VQVAE, load_vqvae
 from stage2_prior.priors import PARALLEL_PRIORS, load_prior
 from stage2_prior.quality import autocast_for, generate_images

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from stage1_vqvae.data import to_uint8_tensor
-from stage1_vqvae.errors import UserError
+from foundation.data import to_uint8_tensor
+from foundation.errors import UserError
 from stage2_prior.priors import PARALLEL_PRIORS
 
 REGIONS = ("bottom", "top", "left", "right", "center")

@@ -16,10 +16,10 @@ import numpy as np
 import torch
 from torchvision.utils import make_grid, save_image
 
+from foundation.cli import parse_config
+from foundation.errors import UserError, run_cli
+from foundation.training import use_all_cores
 from pipelines.pipeline import VQPipeline, class_rows
-from stage1_vqvae.cli import parse_config
-from stage1_vqvae.errors import UserError, run_cli
-from stage1_vqvae.training import use_all_cores
 from stage2_prior.priors import PARALLEL_PRIORS
 
 

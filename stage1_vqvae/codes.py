@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from stage1_vqvae.atomic import replace_directory
-from stage1_vqvae.errors import UserError
+from foundation.atomic import replace_directory
+from foundation.errors import UserError
 
 METADATA_FILE = "metadata.json"
 DUMP_HINT = "re-encode them with `python -m stage1_vqvae.dump_codes --run-dir {run}`"
@@ -149,6 +149,8 @@ class CodeMapSplit(Dataset):
     """One split of code maps, as uint16 in memory up to IN_MEMORY_MAX_BYTES (60,000 8x8 maps
     are 7.7 MB) and memory-mapped from Arrow beyond it; batches come out as int64 tensors
     {"codes": [B, h, w], "labels": [B]}, so no split is ever held as int64."""
+
+    cheap_to_read = True  # a batch costs at most a millisecond: DataLoader workers would not pay
 
     def __init__(self, table, metadata: CodesMetadata, labels: bool = True, max_bytes: int | None = None):
         self.metadata, self.shape = metadata, (metadata.map_height, metadata.map_width)

@@ -6,10 +6,9 @@ and writes it batch by batch; the main process joins the shares into one data se
 original order, every image once, without loading them.
 """
 
-import json
 import shutil
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -17,13 +16,13 @@ from accelerate import Accelerator
 from torch.utils.data import Subset
 from tqdm.auto import tqdm
 
-from stage1_vqvae.cli import parse_config
+from foundation.cli import parse_config
+from foundation.data import ImageData, StreamedImages, data_config_of_run, eval_loader, load_image_data
+from foundation.errors import run_cli
+from foundation.training import format_duration, loader_workers, use_all_cores
 from stage1_vqvae.codes import CodesMetadata, ShardWriter, read_metadata, weights_hash, write_codes
-from stage1_vqvae.data import DataConfig, ImageData, StreamedImages, load_image_data
-from stage1_vqvae.errors import UserError, run_cli
-from stage1_vqvae.metrics import eval_loader, to_unit_range
+from stage1_vqvae.metrics import to_unit_range
 from stage1_vqvae.model import VQVAE, load_vqvae
-from stage1_vqvae.training import format_duration, loader_workers, use_all_cores
 
 
 @dataclass
@@ -76,15 +75,6 @@ def dump(accelerator: Accelerator, model: VQVAE, data: ImageData, run_dir: Path,
         shutil.rmtree(shard_dir)
     accelerator.wait_for_everyone()
     return directory
-
-
-def data_config_of_run(run_dir: Path) -> DataConfig:
-    """The data flags stage one was trained with, from its resolved config."""
-    path = Path(run_dir) / "vqvae" / "train_config.json"
-    if not path.exists():
-        raise UserError(f"{path} is missing, so the images of this run are unknown; rerun stage one training")
-    saved = json.loads(path.read_text())
-    return DataConfig(**{f.name: saved[f.name] for f in fields(DataConfig) if f.name in saved})
 
 
 def main(argv=None):

@@ -4,19 +4,13 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
 
-from stage1_vqvae.data import collate_batches
 from stage1_vqvae.quantizer import histogram_stats
 
 
 def to_unit_range(images: torch.Tensor) -> torch.Tensor:
     """uint8 images -> float in [0, 1], the range every model and metric here uses."""
     return images.float().div_(255)
-
-
-def eval_loader(dataset, batch_size: int, num_workers: int = 0) -> DataLoader:
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_batches, num_workers=num_workers)
 
 
 def ssim(x: torch.Tensor, y: torch.Tensor, window: int = 11, sigma: float = 1.5) -> torch.Tensor:

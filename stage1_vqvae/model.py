@@ -14,7 +14,7 @@ from einops import rearrange
 from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
-from stage1_vqvae.errors import UserError
+from foundation.errors import UserError
 from stage1_vqvae.quantizer import QuantizerOutput, VectorQuantizer
 
 

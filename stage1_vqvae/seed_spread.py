@@ -24,16 +24,15 @@ from pathlib import Path
 
 from accelerate import Accelerator
 
-from stage1_vqvae.cli import build_parser, parse_config
-from stage1_vqvae.data import held_in_memory, load_image_data
-from stage1_vqvae.dump_codes import data_config_of_run
-from stage1_vqvae.model import load_vqvae
-from stage1_vqvae.errors import UserError, run_cli
+from foundation.cli import build_parser, parse_config
+from foundation.data import data_config_of_run, eval_loader, held_in_memory, load_image_data
+from foundation.errors import UserError, run_cli
+from foundation.judge import hold_out, judge_reconstructions, load_or_train_judge
+from foundation.training import BOOKKEEPING_FLAGS, Checkpoints, bf16_is_fast, changed_flags, format_duration, use_all_cores
 from stage1_vqvae.gan_health import diagnose, read_log
-from stage1_vqvae.judge import hold_out, judge_reconstructions, load_or_train_judge
-from stage1_vqvae.metrics import eval_loader, reconstruction_metrics
+from stage1_vqvae.metrics import reconstruction_metrics
+from stage1_vqvae.model import load_vqvae
 from stage1_vqvae.train import TrainConfig
-from stage1_vqvae.training import BOOKKEEPING_FLAGS, Checkpoints, bf16_is_fast, changed_flags, format_duration, use_all_cores
 
 TRAIN_SCRIPT = Path(__file__).with_name("train.py")
 FIGURES = ("mse", "ssim", "codebook_usage", "lowest_codebook_usage", "rfd_ratio")

@@ -6,26 +6,26 @@ code maps to runs/default/codes for stage two.
 
 import time
 from dataclasses import dataclass, field
-from typing import ClassVar
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torchvision.utils import make_grid, save_image
 
-from stage1_vqvae.atomic import save_pretrained_atomic
-from stage1_vqvae.cli import parse_config
-from stage1_vqvae.data import DataConfig, collate_batches, load_image_data
-from stage1_vqvae.discriminator import load_lpips
-from stage1_vqvae.dump_codes import dump
-from stage1_vqvae.errors import UserError, run_cli
-from stage1_vqvae.gan_health import diagnose
-from stage1_vqvae.gan_loss import GANLoss, LossConfig, build_discriminator
-from stage1_vqvae.judge import JUDGE_DIR
-from stage1_vqvae.metrics import reconstruction_metrics, to_unit_range
-from stage1_vqvae.model import VQVAE, ModelConfig
-from stage1_vqvae.training import (
+from foundation.atomic import save_pretrained_atomic
+from foundation.cli import parse_config
+from foundation.data import DataConfig, collate_batches, load_image_data
+from foundation.errors import UserError, run_cli
+from foundation.judge import JUDGE_DIR
+from foundation.training import (
     LoopConfig, batches_per_epoch, describe_length, format_duration, open_stage, run_training_loop, set_up_training,
 )
+from stage1_vqvae.discriminator import load_lpips
+from stage1_vqvae.dump_codes import dump
+from stage1_vqvae.gan_health import diagnose
+from stage1_vqvae.gan_loss import GANLoss, LossConfig, build_discriminator
+from stage1_vqvae.metrics import reconstruction_metrics, to_unit_range
+from stage1_vqvae.model import VQVAE, ModelConfig
 from stage1_vqvae.weight_average import update_average, weight_average
 
 

@@ -37,7 +37,7 @@ def random_mask(batch: int, length: int, device, generator: torch.Generator | No
 
 def passes_for_map(codes_per_map: int) -> int:
     """Sampling passes for a map size. Up to 8x8 codes: 4, which judged within about 10% of 8
-    and 16 on the demo's maps (see the README) at half the time; beyond: 8 up to 16x16 codes
+    and 16 on the demo's maps (docs/maskgit.md) at half the time; beyond: 8 up to 16x16 codes
     and 12 above, MaskGIT's own choices for ImageNet at 256 and 512 pixels (not measured here)."""
     return 4 if codes_per_map <= 64 else 8 if codes_per_map <= 256 else 12
 
@@ -142,7 +142,7 @@ def masked_code_loss(model, codes: torch.Tensor, labels: torch.Tensor | None, ge
     """Cross-entropy (nats) of the hidden codes under a random cosine-scheduled mask, one value
     per hidden code; `model` may be wrapped (DDP), so it is called, not unwrapped. Label
     smoothing 0.1, as MaskGIT trains: on the demo's maps one run's samples judged 10.7x the
-    floor against 11.9x without (see the README)."""
+    floor against 11.9x without (docs/maskgit.md)."""
     mask = random_mask(len(codes), codes[0].numel(), codes.device, generator).view_as(codes)
     logits = model(codes, labels, mask)
     return F.cross_entropy(logits.float(), codes, reduction="none", label_smoothing=label_smoothing)[mask]

@@ -13,11 +13,11 @@ class PriorConfig:
     unconditional: bool = field(default=False, metadata={"help": "ignore the labels even when the maps have them"})
     label_dropout: float = field(default=0.1, metadata={"help": "fraction of examples trained without their label"})
     # Measured on the demo's codes, three training seeds: judge accuracy 0.855 against 0.835, sample FD 4.26x
-    # against 4.56x the floor (see the README).
+    # against 4.56x the floor (docs/measurements.md).
     label_every_code: bool = field(default=True, metadata={"help": "transformer: add the class to every code's input, not only the first token's"})
-    # Measured on three code maps: test NLL 0.04-0.06 bits/code lower in the same steps, samples alike (see the README).
+    # Measured on three code maps: test NLL 0.04-0.06 bits/code lower in the same steps, samples alike (docs/measurements.md).
     codebook_inputs: bool = field(default=True, metadata={"help": "transformer: add each code's VQ-VAE codebook vector, projected, to its input"})
-    # Narrow: at the demo's budget more updates beat more width (see the README's ablation).
+    # Narrow: at the demo's budget more updates beat more width (docs/measurements.md).
     width: int = field(default=128, metadata={"help": "transformer (and MaskGIT) width"})
     layers: int = field(default=4, metadata={"help": "transformer (and MaskGIT) blocks"})
     heads: int = field(default=2, metadata={"help": "transformer (and MaskGIT) attention heads"})

@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from stage1_vqvae.errors import UserError
+from foundation.errors import UserError
 from stage2_prior.maskgit import MaskGITPrior, masked_code_loss
 from stage2_prior.pixelcnn import GatedPixelCNN
 from stage2_prior.transformer import TransformerPrior

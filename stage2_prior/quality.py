@@ -8,9 +8,9 @@ flags uses what the prior learned; `pipelines.evaluate` reports the same figures
 import torch
 from tqdm.auto import tqdm
 
-from stage1_vqvae.errors import UserError
-from stage1_vqvae.judge import judge_images
-from stage1_vqvae.training import bf16_is_fast
+from foundation.errors import UserError
+from foundation.judge import judge_images
+from foundation.training import bf16_is_fast
 
 
 def parse_scales(text: str, flag: str) -> list[float]:

@@ -14,17 +14,14 @@ from typing import ClassVar
 import torch
 from torchvision.utils import make_grid, save_image
 
-from stage1_vqvae.atomic import save_pretrained_atomic
-from stage1_vqvae.cli import parse_config
+from foundation.atomic import save_pretrained_atomic
+from foundation.cli import parse_config
+from foundation.data import data_config_of_run, held_in_memory, load_image_data
+from foundation.errors import UserError, run_cli
+from foundation.judge import JUDGE_DIR, features_and_predictions, load_or_train_judge
+from foundation.training import LoopConfig, describe_length, format_duration, open_stage, run_training_loop, set_up_training
 from stage1_vqvae.codes import open_codes, weights_hash
-from stage1_vqvae.data import held_in_memory, load_image_data
-from stage1_vqvae.dump_codes import data_config_of_run
 from stage1_vqvae.model import load_vqvae
-from stage1_vqvae.errors import UserError, run_cli
-from stage1_vqvae.judge import JUDGE_DIR, features_and_predictions, load_or_train_judge
-from stage1_vqvae.training import (
-    LoopConfig, describe_length, format_duration, open_stage, run_training_loop, set_up_training,
-)
 from stage2_prior.evaluation import LOG2, prior_bits_per_dim, test_nll
 from stage2_prior.prior_config import PriorConfig
 from stage2_prior.priors import PARALLEL_PRIORS, PRIORS, load_prior, set_default_guidance, training_loss

@@ -6,8 +6,8 @@ import sys
 import pytest
 import torch
 
+from foundation.errors import UserError
 from pipelines import benchmark
-from stage1_vqvae.errors import UserError
 from tests.conftest import REPO, cpu_env
 
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from stage1_vqvae import data as data_module
-from stage1_vqvae.data import DataConfig, from_hf_dataset, held_in_memory, load_image_data, load_image_file
-from stage1_vqvae.errors import UserError
+from foundation.data import DataConfig, from_hf_dataset, held_in_memory, load_image_data, load_image_file
+from foundation.errors import UserError
+from foundation import data as data_module
 from stage1_vqvae.train import TrainConfig, check_config
 from tests.conftest import REPO, cpu_env, synthetic_images, write_image_folder
 

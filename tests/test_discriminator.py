@@ -5,9 +5,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from foundation.errors import UserError
 from stage1_vqvae import discriminator as disc
 from stage1_vqvae import train
-from stage1_vqvae.errors import UserError
 from tests.conftest import TINY_MODEL
 
 ADVERSARIAL = ["--disc-start", "3", "--disc-channels", "8", "--eval-every", "100", "--no-dump"]

@@ -8,8 +8,9 @@ import torch
 from accelerate.utils import AutocastKwargs
 from safetensors.torch import load_file
 
-from stage1_vqvae import train, training
-from stage1_vqvae.errors import UserError
+from foundation import training
+from foundation.errors import UserError
+from stage1_vqvae import train
 from tests.conftest import TINY_MODEL, reset_accelerate_state
 
 ADVERSARIAL = ["--disc-start", "2", "--disc-channels", "8", "--eval-every", "100", "--no-dump"]

@@ -3,7 +3,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from stage1_vqvae.judge import features_and_predictions, load_or_train_judge
+from foundation.judge import features_and_predictions, load_or_train_judge
 
 
 def tiny_labelled_data():
@@ -49,7 +49,7 @@ def test_frechet_distance_matches_a_direct_scipy_computation():
     import numpy as np
     from scipy import linalg
 
-    from stage1_vqvae.judge import frechet_distance
+    from foundation.judge import frechet_distance
 
     rng = np.random.default_rng(0)
     a = rng.normal(size=(500, 16)) @ rng.normal(size=(16, 16))

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from stage2_prior.maskgit import MaskGITPrior, masked_code_loss, passes_for_map, masked_fraction, random_mask, still_masked_after
+from stage2_prior.maskgit import MaskGITPrior, masked_code_loss, masked_fraction, passes_for_map, random_mask, still_masked_after
 from stage2_prior.pixelcnn import GatedPixelCNN
 from stage2_prior.transformer import TransformerPrior
 

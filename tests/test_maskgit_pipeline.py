@@ -7,10 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
+from foundation.errors import UserError
 from pipelines import VQPipeline, complete, evaluate, sample
 from pipelines.region import code_region
 from stage1_vqvae import train as stage_one
-from stage1_vqvae.errors import UserError
 from stage2_prior import train as stage_two
 from stage2_prior.priors import load_prior
 from tests.conftest import TINY_MODEL, reset_accelerate_state

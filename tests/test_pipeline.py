@@ -10,9 +10,9 @@ import torch
 from PIL import Image
 from torch.nn.attention import SDPBackend
 
+from foundation.errors import UserError
 from pipelines import evaluate, pipeline, sample
 from stage1_vqvae import train as stage_one
-from stage1_vqvae.errors import UserError
 from stage2_prior import train as stage_two
 from stage2_prior.quality import autocast_for, best_guidance
 from stage2_prior.transformer import CUDA_ATTENTION, attention_kernel
@@ -105,6 +105,7 @@ def test_a_run_without_a_vqvae_or_a_prior_names_the_command_that_makes_it(traine
 
 def test_a_prior_from_another_vqvae_is_refused(trained_run, tmp_path):
     import shutil
+
     from safetensors.torch import load_file, save_file
 
     run = tmp_path / "run"
@@ -211,7 +212,7 @@ def test_label_none_samples_without_a_class(trained_run, tmp_path, capsys):
 
 
 def test_a_perfect_reconstruction_scores_the_floor_and_the_real_images_accuracy():
-    from stage1_vqvae.judge import FeatureClassifier, features_and_predictions, frechet_distance, reconstruction_quality
+    from foundation.judge import FeatureClassifier, features_and_predictions, frechet_distance, reconstruction_quality
 
     torch.manual_seed(0)
     judge = FeatureClassifier(in_channels=1, num_classes=3, feature_dim=6).eval()
@@ -250,7 +251,7 @@ def test_a_test_split_without_labels_keeps_the_run_conditional_and_evaluates(tmp
     train split's labels still make a class-conditional prior."""
     import datasets
 
-    from stage1_vqvae import data as data_module
+    from foundation import data as data_module
     from stage1_vqvae.codes import read_codes
     from tests.conftest import synthetic_images
 
@@ -280,8 +281,7 @@ def test_a_test_split_without_labels_keeps_the_run_conditional_and_evaluates(tmp
 def test_a_run_whose_splits_are_decoded_as_read_samples_its_guidance_and_evaluates(tmp_path):
     """Splits over --max-memory-gb are never held whole: the judge, the guidance sweep and the
     Frechet distances take bounded samples of them instead of refusing."""
-    from stage1_vqvae.dump_codes import data_config_of_run
-    from stage1_vqvae.data import ArrowImages, load_image_data
+    from foundation.data import ArrowImages, data_config_of_run, load_image_data
     from tests.conftest import write_image_folder
 
     folder = write_image_folder(tmp_path / "images", per_class=20)

@@ -2,8 +2,8 @@ import json
 
 import pytest
 
+from foundation.errors import UserError
 from stage1_vqvae import seed_spread
-from stage1_vqvae.errors import UserError
 from tests.conftest import TINY_MODEL
 
 FLAGS = [*TINY_MODEL, "--max-steps", "6", "--disc-start", "3", "--disc-channels", "8", "--eval-every", "3"]

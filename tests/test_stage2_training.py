@@ -4,10 +4,10 @@ import shutil
 import pytest
 import torch
 
+from foundation.errors import UserError
 from stage1_vqvae import train as stage_one
 from stage1_vqvae.codes import read_metadata
 from stage1_vqvae.model import load_vqvae
-from stage1_vqvae.errors import UserError
 from stage2_prior import train as stage_two
 from stage2_prior.priors import load_prior
 from stage2_prior.quality import best_guidance
@@ -57,6 +57,7 @@ def test_stage_two_trains_from_memory_mapped_maps_exactly_as_from_maps_in_memory
     """Maps over the in-memory budget are read from Arrow a batch at a time: the same batches,
     so the same weights, bit for bit."""
     from safetensors.torch import load_file
+
     from stage1_vqvae import codes
 
     weights, default_budget = {}, codes.IN_MEMORY_MAX_BYTES
@@ -172,8 +173,8 @@ def test_bad_guidance_scales_are_one_sentence(stage_one_run, tmp_path):
 def test_without_its_images_the_sweep_is_skipped_and_the_prior_kept(stage_one_run, tmp_path, monkeypatch, capsys):
     run_dir = copy_run(stage_one_run, tmp_path)
     monkeypatch.setenv("VQ_DATA_DIR", str(tmp_path / "moved"))
-    monkeypatch.setattr("stage1_vqvae.data.DEBIAN_FASHION_MNIST_DIR", str(tmp_path / "moved"))
-    monkeypatch.setattr("stage1_vqvae.data._load_hub", lambda *a, **k: (_ for _ in ()).throw(UserError("Fashion-MNIST is gone")))
+    monkeypatch.setattr("foundation.data.DEBIAN_FASHION_MNIST_DIR", str(tmp_path / "moved"))
+    monkeypatch.setattr("foundation.data._load_hub", lambda *a, **k: (_ for _ in ()).throw(UserError("Fashion-MNIST is gone")))
     stage_two.main(["--run-dir", str(run_dir), *TINY_PRIOR, "--max-steps", "2", "--guidance-scales", "1,2"])
     assert "guidance not measured: Fashion-MNIST is gone" in capsys.readouterr().out
     assert load_prior(run_dir / "prior").default_guidance == 1.0
@@ -207,7 +208,7 @@ def test_an_even_pixelcnn_kernel_is_refused_in_one_sentence():
 
 
 def test_a_run_saved_under_a_renamed_flag_resumes_under_the_new_name():
-    from stage1_vqvae.training import changed_flags
+    from foundation.training import changed_flags
 
     config = stage_two.TrainConfig(prior="pixelcnn", pixelcnn_channels=128)
     saved = {"prior": "pixelcnn", "label_every_code": True, "codebook_inputs": True}

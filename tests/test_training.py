@@ -10,10 +10,10 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file
 
+from foundation.data import DataConfig, load_image_data
+from foundation.errors import UserError
 from stage1_vqvae import train
 from stage1_vqvae.codes import read_codes
-from stage1_vqvae.data import DataConfig, load_image_data
-from stage1_vqvae.errors import UserError
 from stage1_vqvae.model import VQVAE
 from tests.conftest import REPO, TINY_MODEL, accelerate_command, cpu_env, reset_accelerate_state, write_image_folder
 
@@ -209,7 +209,7 @@ def test_resume_refuses_changed_flags_unless_allowed_and_keeps_a_history(tiny_fa
 
 def test_auto_mixed_precision_takes_native_bf16_only(monkeypatch):
     """A T4 or V100 reports bf16 only when emulation counts; emulated bf16 is slower than fp32."""
-    from stage1_vqvae.training import bf16_is_fast
+    from foundation.training import bf16_is_fast
 
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
     assert not bf16_is_fast("cuda")

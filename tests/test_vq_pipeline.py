@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
+from foundation.errors import UserError
 from pipelines import VQPipeline, sample
-from stage1_vqvae.errors import UserError
 
 
 @pytest.fixture(scope="module")

@@ -16,17 +16,18 @@ STREAM_TEST_IMAGES images.
 import copy
 import gzip
 import io
+import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import Dataset, IterableDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 from torchvision.transforms import v2
 
-from stage1_vqvae.errors import UserError
+from foundation.errors import UserError
 
 FASHION_MNIST_CLASSES = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -65,6 +66,8 @@ class DataConfig:
 class InMemoryBatches(Dataset):
     """Tensors of equal length held in memory; `__getitems__` hands out whole batches by
     index, which the DataLoader uses instead of stacking items one by one."""
+
+    cheap_to_read = True  # nothing to decode: a DataLoader worker would only copy the batches
 
     def __init__(self, **columns: torch.Tensor | None):
         self.columns = {name: tensor for name, tensor in columns.items() if tensor is not None}
@@ -219,6 +222,11 @@ def collate_batches(batch):
     return {key: torch.stack([item[key] for item in batch]) for key in batch[0]}
 
 
+def eval_loader(dataset, batch_size: int, num_workers: int = 0) -> DataLoader:
+    """A split in its own order, in whole batches (evaluation, the dump)."""
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_batches, num_workers=num_workers)
+
+
 @dataclass
 class ImageData:
     train: Dataset
@@ -231,6 +239,16 @@ class ImageData:
     @property
     def num_classes(self) -> int:
         return len(self.class_names) if self.class_names else 0
+
+
+def data_config_of_run(run_dir: Path) -> DataConfig:
+    """The data flags a run's stage one was trained with, from the config it recorded
+    (`<run>/vqvae/train_config.json`): how stage two, completion and evaluation find its images."""
+    path = Path(run_dir) / "vqvae" / "train_config.json"
+    if not path.exists():
+        raise UserError(f"{path} is missing, so the images of this run are unknown; rerun stage one training")
+    saved = json.loads(path.read_text())
+    return DataConfig(**{f.name: saved[f.name] for f in fields(DataConfig) if f.name in saved})
 
 
 def load_image_data(config: DataConfig) -> ImageData:

@@ -18,9 +18,9 @@ from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 from tqdm.auto import tqdm
 
-from stage1_vqvae.atomic import save_pretrained_atomic
-from stage1_vqvae.data import held_in_memory
-from stage1_vqvae.training import bf16_is_fast
+from foundation.atomic import save_pretrained_atomic
+from foundation.data import held_in_memory
+from foundation.training import bf16_is_fast
 
 
 class FeatureClassifier(nn.Module, PyTorchModelHubMixin):

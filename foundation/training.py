@@ -20,10 +20,8 @@ from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from stage1_vqvae.codes import CodeMapSplit
-from stage1_vqvae.data import InMemoryBatches, StreamedImages, collate_batches
-from stage1_vqvae.errors import UserError
-from stage1_vqvae.metrics import eval_loader
+from foundation.data import StreamedImages, collate_batches, eval_loader
+from foundation.errors import UserError
 
 CHECKPOINT_PREFIX = "step_"
 PROGRESS_FILE = "progress.json"
@@ -134,7 +132,7 @@ def loader_workers(asked: int | None, dataset, num_processes: int = 1) -> int:
         if asked < 0:
             raise UserError(f"--num-workers {asked} must be 0 (decode in the training process) or more")
         return asked
-    if isinstance(dataset, (InMemoryBatches, CodeMapSplit)):
+    if getattr(dataset, "cheap_to_read", False):
         return 0
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return max(1, min(4, cores // num_processes - 1))

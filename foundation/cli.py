@@ -9,7 +9,7 @@ import dataclasses
 import sys
 import typing
 
-from stage1_vqvae.errors import UserError
+from foundation.errors import UserError
 
 
 def _argument_type(annotation):
