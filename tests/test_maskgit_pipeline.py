@@ -1,6 +1,7 @@
 """A MaskGIT prior beside a transformer on one VQ-VAE: training, sampling, evaluating, completing."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -10,25 +11,22 @@ from PIL import Image
 from foundation.errors import UserError
 from pipelines import VQPipeline, complete, evaluate, sample
 from pipelines.region import code_region
-from stage1_vqvae import train as stage_one
 from stage2_prior import train as stage_two
 from stage2_prior.priors import load_prior
-from tests.conftest import TINY_MODEL, reset_accelerate_state
+from tests.conftest import reset_accelerate_state
 from tests.test_stage2_training import TINY_PRIOR
 
 MASKGIT = ["--prior", "maskgit", "--prior-dir", "prior_maskgit", "--passes", "4"]
 
 
 @pytest.fixture(scope="module")
-def two_prior_run(tmp_path_factory, tiny_fashion_dir):
-    """Stage one, then a transformer in prior/ and a MaskGIT in prior_maskgit/, a few steps each."""
+def two_prior_run(trained_run, tmp_path_factory, tiny_fashion_dir):
+    """The shared tiny run (stage one, a transformer in prior/), with a MaskGIT in prior_maskgit/ beside it."""
     run_dir = tmp_path_factory.mktemp("two_priors") / "run"
+    # what the run's own commands wrote stays behind: other tests may have sampled or evaluated it
+    shutil.copytree(trained_run, run_dir, ignore=shutil.ignore_patterns("samples", "completions", "metrics*.json"))
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("VQ_DATA_DIR", str(tiny_fashion_dir))
-        stage_one.main(["--run-dir", str(run_dir), *TINY_MODEL, "--max-steps", "10"])
-        reset_accelerate_state()
-        stage_two.main(["--run-dir", str(run_dir), *TINY_PRIOR, "--max-steps", "6"])
-        reset_accelerate_state()
         stage_two.main(["--run-dir", str(run_dir), *TINY_PRIOR, *MASKGIT, "--max-steps", "6", "--eval-every", "3",
                         "--log-every", "1"])
         reset_accelerate_state()
