@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines import benchmark, evaluate, sample
+from pipelines import VQPipeline, benchmark, evaluate, sample
 from stage1_vqvae import train as stage_one
 from stage1_vqvae.quantizer import VectorQuantizer
 from stage2_prior import train as stage_two
@@ -59,6 +59,8 @@ def test_both_stages_train_sample_and_evaluate_on_the_gpu(tiny_fashion, tmp_path
     reset_accelerate_state()
     sample.main(["--run-dir", str(tmp_path), "--n", "20", "--device", "cuda"])
     assert np.load(tmp_path / "samples" / "codes.npy").shape == (20, 8, 8)
+    pipe = VQPipeline.from_run(tmp_path, device="cuda")
+    assert pipe.device.type == "cuda" and np.array_equal(pipe(n=20).codes.numpy(), np.load(tmp_path / "samples" / "codes.npy"))
     metrics = evaluate.evaluate_run(evaluate.EvaluateConfig(run_dir=str(tmp_path), n=8, batch_size=8, device="cuda", inception="off"))
     assert metrics["device"].startswith("cuda") and metrics["samples"]["fd"] >= 0
 
