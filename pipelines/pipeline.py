@@ -267,7 +267,9 @@ class VQPipeline:
         return self.prior.class_names if self.prior.num_classes else None
 
     def to(self, device) -> "VQPipeline":
-        self.vqvae.to(pick_device(device)), self.prior.to(pick_device(device))
+        device = pick_device(device)
+        self.vqvae.to(device)
+        self.prior.to(device)
         return self
 
     def __call__(self, n: int | None = None, labels=None, guidance: float | None = None, temperature: float = 1.0,
