@@ -334,24 +334,25 @@ class VQPipeline:
         region = code_region(mask, *self.vqvae.map_shape)
         check_region(region, self.prior, mask)
         pixels = self.prepare_images(images)
+        copies = 1  # rows per input image
         if isinstance(labels, str) and labels == "all" and self.prior.num_classes:
-            classes = self.prior.num_classes
-            pixels = repeat(pixels, "n c h w -> (n k) c h w", k=classes)
-            label_indices = torch.arange(classes).repeat(len(pixels) // classes)
+            copies = self.prior.num_classes
+            label_indices = torch.arange(copies).repeat(len(pixels))
         else:  # None: no class (as "none"), not every class as when drawing new images
             label_indices = None if labels is None else resolve_labels(labels, len(pixels), self.prior)
         guidance = resolve_guidance(guidance, label_indices, self.prior)
         device = self.device
         generator = torch.Generator(device=device).manual_seed(seed)
         with autocast_for(device):
-            codes = self.vqvae.encode(pixels.to(device).float() / 255)
+            codes = self.vqvae.encode(pixels.to(device).float() / 255)  # each input once, however many rows it gets
+            reconstructions = self.vqvae.decode(codes).float().cpu().repeat_interleave(copies, 0)
+            codes = codes.repeat_interleave(copies, 0)
             known = repeat(codes, "n h w -> (n s) h w", s=samples)
             keep = repeat(~region.to(device), "h w -> m h w", m=len(known))
             sample_labels = repeat(label_indices.to(device), "n -> (n s)", s=samples) if label_indices is not None else None
             completed = self.prior.generate(len(known), sample_labels, generator=generator, known=known, keep=keep,
                                             temperature=temperature, top_k=top_k, top_p=top_p, guidance=guidance, **steps)
             decoded = self.vqvae.decode(completed).float().cpu()
-            reconstructions = self.vqvae.decode(codes).float().cpu()
         completions = rearrange(decoded, "(n s) c h w -> n s c h w", s=samples)
         return Completions(as_output(completions, output_type), as_output(grey_out(reconstructions, region), output_type),
                            rearrange(completed.cpu(), "(n s) h w -> n s h w", s=samples), region, label_indices, guidance)
