@@ -6,6 +6,8 @@ trained to match, and the discriminator's own update, testable apart from the tr
   images against detached reconstructions, both augmented alike (`augment.py`).
 - For the decoder, feature matching and the adversarial term, read through a copy of the
   discriminator whose weights take no gradient, so the generator's terms never change it.
+- The discriminator can start `disc_head_start` steps before the decoder reads it, so that
+  its features mean something when they first pull on the decoder.
 - Both decoder terms can grow from nothing over `gan_warmup` steps after `disc_start`.
 - The adversarial term's weight: VQGAN's adaptive balance at the decoder's last layer times
   `disc_weight`, or `disc_weight` alone (`--no-adaptive-weight`).
@@ -50,6 +52,8 @@ class LossConfig:
                                                                    "features of unaugmented images (the game itself stays augmented)"})
     r1_weight: float = field(default=0.0, metadata={"help": "weight of the R1 gradient penalty on real images (0: none)"})
     r1_every: int = field(default=4, metadata={"help": "apply R1 every N steps, scaled by N (lazy regularisation)"})
+    disc_head_start: int = field(default=0, metadata={"help": "the discriminator trains alone for this many steps before "
+                                                            "--disc-start, when the decoder starts to read it"})
     gan_warmup: int = field(default=200, metadata={"help": "the decoder's feature-matching and adversarial terms grow from 0 to "
                                                       "full over this many steps after --disc-start (0: full at once)"})
 
@@ -80,7 +84,8 @@ class GANLoss:
         self.adaptive = AdaptiveProbability() if config.disc_augment == "ada" else None
 
     def active(self, step: int) -> bool:
-        return self.discriminator is not None and step >= self.config.disc_start
+        """Whether the discriminator trains at `step`; the decoder reads it from `disc_start` on."""
+        return self.discriminator is not None and step >= self.config.disc_start - self.config.disc_head_start
 
     def ramp(self, step: int) -> float:
         """How much of the decoder's GAN terms counts at `step`: a discriminator that has just
@@ -103,6 +108,8 @@ class GANLoss:
             real, fake = augment_pairs(images, reconstruction, p=p)
             metrics["augment_p"] = torch.tensor(p)
         disc_loss, real_features = self.discriminator_loss(real, fake.detach(), step, metrics)
+        if step < config.disc_start:
+            return loss + disc_loss, metrics
         logits, features = self.frozen_discriminator(fake)
         ramp = self.ramp(step)
         if config.feature_matching_weight > 0:

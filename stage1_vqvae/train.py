@@ -34,7 +34,7 @@ class TrainConfig(LoopConfig, DataConfig, ModelConfig, LossConfig):
     # how runs saved before these flags existed trained, for --resume's comparison
     FLAGS_ADDED_SINCE: ClassVar[dict] = {"disc_augment": "none", "disc_norm": "group", "adaptive_weight": True,
                                          "r1_weight": 0.0, "r1_every": 4, "ema_decay": 0.0, "clean_feature_matching": False,
-                                         "adam_beta2": 0.999, "gan_warmup": 0}
+                                         "adam_beta2": 0.999, "gan_warmup": 0, "disc_head_start": 0}
     # the demo's 2 epochs of Fashion-MNIST: what a small data set gets too
     min_steps: int = field(default=936, metadata={"help": "at least this many optimizer steps, however few --epochs make on a small data set"})
     # 0.95, not Adam's 0.999: a second moment that averages over ~1000 steps still remembers the
@@ -72,6 +72,8 @@ def check_config(config: TrainConfig) -> None:
         raise UserError(f"--disc-channels {config.disc_channels} must be at least 1 (32 is the default); use --disc-start -1 for no discriminator")
     if config.r1_weight < 0 or config.r1_every < 1:
         raise UserError(f"--r1-weight {config.r1_weight} must not be negative (0 turns it off) and --r1-every {config.r1_every} must be at least 1")
+    if config.disc_head_start < 0 or (config.disc_start >= 0 and config.disc_head_start > config.disc_start):
+        raise UserError(f"--disc-head-start {config.disc_head_start} must be between 0 and --disc-start ({config.disc_start})")
     if config.gan_warmup < 0:
         raise UserError(f"--gan-warmup {config.gan_warmup} must not be negative (0: the GAN terms at full strength at once)")
     if not 0 <= config.adam_beta2 < 1:

@@ -87,6 +87,20 @@ def test_before_disc_start_only_the_pixel_term_counts():
     assert metrics.keys() == {"pixel_loss"}
 
 
+def test_during_the_head_start_the_discriminator_trains_and_the_decoder_feels_only_the_pixel_term():
+    images, last, reconstruction = a_batch()
+    config = LossConfig(disc_start=10, disc_head_start=3, pixel_loss="l1", disc_augment="none")
+    discriminator = PatchDiscriminator(3, 8)
+    loss = GANLoss(config, discriminator)
+    assert not loss.active(6) and loss.active(7)
+    total, metrics = loss(images, reconstruction, last.weight, step=8)
+    assert metrics.keys() == {"pixel_loss", "disc_loss", "real_logit", "fake_logit"}
+    decoder_grad = torch.autograd.grad(total, last.weight, retain_graph=True)[0]
+    pixel_grad = torch.autograd.grad(F.l1_loss(reconstruction, images), last.weight, retain_graph=True)[0]
+    torch.testing.assert_close(decoder_grad, pixel_grad)
+    assert all(g.abs().sum() > 0 for g in torch.autograd.grad(total, list(discriminator.parameters())))
+
+
 def test_r1_penalises_the_real_images_gradient_every_r1_every_steps():
     images, last, reconstruction = a_batch()
     config = LossConfig(disc_start=0, disc_augment="none", r1_weight=1.0, r1_every=2)
