@@ -212,15 +212,20 @@ def as_output(images: torch.Tensor, output_type: str):
     return [v2.functional.to_pil_image(image) for image in pixels]
 
 
-def class_rows(images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Images sorted by class -> the same images with blank cells after the shorter classes,
-    so that a grid of the returned width has one row per class."""
-    counts = torch.bincount(labels)
-    counts = counts[counts > 0]
-    width = int(counts.max())
-    blank = torch.ones_like(images[:1])
-    rows = [torch.cat([group, blank.expand(width - len(group), -1, -1, -1)]) for group in images.split(counts.tolist())]
-    return torch.cat(rows), width
+def sample_grid(images: torch.Tensor, labels: torch.Tensor | None, nrow: int | None = None) -> torch.Tensor:
+    """The grid of drawn images [N, C, S, S] -> [C, H, W]: `nrow` images a row, or, when the
+    images are every class sorted by class and no `nrow` is given, one row per class with blank
+    cells after the shorter classes; else 8 a row. `pipelines.sample`, the page and the model
+    card all draw it this way."""
+    by_class = labels is not None and len(labels.unique()) > 1 and bool((labels.diff() >= 0).all())
+    if nrow is None and by_class:
+        counts = torch.bincount(labels)
+        counts = counts[counts > 0]
+        nrow = int(counts.max())
+        blank = torch.ones_like(images[:1])
+        images = torch.cat([torch.cat([group, blank.expand(nrow - len(group), -1, -1, -1)])
+                            for group in images.split(counts.tolist())])
+    return make_grid(images, nrow=nrow or 8, padding=2, pad_value=1.0)
 
 
 def check_output_type(output_type: str) -> None:
@@ -375,9 +380,8 @@ class VQPipeline:
         grid_name = None
         if grid:
             samples = self(n=64, output_type="pt")
-            images, columns = class_rows(samples.images, samples.labels) if samples.labels is not None else (samples.images, 8)
             grid_name = "samples.png"
-            v2.functional.to_pil_image(make_grid(images, nrow=columns, padding=2, pad_value=1.0)).save(directory / grid_name)
+            v2.functional.to_pil_image(sample_grid(samples.images, samples.labels)).save(directory / grid_name)
         write_model_card(directory / "README.md", self, grid_name, repo_id or str(directory))
         return directory
 

@@ -44,18 +44,21 @@ def code_region(mask, height: int, width: int) -> torch.Tensor:
 
 
 def describe(mask) -> str:
-    return mask if isinstance(mask, str) else f"the {type(mask).__name__} mask"
+    """The mask as a sentence's subject: "the region center", "the mask image", ..."""
+    if isinstance(mask, (str, Path)):
+        return f"the region {mask}" if mask in REGIONS else f"the mask {mask}"
+    return f"the mask {'image' if isinstance(mask, Image.Image) else type(mask).__name__}"
 
 
 def check_region(region: torch.Tensor, prior, mask) -> None:
     """A raster-order prior draws a code from the codes before it only, so it can redraw a
     raster-order tail of the map and nothing else."""
     if not region.any():
-        raise UserError(f"mask {describe(mask)} covers no code of the {region.shape[0]}x{region.shape[1]} map; "
+        raise UserError(f"{describe(mask)} covers no code of the {region.shape[0]}x{region.shape[1]} map; "
                         f"redraw a larger region")
     tail = region.flatten().int()
     if prior.prior not in PARALLEL_PRIORS and (tail.diff() < 0).any():
         raise UserError(
-            f"mask {describe(mask)} keeps codes after redrawn ones in raster order, which the {prior.prior} prior cannot "
+            f"{describe(mask)} keeps codes after redrawn ones in raster order, which the {prior.prior} prior cannot "
             f"condition on; redraw the bottom, or use a MaskGIT prior (stage two's --prior maskgit --prior-dir NAME)"
         )

@@ -14,12 +14,12 @@ from typing import ClassVar
 
 import numpy as np
 import torch
-from torchvision.utils import make_grid, save_image
+from torchvision.utils import save_image
 
 from foundation.cli import parse_config
 from foundation.errors import UserError, run_cli
 from foundation.training import use_all_cores
-from pipelines.pipeline import VQPipeline, class_rows
+from pipelines.pipeline import VQPipeline, sample_grid
 from stage2_prior.priors import PARALLEL_PRIORS
 
 
@@ -46,9 +46,9 @@ class SampleConfig:
     nrow: int | None = field(default=None, metadata={"help": "images per grid row (default: one row per class, else 8)"})
 
 
-def write_samples(images: torch.Tensor, codes: torch.Tensor, out: Path, nrow: int, grid_images: torch.Tensor | None = None) -> None:
+def write_samples(images: torch.Tensor, codes: torch.Tensor, out: Path, grid: torch.Tensor) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    save_image(make_grid(images if grid_images is None else grid_images, nrow=nrow, padding=2, pad_value=1.0), out / "grid.png")
+    save_image(grid, out / "grid.png")
     for i, image in enumerate(images):
         save_image(image, out / f"{i:04d}.png")
     np.save(out / "codes.npy", codes.numpy().astype(np.uint16))
@@ -73,10 +73,7 @@ def main(argv=None):
     run_dir = Path(config.run_dir)
     out = Path(config.out) if config.out else run_dir / "samples" / ("" if config.prior_dir == "prior" else config.prior_dir)
     every_class = samples.labels is not None and config.label in (None, "all")
-    grid_images, nrow = samples.images, config.nrow or 8
-    if every_class and config.nrow is None:
-        grid_images, nrow = class_rows(samples.images, samples.labels)
-    write_samples(samples.images, samples.codes, out, nrow, grid_images)
+    write_samples(samples.images, samples.codes, out, sample_grid(samples.images, samples.labels, config.nrow))
     n = len(samples.codes)
     if every_class:
         counts = torch.bincount(samples.labels)

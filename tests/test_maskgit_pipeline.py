@@ -128,7 +128,7 @@ def test_complete_takes_image_files_of_any_mode(two_prior_run, tmp_path):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--redraw", "center"], "mask center keeps codes after redrawn ones in raster order, which the transformer prior cannot"),
+    (["--redraw", "center"], "the region center keeps codes after redrawn ones in raster order, which the transformer prior cannot"),
     (["--redraw", "middle"], "mask 'middle' is neither a region"),
     (["--images", "missing.png"], "--images missing.png does not exist"),
     (["--samples", "0"], "--n and --samples must be at least 1"),
