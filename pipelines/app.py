@@ -164,8 +164,13 @@ def launch(page, port: int, network: bool, block: bool = True):
         print("warning: serving to the whole network: anyone who can reach this machine's port "
               f"{port} can use the model and its processor")
     page.queue(default_concurrency_limit=1)  # one model, one request at a time; each tab gets its own answer
-    return page.launch(server_name=host, server_port=port, css=PAGE_CSS, ssr_mode=False, max_file_size=MAX_UPLOAD,
-                       prevent_thread_lock=not block, quiet=True, footer_links=[])
+    try:
+        return page.launch(server_name=host, server_port=port, css=PAGE_CSS, ssr_mode=False, max_file_size=MAX_UPLOAD,
+                           prevent_thread_lock=not block, quiet=True, footer_links=[])
+    except OSError as error:
+        if "port" not in str(error).lower():
+            raise
+        raise UserError(f"port {port} is taken (is the page already running?); open that one, or serve on another with --port") from None
 
 
 def main(argv=None):

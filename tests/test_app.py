@@ -5,6 +5,7 @@ import io
 import shutil
 import socket
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -70,6 +71,26 @@ def test_the_overview_names_the_data_the_models_and_the_figures(pipe, trained_ru
     described, every = actions.overview(with_figures, None)
     assert "| Reconstruction error on test images (MSE; lower is better) | 0.0049 |" in described
     assert "| `samples.fd_ratio` | 4.8 |" in every
+
+
+def test_a_maskgit_prior_offers_every_region():
+    maskgit = SimpleNamespace(prior=SimpleNamespace(prior="maskgit"))
+    regions, _ = actions.redraw_choices(maskgit)
+    assert regions == ["bottom", "top", "left", "right", "center", actions.PAINTED]
+
+
+def test_the_command_names_a_missing_run_and_a_taken_port(tmp_path, pipe, trained_run, tiny_fashion):
+    pytest.importorskip("gradio")
+    from pipelines import app
+
+    with pytest.raises(UserError, match="no VQ-VAE in .*nothing"):
+        app.main(["--run-dir", str(tmp_path / "nothing")])
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(UserError, match=f"port {port} is taken"):
+            app.launch(app.build_page(pipe, trained_run), port, network=False, block=False)
 
 
 # The page in a browser.
