@@ -22,7 +22,7 @@ from stage2_prior.priors import PARALLEL_PRIORS
 # Small images shown large, each pixel a sharp square, as the reader looks at them at 3x zoom.
 PAGE_CSS = """
 .pixels img, .pixels canvas { image-rendering: pixelated; }
-#draw-grid img, #complete-result img { width: 100%; height: 100%; object-fit: contain; }
+#draw-grid img, #complete-result img, #inspect-reconstructions img { width: 100%; height: 100%; object-fit: contain; }
 """
 CANVAS = 256  # the chosen image is painted on at this size, whatever the run's
 MAX_UPLOAD = "20mb"
@@ -150,7 +150,7 @@ def build_page(pipe: VQPipeline, run_dir: Path | None = None):
             reconstructions = actions.reconstruction_grid(run_dir)
             if reconstructions:
                 gr.Image(str(reconstructions), label="Stage one: test images (top rows) over their reconstructions",
-                         interactive=False, height=300, elem_classes="pixels")
+                         interactive=False, height=300, elem_id="inspect-reconstructions", elem_classes="pixels")
             if every_figure:
                 with gr.Accordion("Every figure in metrics.json (docs/metrics.md says what each means)", open=False):
                     gr.Markdown(every_figure)
