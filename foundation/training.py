@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from foundation.data import StreamedImages, collate_batches, eval_loader
 from foundation.errors import UserError
+from foundation.estimate import TimeLeft
 
 CHECKPOINT_PREFIX = "step_"
 PROGRESS_FILE = "progress.json"
@@ -444,19 +445,22 @@ def set_up_training(
 
 def run_training_loop(
     accelerator: Accelerator, config: LoopConfig, setup: TrainingSetup, checkpoints: Checkpoints,
-    train_step, evaluate, desc: str, after_step=None,
+    train_step, evaluate, desc: str, after_step=None, hint: str = "", estimate_also_at: tuple[int, ...] = (),
 ) -> None:
     """The loop both stages share: accumulate, clip, step, log, evaluate, checkpoint.
 
     `train_step(batch)` returns (loss, metrics to log, items in the batch); `evaluate(step)`
     returns a one-line summary and may record its best score in `state`, which is saved
     with every checkpoint, so a resumed run knows it too. `after_step(step)`, where given,
-    runs after every optimizer step (an EMA of the weights follows them there).
+    runs after every optimizer step (an EMA of the weights follows them there). After a few
+    steps, and again after each step of `estimate_also_at` (where the pace changes), it prints
+    the time left at that pace, and `hint`: what would shorten it.
     """
     model, optimizer, scheduler, state, steps = setup.model, setup.optimizer, setup.scheduler, setup.state, setup.steps
     progress = tqdm(total=steps, initial=state["step"], desc=desc, disable=not accelerator.is_main_process)
     model.train()
     seen, clock = 0, time.time()
+    time_left = TimeLeft(state["step"], steps, hint, estimate_also_at)
     for epoch, batch in batches_from(accelerator, setup.train_loader, state["step"], config.gradient_accumulation_steps):
         if state["step"] >= steps:
             break
@@ -475,6 +479,9 @@ def run_training_loop(
         if after_step is not None:
             after_step(step)
         progress.update(1)
+        estimate = time_left.step_done(step)
+        if estimate and accelerator.is_main_process:
+            progress.write(f"{desc}: {estimate}")
         if step % config.log_every == 0 or step == steps:
             metrics = {f"train/{k}": (v.item() if torch.is_tensor(v) else v) for k, v in metrics.items()}
             metrics.update({"train/lr": scheduler.get_last_lr()[0], "train/items_per_s": seen / (time.time() - clock), "epoch": epoch})
@@ -488,9 +495,6 @@ def run_training_loop(
             checkpoints.save(accelerator, state)
         if step % config.eval_every == 0 or step % config.checkpoint_every == 0:
             seen, clock = 0, time.time()  # throughput counts training only
+            time_left.resume()
     progress.close()
 
-
-def format_duration(seconds: float) -> str:
-    minutes, seconds = divmod(int(round(seconds)), 60)
-    return f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"

@@ -19,7 +19,8 @@ from tqdm.auto import tqdm
 from foundation.cli import parse_config
 from foundation.data import ImageData, StreamedImages, data_config_of_run, eval_loader, load_image_data
 from foundation.errors import run_cli
-from foundation.training import format_duration, loader_workers, use_all_cores
+from foundation.estimate import format_duration
+from foundation.training import loader_workers, use_all_cores
 from stage1_vqvae.codes import CodesMetadata, ShardWriter, read_metadata, weights_hash, write_codes
 from stage1_vqvae.metrics import to_unit_range
 from stage1_vqvae.model import VQVAE, load_vqvae

@@ -27,8 +27,9 @@ from accelerate import Accelerator
 from foundation.cli import build_parser, parse_config
 from foundation.data import data_config_of_run, eval_loader, held_in_memory, load_image_data
 from foundation.errors import UserError, run_cli
+from foundation.estimate import format_duration
 from foundation.judge import hold_out, judge_reconstructions, load_or_train_judge
-from foundation.training import BOOKKEEPING_FLAGS, Checkpoints, bf16_is_fast, changed_flags, format_duration, use_all_cores
+from foundation.training import BOOKKEEPING_FLAGS, Checkpoints, bf16_is_fast, changed_flags, use_all_cores
 from stage1_vqvae.gan_health import diagnose, read_log
 from stage1_vqvae.metrics import reconstruction_metrics
 from stage1_vqvae.model import load_vqvae

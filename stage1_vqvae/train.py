@@ -16,10 +16,9 @@ from foundation.atomic import save_pretrained_atomic
 from foundation.cli import parse_config
 from foundation.data import DataConfig, collate_batches, load_image_data
 from foundation.errors import UserError, run_cli
+from foundation.estimate import format_duration
 from foundation.judge import JUDGE_DIR
-from foundation.training import (
-    LoopConfig, batches_per_epoch, describe_length, format_duration, open_stage, run_training_loop, set_up_training,
-)
+from foundation.training import LoopConfig, batches_per_epoch, describe_length, open_stage, run_training_loop, set_up_training
 from stage1_vqvae.discriminator import load_lpips
 from stage1_vqvae.dump_codes import dump
 from stage1_vqvae.gan_health import diagnose
@@ -157,7 +156,9 @@ def main(argv=None):
         return f"test mse {metrics['mse']:.5f}, psnr {metrics['psnr']:.2f} dB, codebook used {metrics['codebook_usage']:.1%}"
 
     after_step = (lambda step: update_average(average, unwrapped)) if average is not None else None
-    run_training_loop(accelerator, config, setup, checkpoints, train_step, evaluate, "stage one", after_step)
+    pace_changes = (config.disc_start - config.disc_head_start,) if discriminator is not None else ()
+    run_training_loop(accelerator, config, setup, checkpoints, train_step, evaluate, "stage one", after_step,
+                      hint=f"--max-steps {setup.steps // 2} halves it", estimate_also_at=pace_changes)
 
     if accelerator.is_main_process:
         save_pretrained_atomic(unwrapped, stage_dir / "final")

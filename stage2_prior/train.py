@@ -18,8 +18,9 @@ from foundation.atomic import save_pretrained_atomic
 from foundation.cli import parse_config
 from foundation.data import data_config_of_run, held_in_memory, load_image_data
 from foundation.errors import UserError, run_cli
+from foundation.estimate import format_duration
 from foundation.judge import JUDGE_DIR, features_and_predictions, load_or_train_judge
-from foundation.training import LoopConfig, describe_length, format_duration, open_stage, run_training_loop, set_up_training
+from foundation.training import LoopConfig, describe_length, open_stage, run_training_loop, set_up_training
 from stage1_vqvae.codes import open_codes, weights_hash
 from stage1_vqvae.model import load_vqvae
 from stage2_prior.evaluation import LOG2, prior_bits_per_dim, test_nll
@@ -211,7 +212,8 @@ def main(argv=None):
             return f"test masked-code nll {nll:.4f} bits/code"
         return f"test nll {nll:.4f} bits/code, prior {prior_bits_per_dim(nll, vqvae):.4f} bits/dim"
 
-    run_training_loop(accelerator, config, setup, checkpoints, train_step, evaluate, "stage two")
+    run_training_loop(accelerator, config, setup, checkpoints, train_step, evaluate, "stage two",
+                      hint=f"--max-steps {setup.steps // 2} halves it")
     guidance = "unconditional prior: no guidance" if not num_classes else "guidance not measured (--guidance-scales '')"
     if accelerator.is_main_process:
         save_pretrained_atomic(unwrapped, stage_dir / "final")
