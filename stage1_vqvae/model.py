@@ -16,15 +16,20 @@ from torch import nn
 
 from foundation.errors import UserError
 from stage1_vqvae.quantizer import QuantizerOutput, VectorQuantizer
+from stage1_vqvae.resnet_tokenizer import ResnetDecoder, ResnetEncoder
 
 
 @dataclass
 class ModelConfig:
     """The VQ-VAE's sizes: stage one's flags and `VQVAE()`'s own defaults, one source for both."""
 
+    architecture: str = field(default="conv", metadata={
+        "help": "encoder and decoder: conv (strided convolutions and two residual blocks, small and fast) or resnet "
+                "(VQGAN's: residual blocks at every resolution, GroupNorm, attention at the code map)",
+        "choices": ["conv", "resnet"]})
     hidden_channels: int = field(default=128, metadata={"help": "channels at the code-map resolution"})
-    res_blocks: int = field(default=2, metadata={"help": "residual blocks in encoder and decoder"})
-    res_channels: int = field(default=32, metadata={"help": "width inside a residual block"})
+    res_blocks: int = field(default=2, metadata={"help": "residual blocks in encoder and decoder (resnet: at each resolution)"})
+    res_channels: int = field(default=32, metadata={"help": "width inside a residual block (conv only)"})
     downsample: int = field(default=4, metadata={"help": "image side / code-map side, a power of two"})
     codebook_size: int = field(default=512, metadata={"help": "number of codes K"})
     code_dim: int = field(default=64, metadata={"help": "dimension of a code vector"})
@@ -124,16 +129,24 @@ class VQVAE(nn.Module, PyTorchModelHubMixin):
         decay: float = MODEL_DEFAULTS.decay,
         dead_code_steps: int = MODEL_DEFAULTS.dead_code_steps,
         l2_normalize: bool = MODEL_DEFAULTS.l2_normalize,
+        architecture: str = MODEL_DEFAULTS.architecture,
     ):
         super().__init__()
         self.in_channels, self.image_size, self.downsample = in_channels, image_size, downsample
         self.codebook_size = codebook_size
-        self.encoder = Encoder(in_channels, hidden_channels, res_blocks, res_channels, downsample, code_dim)
+        if architecture == "resnet":
+            halvings = _halvings(downsample)
+            self.encoder = ResnetEncoder(in_channels, hidden_channels, res_blocks, halvings, code_dim)
+            self.decoder = ResnetDecoder(in_channels, hidden_channels, res_blocks, halvings, code_dim)
+        elif architecture == "conv":
+            self.encoder = Encoder(in_channels, hidden_channels, res_blocks, res_channels, downsample, code_dim)
+            self.decoder = Decoder(in_channels, hidden_channels, res_blocks, res_channels, downsample, code_dim)
+        else:
+            raise ValueError(f"architecture must be 'conv' or 'resnet', got {architecture!r}")
         self.quantizer = VectorQuantizer(
             codebook_size, code_dim, beta=beta, ema=ema, decay=decay,
             dead_code_steps=dead_code_steps, l2_normalize=l2_normalize,
         )
-        self.decoder = Decoder(in_channels, hidden_channels, res_blocks, res_channels, downsample, code_dim)
 
     @property
     def map_shape(self) -> tuple[int, int]:

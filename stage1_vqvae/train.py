@@ -33,7 +33,8 @@ class TrainConfig(LoopConfig, DataConfig, ModelConfig, LossConfig):
     # how runs saved before these flags existed trained, for --resume's comparison
     FLAGS_ADDED_SINCE: ClassVar[dict] = {"disc_augment": "none", "disc_norm": "group", "adaptive_weight": True,
                                          "r1_weight": 0.0, "r1_every": 4, "ema_decay": 0.0, "clean_feature_matching": False,
-                                         "adam_beta2": 0.999, "gan_warmup": 0, "disc_head_start": 0}
+                                         "adam_beta2": 0.999, "gan_warmup": 0, "disc_head_start": 0,
+                                         "architecture": "conv"}
     # the demo's 2 epochs of Fashion-MNIST: what a small data set gets too
     min_steps: int = field(default=936, metadata={"help": "at least this many optimizer steps, however few --epochs make on a small data set"})
     # 0.95, not Adam's 0.999: a second moment that averages over ~1000 steps still remembers the
@@ -50,7 +51,7 @@ def build_model(config: TrainConfig, channels: int) -> VQVAE:
         res_blocks=config.res_blocks, res_channels=config.res_channels, downsample=config.downsample,
         codebook_size=config.codebook_size, code_dim=config.code_dim, beta=config.beta,
         ema=config.codebook == "ema", decay=config.decay, dead_code_steps=config.dead_code_steps,
-        l2_normalize=config.l2_normalize,
+        l2_normalize=config.l2_normalize, architecture=config.architecture,
     )
 
 

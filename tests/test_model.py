@@ -31,6 +31,29 @@ def test_save_and_load_round_trip_gives_the_same_outputs(tmp_path):
     assert loaded.quantizer.l2_normalize is False and loaded.in_channels == 3
 
 
+@pytest.mark.parametrize("downsample", [4, 8])
+def test_the_resnet_tokenizer_at_64_pixels_shapes_and_straight_through_gradient(downsample):
+    model = VQVAE(in_channels=3, image_size=64, downsample=downsample, architecture="resnet", **TINY)
+    assert any(type(m).__name__ == "AttentionBlock" for m in model.encoder.modules())
+    assert not any(isinstance(m, torch.nn.ConvTranspose2d) for m in model.decoder.modules())  # no checkerboard
+    images = torch.rand(2, 3, 64, 64)
+    output = model(images)
+    assert output.reconstruction.shape == images.shape and model.encode(images).shape == (2, *model.map_shape)
+    output.loss.backward()  # the pixel loss reaches the encoder through the quantizer (straight-through)
+    assert model.encoder[0].weight.grad.abs().sum() > 0
+    assert model.decoder[-1].weight.grad is not None  # the layer the adaptive GAN weight reads
+
+
+def test_the_resnet_tokenizer_saves_and_loads_as_itself(tmp_path):
+    torch.manual_seed(0)
+    model = VQVAE(in_channels=3, image_size=64, architecture="resnet", **TINY)
+    model.save_pretrained(tmp_path)
+    loaded = VQVAE.from_pretrained(str(tmp_path)).eval()
+    images = torch.rand(2, 3, 64, 64)
+    assert torch.equal(model.eval()(images).reconstruction, loaded(images).reconstruction)
+    assert type(loaded.encoder).__name__ == "ResnetEncoder"
+
+
 def test_l2_normalised_lookup_uses_unit_codes():
     model = VQVAE(image_size=16, l2_normalize=True, **TINY)
     output = model(torch.rand(2, 1, 16, 16))

@@ -37,8 +37,9 @@ def test_a_tiny_run_lowers_the_loss_and_writes_its_artifacts(tiny_fashion, tmp_p
     assert (tmp_path / "codes" / "metadata.json").exists()
 
 
-@pytest.mark.parametrize("extra", [[], ["--gradient-accumulation-steps", "2", "--disc-start", "4", "--disc-channels", "8"]],
-                         ids=["plain", "accumulation-and-discriminator"])
+@pytest.mark.parametrize("extra", [[], ["--gradient-accumulation-steps", "2", "--disc-start", "4", "--disc-channels", "8"],
+                                   ["--architecture", "resnet", "--image-size", "64", "--disc-start", "4", "--disc-channels", "8"]],
+                         ids=["plain", "accumulation-and-discriminator", "resnet-at-64"])
 def test_resumed_run_ends_with_exactly_the_weights_of_an_uninterrupted_run(tiny_fashion, tmp_path, extra):
     """Killed after step 10, mid-epoch (8 or 4 steps per epoch), and resumed there."""
     flags = ["--max-steps", "12", "--checkpoint-every", "5", "--eval-every", "100", "--no-dump", "--log-every", "2", *extra]
