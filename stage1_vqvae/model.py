@@ -17,6 +17,7 @@ from torch import nn
 from foundation.errors import UserError
 from stage1_vqvae.quantizer import QuantizerOutput, VectorQuantizer
 from stage1_vqvae.resnet_tokenizer import ResnetDecoder, ResnetEncoder
+from stage1_vqvae.size_presets import preset_downsample
 
 
 @dataclass
@@ -30,7 +31,8 @@ class ModelConfig:
     hidden_channels: int = field(default=128, metadata={"help": "channels at the code-map resolution"})
     res_blocks: int = field(default=2, metadata={"help": "residual blocks in encoder and decoder (resnet: at each resolution)"})
     res_channels: int = field(default=32, metadata={"help": "width inside a residual block (conv only)"})
-    downsample: int = field(default=4, metadata={"help": "image side / code-map side, a power of two"})
+    downsample: int | None = field(default=None, metadata={"help": "image side / code-map side, a power of two (default: from "
+                                                                    "--image-size, a map of at most 16x16; 4 at 32 pixels)"})
     codebook_size: int = field(default=512, metadata={"help": "number of codes K"})
     code_dim: int = field(default=64, metadata={"help": "dimension of a code vector"})
     codebook: str = field(default="ema", metadata={"help": "how the codebook learns", "choices": ["ema", "loss"]})
@@ -121,7 +123,7 @@ class VQVAE(nn.Module, PyTorchModelHubMixin):
         hidden_channels: int = MODEL_DEFAULTS.hidden_channels,
         res_blocks: int = MODEL_DEFAULTS.res_blocks,
         res_channels: int = MODEL_DEFAULTS.res_channels,
-        downsample: int = MODEL_DEFAULTS.downsample,
+        downsample: int | None = MODEL_DEFAULTS.downsample,
         codebook_size: int = MODEL_DEFAULTS.codebook_size,
         code_dim: int = MODEL_DEFAULTS.code_dim,
         beta: float = MODEL_DEFAULTS.beta,
@@ -132,6 +134,7 @@ class VQVAE(nn.Module, PyTorchModelHubMixin):
         architecture: str = MODEL_DEFAULTS.architecture,
     ):
         super().__init__()
+        downsample = downsample or preset_downsample(image_size)
         self.in_channels, self.image_size, self.downsample = in_channels, image_size, downsample
         self.codebook_size = codebook_size
         if architecture == "resnet":

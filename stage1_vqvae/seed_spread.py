@@ -33,6 +33,7 @@ from foundation.training import BOOKKEEPING_FLAGS, Checkpoints, bf16_is_fast, ch
 from stage1_vqvae.gan_health import diagnose, read_log
 from stage1_vqvae.metrics import reconstruction_metrics
 from stage1_vqvae.model import load_vqvae
+from stage1_vqvae.size_presets import apply_size_presets
 from stage1_vqvae.train import TrainConfig
 
 TRAIN_SCRIPT = Path(__file__).with_name("train.py")
@@ -75,7 +76,7 @@ def train_config_of(train_flags: list[str], seed: int, run_dir: Path) -> TrainCo
     except SystemExit:
         raise UserError(f"stage one does not take the flags {' '.join(train_flags)!r} (its error is above); "
                         "see `python stage1_vqvae/train.py --help`") from None
-    config = TrainConfig(**vars(arguments))
+    config, _ = apply_size_presets(TrainConfig(**vars(arguments)))  # as the run will choose them, and record them
     if config.mixed_precision == "auto":  # as the run will resolve it, and record it
         config.mixed_precision = "bf16" if bf16_is_fast() else "no"
     return config

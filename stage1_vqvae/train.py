@@ -25,6 +25,7 @@ from stage1_vqvae.gan_health import diagnose
 from stage1_vqvae.gan_loss import GANLoss, LossConfig, build_discriminator
 from stage1_vqvae.metrics import reconstruction_metrics, to_unit_range
 from stage1_vqvae.model import VQVAE, ModelConfig
+from stage1_vqvae.size_presets import apply_size_presets
 from stage1_vqvae.weight_average import update_average, weight_average
 
 
@@ -35,6 +36,8 @@ class TrainConfig(LoopConfig, DataConfig, ModelConfig, LossConfig):
                                          "r1_weight": 0.0, "r1_every": 4, "ema_decay": 0.0, "clean_feature_matching": False,
                                          "adam_beta2": 0.999, "gan_warmup": 0, "disc_head_start": 0,
                                          "architecture": "conv"}
+    batch_size: int | None = field(default=None, metadata={"help": "images per process per step (default: 128 up to 64x64 "
+                                                                    "images, fewer for larger ones)"})
     # the demo's 2 epochs of Fashion-MNIST: what a small data set gets too
     min_steps: int = field(default=936, metadata={"help": "at least this many optimizer steps, however few --epochs make on a small data set"})
     # 0.95, not Adam's 0.999: a second moment that averages over ~1000 steps still remembers the
@@ -93,7 +96,7 @@ def save_reconstruction_grid(model, images: torch.Tensor, path: Path) -> None:
 
 
 def main(argv=None):
-    config = parse_config(TrainConfig, argv, description=__doc__.splitlines()[0])
+    config, size_choices = apply_size_presets(parse_config(TrainConfig, argv, description=__doc__.splitlines()[0]))
     check_config(config)
     started = time.time()
     run_dir = Path(config.run_dir)
@@ -131,6 +134,7 @@ def main(argv=None):
         f"{'a stream of' if config.streaming else len(data.train)} train images from {data.source}, "
         f"{describe_length(config, setup.steps, batches_per_epoch(setup.train_loader))} "
         f"of {config.batch_size * accelerator.num_processes} images"
+        + (f"; for {config.image_size}x{config.image_size} images: {', '.join(size_choices)}" if size_choices else "")
     )
 
     def train_step(batch):

@@ -1,0 +1,44 @@
+"""Stage one's sizes that follow the image size, unless a flag sets them.
+
+- The downsample factor keeps the code map at most 16x16 (8x8 at 32 pixels): the prior models
+  one code after another, so its cost grows with the map's area, and 16x16 is where VQGAN,
+  MaskGIT and LlamaGen work at 256 pixels.
+- The batch keeps a step's pixels near those of 128 images of 64x64: a step's memory and time
+  grow with the pixels, and 128 images of 256x256 would take a few gigabytes and seconds a step.
+"""
+
+from dataclasses import replace
+
+MAX_MAP_SIDE = 16
+MIN_DOWNSAMPLE = 4
+PIXELS_PER_STEP = 128 * 64 * 64
+BATCH_RANGE = (16, 128)
+
+
+def preset_downsample(image_size: int) -> int:
+    """The smallest power of two from 4 on that leaves a map of at most 16 codes a side."""
+    downsample = MIN_DOWNSAMPLE
+    while image_size / downsample > MAX_MAP_SIDE:
+        downsample *= 2
+    return downsample
+
+
+def preset_batch_size(image_size: int) -> int:
+    low, high = BATCH_RANGE
+    return max(low, min(high, PIXELS_PER_STEP // (image_size * image_size)))
+
+
+def apply_size_presets(config):
+    """The config with every size left unset (None) chosen from --image-size, and one reason a
+    choice for the summary line."""
+    chosen, reasons = {}, []
+    if config.downsample is None:
+        chosen["downsample"] = preset_downsample(config.image_size)
+        side = config.image_size // chosen["downsample"]
+        reasons.append(f"--downsample {chosen['downsample']} (code maps of {side}x{side}: the prior's cost grows with the map, "
+                       f"kept at most {MAX_MAP_SIDE}x{MAX_MAP_SIDE})")
+    if config.batch_size is None:
+        chosen["batch_size"] = preset_batch_size(config.image_size)
+        if chosen["batch_size"] != BATCH_RANGE[1]:
+            reasons.append(f"--batch-size {chosen['batch_size']} (a step's memory and time grow with the pixels)")
+    return replace(config, **chosen), reasons

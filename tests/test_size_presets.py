@@ -1,0 +1,35 @@
+"""Stage one's sizes chosen from --image-size, and every flag overriding them."""
+
+import pytest
+
+from stage1_vqvae.model import VQVAE
+from stage1_vqvae.size_presets import apply_size_presets
+from stage1_vqvae.train import TrainConfig
+
+
+@pytest.mark.parametrize("size, downsample, side, batch", [(32, 4, 8, 128), (64, 4, 16, 128), (128, 8, 16, 32), (256, 16, 16, 16)])
+def test_the_presets_keep_the_map_at_most_16_a_side_and_a_steps_pixels_bounded(size, downsample, side, batch):
+    config, reasons = apply_size_presets(TrainConfig(image_size=size))
+    assert (config.downsample, config.batch_size) == (downsample, batch)
+    assert VQVAE(image_size=size, downsample=config.downsample).map_shape == (side, side)
+    assert reasons[0].startswith(f"--downsample {downsample} (code maps of {side}x{side}")
+    assert any(r.startswith(f"--batch-size {batch}") for r in reasons) == (batch != 128)
+
+
+def test_a_flag_overrides_each_preset_and_is_not_explained():
+    config, reasons = apply_size_presets(TrainConfig(image_size=256, downsample=8, batch_size=4))
+    assert (config.downsample, config.batch_size, reasons) == (8, 4, [])
+
+
+def test_a_model_built_in_python_takes_the_same_rule():
+    assert VQVAE(image_size=128).downsample == 8 and VQVAE().downsample == 4
+
+
+def test_stage_one_prints_its_size_choices(tiny_fashion, tmp_path, capsys):
+    from stage1_vqvae import train as stage_one
+    from tests.conftest import TINY_MODEL
+
+    stage_one.main(["--run-dir", str(tmp_path / "run"), *TINY_MODEL, "--image-size", "64", "--max-steps", "1", "--no-dump",
+                    "--disc-start", "-1"])
+    out = capsys.readouterr().out
+    assert "for 64x64 images: --downsample 4 (code maps of 16x16: the prior's cost grows with the map" in out
