@@ -38,6 +38,10 @@ class FeatureClassifier(nn.Module, PyTorchModelHubMixin):
         self.head = nn.Linear(feature_dim, num_classes)
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
+        """Images larger than 64 pixels are averaged down to 64 first: the judge tells classes
+        and textures apart, which 64 pixels show, at a sixteenth of the cost of 256."""
+        if max(images.shape[-2:]) > JUDGE_SIDE:
+            images = F.interpolate(images, size=(JUDGE_SIDE, JUDGE_SIDE), mode="area")
         return self.body(images)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -45,6 +49,7 @@ class FeatureClassifier(nn.Module, PyTorchModelHubMixin):
 
 
 JUDGE_DIR = "eval_classifier"
+JUDGE_SIDE = 64
 
 
 def judge_key(data, epochs: int) -> dict:

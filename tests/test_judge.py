@@ -58,3 +58,14 @@ def test_frechet_distance_matches_a_direct_scipy_computation():
     root = linalg.sqrtm(cov_a @ cov_b).real
     expected = np.sum((a.mean(0) - b.mean(0)) ** 2) + np.trace(cov_a + cov_b - 2 * root)
     assert frechet_distance(torch.from_numpy(a), torch.from_numpy(b)) == pytest.approx(expected, rel=1e-6)
+
+
+def test_the_judge_reads_large_images_at_64_pixels():
+    from foundation.judge import FeatureClassifier
+
+    torch.manual_seed(0)
+    judge = FeatureClassifier(in_channels=3, num_classes=4).eval()
+    large = torch.rand(2, 3, 256, 256)
+    small = torch.nn.functional.avg_pool2d(large, 4)
+    torch.testing.assert_close(judge.features(large), judge.features(small))
+    assert judge.features(torch.rand(2, 3, 32, 32)).shape == (2, 128)  # 32 pixels are read as they are
