@@ -69,6 +69,7 @@ def draw(pipe: VQPipeline, label: str | None, n: int, guidance: float | None, te
          seed: int, passes: int | None = None) -> tuple[Image.Image, str]:
     """New images, as `pipelines.sample --n N --seed S` draws them (same seed, same grid)."""
     passes = passes if pipe.prior.prior in PARALLEL_PRIORS else None
+    guidance = None if label == NO_CLASS else guidance  # guidance steers towards a class; without one it has nothing to do
     samples, seconds = timed(pipe, n=int(n), labels=as_label(label), guidance=guidance, temperature=temperature,
                              top_k=int(top_k) if top_k else None, passes=int(passes) if passes else None, seed=int(seed),
                              output_type="pt")

@@ -35,6 +35,15 @@ def test_draw_shows_the_pipelines_grid_for_that_seed(pipe):
     assert text.startswith("12 images")
 
 
+def test_no_class_draws_without_guidance_whatever_the_slider_says(pipe):
+    if actions.NO_CLASS not in actions.draw_labels(pipe):
+        pytest.skip("this prior never learned its null label")
+    shown, text = actions.draw(pipe, actions.NO_CLASS, 4, 2.0, 1.0, 0, seed=1)
+    samples = pipe(n=4, labels="none", seed=1, output_type="pt")
+    assert np.array_equal(pixels(shown), pixels(actions.to_pil(sample_grid(samples.images, samples.labels))))
+    assert "unconditional" in text
+
+
 def test_bad_uploads_and_an_empty_painting_are_one_sentence_each(pipe, tmp_path, monkeypatch):
     (tmp_path / "notes.txt").write_text("not an image")
     with pytest.raises(UserError, match="notes.txt is not an image this page can read"):
