@@ -54,8 +54,8 @@ class LossConfig:
     r1_every: int = field(default=4, metadata={"help": "apply R1 every N steps, scaled by N (lazy regularisation)"})
     disc_head_start: int = field(default=0, metadata={"help": "the discriminator trains alone for this many steps before "
                                                             "--disc-start, when the decoder starts to read it"})
-    gan_warmup: int = field(default=200, metadata={"help": "the decoder's feature-matching and adversarial terms grow from 0 to "
-                                                      "full over this many steps after --disc-start (0: full at once)"})
+    gan_warmup: int | None = field(default=None, metadata={"help": "the decoder's feature-matching and adversarial terms grow from 0 to "
+                                                      "full over this many steps after --disc-start (0: full at once; default: 200 on fewer than 20,000 train images, else 0)"})
 
     @property
     def uses_discriminator(self) -> bool:
@@ -90,7 +90,7 @@ class GANLoss:
     def ramp(self, step: int) -> float:
         """How much of the decoder's GAN terms counts at `step`: a discriminator that has just
         started has random features, and a full-strength pull towards them jolts the codebook."""
-        if self.config.gan_warmup <= 0:
+        if not self.config.gan_warmup:  # 0, or None where no one chose (stage one's main chooses)
             return 1.0
         return min(1.0, (step - self.config.disc_start + 1) / self.config.gan_warmup)
 

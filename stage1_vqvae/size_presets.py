@@ -1,10 +1,15 @@
-"""Stage one's sizes that follow the image size, unless a flag sets them.
+"""Stage one's choices that follow the image size and the data set's size, unless a flag sets them.
 
 - The downsample factor keeps the code map at most 16x16 (8x8 at 32 pixels): the prior models
   one code after another, so its cost grows with the map's area, and 16x16 is where VQGAN,
   MaskGIT and LlamaGen work at 256 pixels.
 - The batch keeps a step's pixels near those of 128 images of 64x64: a step's memory and time
   grow with the pixels, and 128 images of 256x256 would take a few gigabytes and seconds a step.
+- The discriminator's terms are ramped in over 200 steps on a set of fewer than 20,000 train
+  images and start at full strength on a larger one. On a few thousand images the
+  discriminator soon tells them apart, and its pull at full strength empties part of the
+  codebook and leaves grain; on Fashion-MNIST's 60,000 the ramp only costs sharpness
+  (docs/stage-one-gan.md has both).
 """
 
 from dataclasses import replace
@@ -13,6 +18,8 @@ MAX_MAP_SIDE = 16
 MIN_DOWNSAMPLE = 4
 PIXELS_PER_STEP = 128 * 64 * 64
 BATCH_RANGE = (16, 128)
+SMALL_SET = 20_000
+SMALL_SET_WARMUP = 200
 
 
 def preset_downsample(image_size: int) -> int:
@@ -42,3 +49,11 @@ def apply_size_presets(config):
         if chosen["batch_size"] != BATCH_RANGE[1]:
             reasons.append(f"--batch-size {chosen['batch_size']} (a step's memory and time grow with the pixels)")
     return replace(config, **chosen), reasons
+
+
+def preset_gan_warmup(train_images: int | None) -> tuple[int, str]:
+    """--gan-warmup for a train split of this many images (None: a stream, of unknown size), and why."""
+    if train_images is not None and train_images < SMALL_SET:
+        return SMALL_SET_WARMUP, (f"--gan-warmup {SMALL_SET_WARMUP} (fewer than {SMALL_SET:,} train images: the "
+                                  f"discriminator's terms are ramped in, so that the codebook can follow)")
+    return 0, f"--gan-warmup 0 (at least {SMALL_SET:,} train images: the discriminator's terms at full strength from the start)"

@@ -1,9 +1,11 @@
 """Stage one's sizes chosen from --image-size, and every flag overriding them."""
 
+import json
+
 import pytest
 
 from stage1_vqvae.model import VQVAE
-from stage1_vqvae.size_presets import apply_size_presets
+from stage1_vqvae.size_presets import apply_size_presets, preset_gan_warmup
 from stage1_vqvae.train import TrainConfig
 
 
@@ -32,4 +34,22 @@ def test_stage_one_prints_its_size_choices(tiny_fashion, tmp_path, capsys):
     stage_one.main(["--run-dir", str(tmp_path / "run"), *TINY_MODEL, "--image-size", "64", "--max-steps", "1", "--no-dump",
                     "--disc-start", "-1"])
     out = capsys.readouterr().out
-    assert "for 64x64 images: --downsample 4 (code maps of 16x16: the prior's cost grows with the map" in out
+    assert "chosen for this data: --downsample 4 (code maps of 16x16: the prior's cost grows with the map" in out
+
+
+@pytest.mark.parametrize("images, warmup", [(1_429, 200), (19_999, 200), (20_000, 0), (60_000, 0), (None, 0)])
+def test_the_gan_terms_are_ramped_in_on_small_sets_only(images, warmup):
+    chosen, why = preset_gan_warmup(images)
+    assert chosen == warmup and why.startswith(f"--gan-warmup {warmup} (")
+
+
+def test_stage_one_ramps_the_gan_in_on_a_small_set_and_says_so(tiny_fashion, tmp_path, capsys):
+    from stage1_vqvae import train as stage_one
+    from tests.conftest import TINY_MODEL
+
+    flags = ["--run-dir", str(tmp_path / "run"), *TINY_MODEL, "--max-steps", "1", "--no-dump", "--disc-start", "0", "--disc-channels", "8"]
+    stage_one.main(flags)
+    assert "--gan-warmup 200 (fewer than 20,000 train images" in capsys.readouterr().out
+    stage_one.main([*flags, "--overwrite", "--gan-warmup", "7"])
+    assert "--gan-warmup" not in capsys.readouterr().out  # a flag given is not explained
+    assert json.loads((tmp_path / "run" / "vqvae" / "train_config.json").read_text())["gan_warmup"] == 7
