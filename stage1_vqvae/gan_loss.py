@@ -52,10 +52,11 @@ class LossConfig:
                                                                    "features of unaugmented images (the game itself stays augmented)"})
     r1_weight: float = field(default=0.0, metadata={"help": "weight of the R1 gradient penalty on real images (0: none)"})
     r1_every: int = field(default=4, metadata={"help": "apply R1 every N steps, scaled by N (lazy regularisation)"})
-    disc_head_start: int = field(default=0, metadata={"help": "the discriminator trains alone for this many steps before "
-                                                            "--disc-start, when the decoder starts to read it"})
-    gan_warmup: int | None = field(default=None, metadata={"help": "the decoder's feature-matching and adversarial terms grow from 0 to "
-                                                      "full over this many steps after --disc-start (0: full at once; default: 200 on fewer than 20,000 train images, else 0)"})
+    disc_head_start: int | None = field(default=None, metadata={
+        "help": "the discriminator trains alone for this many steps before --disc-start, when the decoder starts to read it "
+                "(default: 100 on fewer than 20,000 train images, else 0)"})
+    gan_warmup: int = field(default=0, metadata={"help": "the decoder's feature-matching and adversarial terms grow from 0 to "
+                                                    "full over this many steps after --disc-start (0: full at once)"})
 
     @property
     def uses_discriminator(self) -> bool:
@@ -85,12 +86,13 @@ class GANLoss:
 
     def active(self, step: int) -> bool:
         """Whether the discriminator trains at `step`; the decoder reads it from `disc_start` on."""
-        return self.discriminator is not None and step >= self.config.disc_start - self.config.disc_head_start
+        head_start = self.config.disc_head_start or 0  # None where no one chose (stage one's main chooses)
+        return self.discriminator is not None and step >= self.config.disc_start - head_start
 
     def ramp(self, step: int) -> float:
         """How much of the decoder's GAN terms counts at `step`: a discriminator that has just
         started has random features, and a full-strength pull towards them jolts the codebook."""
-        if not self.config.gan_warmup:  # 0, or None where no one chose (stage one's main chooses)
+        if self.config.gan_warmup <= 0:
             return 1.0
         return min(1.0, (step - self.config.disc_start + 1) / self.config.gan_warmup)
 

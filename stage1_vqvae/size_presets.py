@@ -5,10 +5,10 @@
   MaskGIT and LlamaGen work at 256 pixels.
 - The batch keeps a step's pixels near those of 128 images of 64x64: a step's memory and time
   grow with the pixels, and 128 images of 256x256 would take a few gigabytes and seconds a step.
-- The discriminator's terms are ramped in over 200 steps on a set of fewer than 20,000 train
-  images and start at full strength on a larger one. On a few thousand images the
-  discriminator soon tells them apart, and its pull at full strength empties part of the
-  codebook and leaves grain; on Fashion-MNIST's 60,000 the ramp only costs sharpness
+- On a set of fewer than 20,000 train images the discriminator trains alone for 100 steps
+  before the decoder reads it; on a larger one both start together. On a few thousand images
+  a discriminator whose features are still random, pulling at full strength, empties part of
+  the codebook and leaves grain; on Fashion-MNIST's 60,000 the head start only costs sharpness
   (docs/stage-one-gan.md has both).
 """
 
@@ -19,7 +19,7 @@ MIN_DOWNSAMPLE = 4
 PIXELS_PER_STEP = 128 * 64 * 64
 BATCH_RANGE = (16, 128)
 SMALL_SET = 20_000
-SMALL_SET_WARMUP = 200
+SMALL_SET_HEAD_START = 100
 
 
 def preset_downsample(image_size: int) -> int:
@@ -51,9 +51,10 @@ def apply_size_presets(config):
     return replace(config, **chosen), reasons
 
 
-def preset_gan_warmup(train_images: int | None) -> tuple[int, str]:
-    """--gan-warmup for a train split of this many images (None: a stream, of unknown size), and why."""
+def preset_disc_head_start(train_images: int | None, disc_start: int) -> tuple[int, str]:
+    """--disc-head-start for a train split of this many images (None: a stream, of unknown size), and why."""
     if train_images is not None and train_images < SMALL_SET:
-        return SMALL_SET_WARMUP, (f"--gan-warmup {SMALL_SET_WARMUP} (fewer than {SMALL_SET:,} train images: the "
-                                  f"discriminator's terms are ramped in, so that the codebook can follow)")
-    return 0, f"--gan-warmup 0 (at least {SMALL_SET:,} train images: the discriminator's terms at full strength from the start)"
+        steps = min(SMALL_SET_HEAD_START, disc_start)
+        return steps, (f"--disc-head-start {steps} (fewer than {SMALL_SET:,} train images: the discriminator learns alone "
+                       f"first, so that its first pull on the decoder does not scatter the codebook)")
+    return 0, f"--disc-head-start 0 (at least {SMALL_SET:,} train images: the discriminator and its pull on the decoder start together)"

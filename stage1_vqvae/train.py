@@ -25,7 +25,7 @@ from stage1_vqvae.gan_health import diagnose
 from stage1_vqvae.gan_loss import GANLoss, LossConfig, build_discriminator
 from stage1_vqvae.metrics import reconstruction_metrics, to_unit_range
 from stage1_vqvae.model import VQVAE, ModelConfig
-from stage1_vqvae.size_presets import apply_size_presets, preset_gan_warmup
+from stage1_vqvae.size_presets import apply_size_presets, preset_disc_head_start
 from stage1_vqvae.weight_average import update_average, weight_average
 
 
@@ -75,9 +75,9 @@ def check_config(config: TrainConfig) -> None:
         raise UserError(f"--disc-channels {config.disc_channels} must be at least 1 (32 is the default); use --disc-start -1 for no discriminator")
     if config.r1_weight < 0 or config.r1_every < 1:
         raise UserError(f"--r1-weight {config.r1_weight} must not be negative (0 turns it off) and --r1-every {config.r1_every} must be at least 1")
-    if config.disc_head_start < 0 or (config.disc_start >= 0 and config.disc_head_start > config.disc_start):
+    if config.disc_head_start is not None and (config.disc_head_start < 0 or config.disc_head_start > max(0, config.disc_start)):
         raise UserError(f"--disc-head-start {config.disc_head_start} must be between 0 and --disc-start ({config.disc_start})")
-    if config.gan_warmup is not None and config.gan_warmup < 0:
+    if config.gan_warmup < 0:
         raise UserError(f"--gan-warmup {config.gan_warmup} must not be negative (0: the GAN terms at full strength at once)")
     if not 0 <= config.adam_beta2 < 1:
         raise UserError(f"--adam-beta2 {config.adam_beta2} must be at least 0 and below 1, e.g. 0.99")
@@ -112,16 +112,16 @@ def main(argv=None):
     lpips_network = lpips_network.to(accelerator.device) if lpips_network is not None else None
     with accelerator.main_process_first():  # a download or cache is built once, then read by the others
         data = load_image_data(config)
-    if config.gan_warmup is None and config.uses_discriminator:
-        warmup, why = preset_gan_warmup(None if config.streaming else len(data.train))
+    if config.disc_head_start is None and config.uses_discriminator:
+        head_start, why = preset_disc_head_start(None if config.streaming else len(data.train), config.disc_start)
         size_choices.append(why)
     else:
-        warmup = config.gan_warmup
+        head_start = config.disc_head_start or 0
     model = build_model(config, data.channels).to(accelerator.device)
     average = weight_average(model, config.ema_decay) if config.ema_decay > 0 else None
     discriminator = build_discriminator(config, data.channels)
     companions = [(discriminator, {"lr": config.disc_lr, "betas": (0.5, 0.9)})] if discriminator is not None else []
-    loss = GANLoss(replace(config, gan_warmup=warmup), None, lpips_network, accelerator.autocast)
+    loss = GANLoss(replace(config, disc_head_start=head_start), None, lpips_network, accelerator.autocast)
     checkpointed = [holder for holder in (average, loss.adaptive) if holder is not None]  # restored on --resume
     setup = set_up_training(
         accelerator, config, stage_dir, checkpoints, model, data.train, data.test,
@@ -166,7 +166,7 @@ def main(argv=None):
         return f"test mse {metrics['mse']:.5f}, psnr {metrics['psnr']:.2f} dB, codebook used {metrics['codebook_usage']:.1%}"
 
     after_step = (lambda step: update_average(average, unwrapped)) if average is not None else None
-    pace_changes = (config.disc_start - config.disc_head_start,) if discriminator is not None else ()
+    pace_changes = (config.disc_start - head_start,) if discriminator is not None else ()
     run_training_loop(accelerator, config, setup, checkpoints, train_step, evaluate, "stage one", after_step,
                       hint=f"--max-steps {setup.steps // 2} halves it", estimate_also_at=pace_changes)
 

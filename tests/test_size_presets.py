@@ -5,7 +5,7 @@ import json
 import pytest
 
 from stage1_vqvae.model import VQVAE
-from stage1_vqvae.size_presets import apply_size_presets, preset_gan_warmup
+from stage1_vqvae.size_presets import apply_size_presets, preset_disc_head_start
 from stage1_vqvae.train import TrainConfig
 
 
@@ -37,19 +37,23 @@ def test_stage_one_prints_its_size_choices(tiny_fashion, tmp_path, capsys):
     assert "chosen for this data: --downsample 4 (code maps of 16x16: the prior's cost grows with the map" in out
 
 
-@pytest.mark.parametrize("images, warmup", [(1_429, 200), (19_999, 200), (20_000, 0), (60_000, 0), (None, 0)])
-def test_the_gan_terms_are_ramped_in_on_small_sets_only(images, warmup):
-    chosen, why = preset_gan_warmup(images)
-    assert chosen == warmup and why.startswith(f"--gan-warmup {warmup} (")
+@pytest.mark.parametrize("images, steps", [(1_429, 100), (19_999, 100), (20_000, 0), (60_000, 0), (None, 0)])
+def test_the_discriminator_gets_a_head_start_on_small_sets_only(images, steps):
+    chosen, why = preset_disc_head_start(images, disc_start=400)
+    assert chosen == steps and why.startswith(f"--disc-head-start {steps} (")
+    assert preset_disc_head_start(images, disc_start=30)[0] == min(steps, 30)  # never before step 0
 
 
-def test_stage_one_ramps_the_gan_in_on_a_small_set_and_says_so(tiny_fashion, tmp_path, capsys):
+def test_stage_one_gives_the_discriminator_a_head_start_on_a_small_set_and_says_so(tiny_fashion, tmp_path, capsys):
     from stage1_vqvae import train as stage_one
     from tests.conftest import TINY_MODEL
 
-    flags = ["--run-dir", str(tmp_path / "run"), *TINY_MODEL, "--max-steps", "1", "--no-dump", "--disc-start", "0", "--disc-channels", "8"]
+    flags = ["--run-dir", str(tmp_path / "run"), *TINY_MODEL, "--max-steps", "4", "--no-dump", "--disc-start", "2",
+             "--disc-channels", "8", "--log-every", "1"]
     stage_one.main(flags)
-    assert "--gan-warmup 200 (fewer than 20,000 train images" in capsys.readouterr().out
-    stage_one.main([*flags, "--overwrite", "--gan-warmup", "7"])
-    assert "--gan-warmup" not in capsys.readouterr().out  # a flag given is not explained
-    assert json.loads((tmp_path / "run" / "vqvae" / "train_config.json").read_text())["gan_warmup"] == 7
+    assert "--disc-head-start 2 (fewer than 20,000 train images" in capsys.readouterr().out
+    logged = [json.loads(line) for line in (tmp_path / "run" / "vqvae" / "log.jsonl").read_text().splitlines()]
+    assert any("train/disc_loss" in row and row["step"] == 1 for row in logged)  # it trained from step 0
+    stage_one.main([*flags, "--overwrite", "--disc-head-start", "1"])
+    assert "--disc-head-start" not in capsys.readouterr().out  # a flag given is not explained
+    assert json.loads((tmp_path / "run" / "vqvae" / "train_config.json").read_text())["disc_head_start"] == 1
