@@ -166,7 +166,8 @@ def main(argv=None):
         return f"test mse {metrics['mse']:.5f}, psnr {metrics['psnr']:.2f} dB, codebook used {metrics['codebook_usage']:.1%}"
 
     after_step = (lambda step: update_average(average, unwrapped)) if average is not None else None
-    pace_changes = (config.disc_start - head_start,) if discriminator is not None else ()
+    # the discriminator's own steps start at disc_start - head_start, the decoder's GAN terms at disc_start
+    pace_changes = (config.disc_start - head_start, config.disc_start) if discriminator is not None else ()
     run_training_loop(accelerator, config, setup, checkpoints, train_step, evaluate, "stage one", after_step,
                       hint=f"--max-steps {setup.steps // 2} halves it", estimate_also_at=pace_changes)
 
