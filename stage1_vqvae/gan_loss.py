@@ -54,7 +54,7 @@ class LossConfig:
     r1_every: int = field(default=4, metadata={"help": "apply R1 every N steps, scaled by N (lazy regularisation)"})
     disc_head_start: int | None = field(default=None, metadata={
         "help": "the discriminator trains alone for this many steps before --disc-start, when the decoder starts to read it "
-                "(default: 100 on fewer than 20,000 train images, else 0)"})
+                "(default: 100 on fewer than 10,000 train images, else 0)"})
     gan_warmup: int = field(default=0, metadata={"help": "the decoder's feature-matching and adversarial terms grow from 0 to "
                                                     "full over this many steps after --disc-start (0: full at once)"})
 

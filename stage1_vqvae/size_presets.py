@@ -5,7 +5,7 @@
   MaskGIT and LlamaGen work at 256 pixels.
 - The batch keeps a step's pixels near those of 128 images of 64x64: a step's memory and time
   grow with the pixels, and 128 images of 256x256 would take a few gigabytes and seconds a step.
-- On a set of fewer than 20,000 train images the discriminator trains alone for 100 steps
+- On a set of fewer than 10,000 train images the discriminator trains alone for 100 steps
   before the decoder reads it; on a larger one both start together. On a few thousand images
   a discriminator whose features are still random, pulling at full strength, empties part of
   the codebook and leaves grain; on Fashion-MNIST's 60,000 the head start only costs sharpness
@@ -18,7 +18,7 @@ MAX_MAP_SIDE = 16
 MIN_DOWNSAMPLE = 4
 PIXELS_PER_STEP = 128 * 64 * 64
 BATCH_RANGE = (16, 128)
-SMALL_SET = 20_000
+SMALL_SET = 10_000
 SMALL_SET_HEAD_START = 100
 
 

@@ -37,7 +37,7 @@ def test_stage_one_prints_its_size_choices(tiny_fashion, tmp_path, capsys):
     assert "chosen for this data: --downsample 4 (code maps of 16x16: the prior's cost grows with the map" in out
 
 
-@pytest.mark.parametrize("images, steps", [(1_429, 100), (19_999, 100), (20_000, 0), (60_000, 0), (None, 0)])
+@pytest.mark.parametrize("images, steps", [(1_429, 100), (9_999, 100), (10_000, 0), (60_000, 0), (None, 0)])
 def test_the_discriminator_gets_a_head_start_on_small_sets_only(images, steps):
     chosen, why = preset_disc_head_start(images, disc_start=400)
     assert chosen == steps and why.startswith(f"--disc-head-start {steps} (")
@@ -51,7 +51,7 @@ def test_stage_one_gives_the_discriminator_a_head_start_on_a_small_set_and_says_
     flags = ["--run-dir", str(tmp_path / "run"), *TINY_MODEL, "--max-steps", "4", "--no-dump", "--disc-start", "2",
              "--disc-channels", "8", "--log-every", "1"]
     stage_one.main(flags)
-    assert "--disc-head-start 2 (fewer than 20,000 train images" in capsys.readouterr().out
+    assert "--disc-head-start 2 (fewer than 10,000 train images" in capsys.readouterr().out
     logged = [json.loads(line) for line in (tmp_path / "run" / "vqvae" / "log.jsonl").read_text().splitlines()]
     assert any("train/disc_loss" in row and row["step"] == 1 for row in logged)  # it trained from step 0
     stage_one.main([*flags, "--overwrite", "--disc-head-start", "1"])
