@@ -83,8 +83,8 @@ def read_upload(pipe: VQPipeline, path: str | Path) -> torch.Tensor:
     try:
         with Image.open(path) as image:
             width, height = image.size
-    except Image.DecompressionBombError:
-        width = height = MAX_UPLOAD_PIXELS
+    except Image.DecompressionBombError:  # PIL refuses to open it at all
+        raise UserError(f"{name} is too large to read here; upload a copy of at most a few thousand pixels a side") from None
     except (OSError, ValueError):
         raise UserError(f"{name} is not an image this page can read; upload a PNG, JPEG, WebP or GIF file") from None
     if width * height > MAX_UPLOAD_PIXELS:
