@@ -251,6 +251,12 @@ def data_config_of_run(run_dir: Path) -> DataConfig:
     return DataConfig(**{f.name: saved[f.name] for f in fields(DataConfig) if f.name in saved})
 
 
+def run_test_images(run_dir: Path, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The first `n` images of a run's test split (uint8 [n, C, S, S]) and their labels, if any."""
+    test = held_in_memory(load_image_data(data_config_of_run(run_dir)).test, n)
+    return test.images[:n], test.labels[:n] if test.labels is not None else None
+
+
 def load_image_data(config: DataConfig) -> ImageData:
     """Resolve `config.dataset` to one of the three sources and load both splits."""
     if config.image_size < 4:

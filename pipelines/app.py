@@ -55,7 +55,7 @@ def build_page(pipe: VQPipeline, run_dir: Path | None = None):
     draw_labels, complete_labels = actions.draw_labels(pipe), actions.complete_labels(pipe)
     regions, regions_note = actions.redraw_choices(pipe)
     guidance = getattr(pipe.prior, "default_guidance", 1.0) if pipe.class_names else 1.0
-    examples = actions.test_images(run_dir)
+    examples = actions.test_images(pipe, run_dir)
     title = f"{pipe.dataset or (run_dir.name if run_dir else 'a trained run')}: VQ-VAE and {pipe.prior.prior} prior"
 
     def on_error(message: str) -> str:
@@ -63,7 +63,7 @@ def build_page(pipe: VQPipeline, run_dir: Path | None = None):
 
     def draw(label, n, guidance, temperature, top_k, seed, passes):
         try:
-            grid, text = actions.draw(pipe, label, n, guidance if pipe.class_names else None, temperature, top_k, seed, passes)
+            grid, text = actions.draw(pipe, label, n, guidance, temperature, top_k, seed, passes)
         except UserError as error:
             return gr.update(), on_error(str(error))
         return grid, text

@@ -13,10 +13,10 @@ from PIL import Image
 from torchvision.transforms import v2
 from torchvision.utils import make_grid
 
-from foundation.data import data_config_of_run, held_in_memory, load_image_data
+from foundation.data import run_test_images
 from foundation.errors import UserError
-from pipelines.pipeline import VQPipeline, sample_grid
-from pipelines.region import REGIONS
+from pipelines.pipeline import VQPipeline, as_output, sample_grid
+from pipelines.region import REGIONS, check_region, code_region
 from stage2_prior.priors import PARALLEL_PRIORS
 
 EVERY_CLASS = "every class (a row each)"
@@ -44,11 +44,22 @@ def as_label(choice: str | None):
 
 
 def redraw_choices(pipe: VQPipeline) -> tuple[list[str], str]:
-    """The regions this prior can redraw, and a sentence on the ones it cannot: a raster-order
-    prior draws each code from the codes before it only, so it can redraw a tail of the map."""
-    if pipe.prior.prior in PARALLEL_PRIORS:
-        return [*REGIONS, PAINTED], f"The {pipe.prior.prior} prior can redraw any region, or what you paint."
-    return ["bottom", PAINTED], (
+    """The named regions this prior can redraw (as `check_region` rules), "what I paint", and a
+    sentence on the others: a raster-order prior draws each code from the codes before it only,
+    so it can redraw a tail of the map."""
+    height, width = pipe.vqvae.map_shape
+
+    def allowed(name: str) -> bool:
+        try:
+            check_region(code_region(name, height, width), pipe.prior, name)
+        except UserError:
+            return False
+        return True
+
+    regions = [name for name in REGIONS if allowed(name)]
+    if len(regions) == len(REGIONS):
+        return [*regions, PAINTED], f"The {pipe.prior.prior} prior can redraw any region, or what you paint."
+    return [*regions, PAINTED], (
         f"Only the bottom (or a painted tail: whole rows at the bottom, and the right end of the row above) can be "
         f"redrawn: the {pipe.prior.prior} prior draws codes in reading order, each from the codes before it, so it cannot "
         f"fit new codes before kept ones. Top, left, right and center need a MaskGIT prior (stage two's "
@@ -56,7 +67,8 @@ def redraw_choices(pipe: VQPipeline) -> tuple[list[str], str]:
 
 
 def to_pil(grid: torch.Tensor) -> Image.Image:
-    return v2.functional.to_pil_image((grid.clamp(0, 1) * 255).round().to(torch.uint8))
+    """A grid [C, H, W] in [0, 1] -> PIL, rounded as the pipeline rounds its images."""
+    return as_output(grid[None], "pil")[0]
 
 
 def timed(function, *args, **kwargs):
@@ -69,7 +81,8 @@ def draw(pipe: VQPipeline, label: str | None, n: int, guidance: float | None, te
          seed: int, passes: int | None = None) -> tuple[Image.Image, str]:
     """New images, as `pipelines.sample --n N --seed S` draws them (same seed, same grid)."""
     passes = passes if pipe.prior.prior in PARALLEL_PRIORS else None
-    guidance = None if label == NO_CLASS else guidance  # guidance steers towards a class; without one it has nothing to do
+    if not pipe.class_names or label == NO_CLASS:
+        guidance = None  # guidance steers towards a class; without one it has nothing to do
     samples, seconds = timed(pipe, n=int(n), labels=as_label(label), guidance=guidance, temperature=temperature,
                              top_k=int(top_k) if top_k else None, passes=int(passes) if passes else None, seed=int(seed),
                              output_type="pt")
@@ -111,19 +124,18 @@ def complete(pipe: VQPipeline, image: torch.Tensor | None, redraw: str, painted:
             f"{int(samples)} completions, {int(region.sum())} of {region.numel()} codes redrawn, in {seconds:.2f} s on {pipe.device}")
 
 
-def test_images(run_dir: Path | None, n: int = 16) -> list[tuple[torch.Tensor, str]]:
+def test_images(pipe: VQPipeline, run_dir: Path | None, n: int = 16) -> list[tuple[torch.Tensor, str]]:
     """The first `n` test images of the run (with their class names), for the Complete tab to
     offer; none where the run's data cannot be read here (a Hub model, a moved data set)."""
     if run_dir is None:
         return []
     try:
-        data = load_image_data(data_config_of_run(run_dir))
+        images, labels = run_test_images(run_dir, n)
     except (UserError, OSError):
         return []
-    test = held_in_memory(data.test, n)
-    names = data.class_names or []
-    labels = test.labels[:n].tolist() if test.labels is not None else [None] * len(test.images[:n])
-    return [(image, names[label] if names and label is not None else "") for image, label in zip(test.images[:n], labels)]
+    names = pipe.class_names or []
+    labels = labels.tolist() if labels is not None else [None] * len(images)
+    return [(image, names[label] if names and label is not None else "") for image, label in zip(images, labels)]
 
 
 # The figures a newcomer needs, in words; the rest of metrics.json is shown as it is written.

@@ -21,7 +21,7 @@ from einops import rearrange
 from torchvision.utils import make_grid, save_image
 
 from foundation.cli import parse_config
-from foundation.data import IMAGE_SUFFIXES, data_config_of_run, held_in_memory, load_image_data
+from foundation.data import IMAGE_SUFFIXES, run_test_images
 from foundation.errors import UserError, run_cli
 from foundation.training import use_all_cores
 from pipelines.pipeline import VQPipeline
@@ -63,11 +63,6 @@ def image_files(spec: str) -> list[Path]:
     raise UserError(f"--images {spec} does not exist; give an image file or a folder of them")
 
 
-def test_images(run_dir: Path, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    test = held_in_memory(load_image_data(data_config_of_run(run_dir)).test, n)
-    return test.images[:n], test.labels[:n] if test.labels is not None else None
-
-
 def main(argv=None):
     config = parse_config(CompleteConfig, argv, description=__doc__.splitlines()[0])
     if config.n < 1 or config.samples < 1:
@@ -79,7 +74,7 @@ def main(argv=None):
         files = image_files(config.images)
         images, names, own_labels = pipe.prepare_images(files), [file.stem for file in files], None
     else:
-        images, own_labels = test_images(run_dir, config.n)
+        images, own_labels = run_test_images(run_dir, config.n)
         names = [f"test_{i:04d}" for i in range(len(images))]
     labels = config.label
     if labels is None and own_labels is not None and pipe.prior.num_classes:

@@ -83,7 +83,7 @@ def test_the_overview_names_the_data_the_models_and_the_figures(pipe, trained_ru
 
 
 def test_a_maskgit_prior_offers_every_region():
-    maskgit = SimpleNamespace(prior=SimpleNamespace(prior="maskgit"))
+    maskgit = SimpleNamespace(prior=SimpleNamespace(prior="maskgit"), vqvae=SimpleNamespace(map_shape=(8, 8)))
     regions, _ = actions.redraw_choices(maskgit)
     assert regions == ["bottom", "top", "left", "right", "center", actions.PAINTED]
 
