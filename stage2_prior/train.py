@@ -7,7 +7,7 @@ cross-entropy of masked codes for MaskGIT.
 """
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import ClassVar
 
@@ -27,6 +27,7 @@ from stage2_prior.evaluation import LOG2, prior_bits_per_dim, test_nll
 from stage2_prior.prior_config import PriorConfig
 from stage2_prior.priors import PARALLEL_PRIORS, PRIORS, load_prior, set_default_guidance, training_loss
 from stage2_prior.quality import balanced_labels, best_guidance, guidance_sweep, parse_scales
+from stage2_prior.size_presets import describe_prior_batch, preset_prior_batch
 
 
 @dataclass
@@ -40,7 +41,8 @@ class TrainConfig(LoopConfig, PriorConfig):
     min_steps: int = field(default=4219, metadata={"help": "at least this many optimizer steps, however few --epochs make on a small data set"})
     # An evaluation (test NLL on every test map, and a grid) costs about 7 s on 2 cores: the demo keeps three.
     eval_every: int = field(default=2000, metadata={"help": "evaluate on the test split every N steps"})
-    batch_size: int = field(default=32, metadata={"help": "maps per process per step (small batches: more updates in the same time)"})
+    batch_size: int | None = field(default=None, metadata={"help": "maps per process per step (default: 32 maps of 8x8 codes, "
+                                                                    "fewer of larger maps; small batches: more updates in the same time)"})
     lr: float = field(default=2e-3, metadata={"help": "peak learning rate of AdamW"})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
     grid_samples: int = field(default=32, metadata={"help": "samples in each evaluation grid"})
@@ -160,11 +162,18 @@ def main(argv=None):
     masked = config.prior in PARALLEL_PRIORS
     started = time.time()
     run_dir = Path(config.run_dir)
-    stage_dir = run_dir / config.prior_dir
-    accelerator, checkpoints = open_stage(config, stage_dir, "stage two", (run_dir / JUDGE_DIR,))
-    vqvae = load_vqvae(run_dir).to(accelerator.device).eval()
+    vqvae = load_vqvae(run_dir).eval()  # before the stage opens: its batch follows the maps' size
     train_maps = open_codes(run_dir / "codes", "train", vqvae=vqvae)
     metadata = train_maps.metadata
+    size_choices = []
+    if config.batch_size is None:
+        config = replace(config, batch_size=preset_prior_batch(metadata.map_height, metadata.map_width))
+        size_choices.append(describe_prior_batch(config.batch_size, metadata.map_height, metadata.map_width))
+    elif config.batch_size < 1:
+        raise UserError(f"--batch-size {config.batch_size} must be at least 1 (leave it out for the map size's default)")
+    stage_dir = run_dir / config.prior_dir
+    accelerator, checkpoints = open_stage(config, stage_dir, "stage two", (run_dir / JUDGE_DIR,))
+    vqvae = vqvae.to(accelerator.device)
     conditional = train_maps.labelled and not config.unconditional and bool(metadata.class_names)
     # memory-mapped, or uint16 in memory: int64 one batch at a time
     train_maps, test_maps = (open_codes(run_dir / "codes", split, labels=conditional) for split in ("train", "test"))
@@ -185,7 +194,8 @@ def main(argv=None):
         f"Stage two: {config.prior} prior of {sum(p.numel() for p in unwrapped.parameters()) / 1e6:.2f}M parameters, "
         f"{len(train_maps)} train maps of {metadata.map_height}x{metadata.map_width} codes (K={metadata.codebook_size}), "
         f"{'conditional on ' + str(num_classes) + ' classes' if num_classes else 'unconditional'}, "
-        f"{describe_length(config, setup.steps, len(setup.train_loader))}"
+        f"{describe_length(config, setup.steps, len(setup.train_loader))} of {config.batch_size * accelerator.num_processes} maps"
+        + (f"; chosen for these maps: {', '.join(size_choices)}" if size_choices else "")
     )
 
     def train_step(batch):

@@ -57,3 +57,10 @@ def test_stage_one_gives_the_discriminator_a_head_start_on_a_small_set_and_says_
     stage_one.main([*flags, "--overwrite", "--disc-head-start", "1"])
     assert "--disc-head-start" not in capsys.readouterr().out  # a flag given is not explained
     assert json.loads((tmp_path / "run" / "vqvae" / "train_config.json").read_text())["disc_head_start"] == 1
+
+
+@pytest.mark.parametrize("side, batch", [(4, 32), (8, 32), (16, 8), (32, 8)])
+def test_stage_two_keeps_the_codes_of_a_step_near_the_demos(side, batch):
+    from stage2_prior.size_presets import preset_prior_batch
+
+    assert preset_prior_batch(side, side) == batch

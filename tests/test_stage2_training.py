@@ -53,6 +53,17 @@ def test_each_prior_trains_and_saves_the_best_weights_and_sample_grids(stage_one
         assert torch.allclose(loaded.code_vectors, (codebook - codebook.mean(0)) / codebook.std(0), atol=1e-5)
 
 
+def test_stage_two_chooses_its_batch_from_the_maps_and_a_flag_overrides_it(stage_one_run, tmp_path, capsys):
+    run_dir = copy_run(stage_one_run, tmp_path)
+    without_batch = [flag for i, flag in enumerate(TINY_PRIOR) if "--batch-size" not in TINY_PRIOR[max(0, i - 1):i + 1]]
+    stage_two.main(["--run-dir", str(run_dir), *without_batch, "--max-steps", "1"])
+    assert "of 32 maps; chosen for these maps: --batch-size 32 (maps of 8x8 codes" in capsys.readouterr().out
+    assert json.loads((run_dir / "prior" / "train_config.json").read_text())["batch_size"] == 32
+    stage_two.main(["--run-dir", str(run_dir), *without_batch, "--max-steps", "1", "--overwrite", "--batch-size", "4"])
+    out = capsys.readouterr().out
+    assert "of 4 maps" in out and "chosen for these maps" not in out
+
+
 def test_stage_two_trains_from_memory_mapped_maps_exactly_as_from_maps_in_memory(stage_one_run, tmp_path, monkeypatch):
     """Maps over the in-memory budget are read from Arrow a batch at a time: the same batches,
     so the same weights, bit for bit."""
