@@ -23,7 +23,8 @@ class TimeLeft:
 
     def __init__(self, start_step: int, total_steps: int, hint: str = "", also_at: tuple[int, ...] = ()):
         self.total, self.hint = total_steps, hint
-        self.due = sorted({start_step + FIRST_AFTER + TIMED_STEPS, *(s + FIRST_AFTER + TIMED_STEPS for s in also_at if s > start_step)})
+        self.changes = sorted(s for s in also_at if s > start_step)
+        self.due = sorted({start_step + FIRST_AFTER + TIMED_STEPS, *(s + FIRST_AFTER + TIMED_STEPS for s in self.changes)})
         self.durations: deque[float] = deque(maxlen=TIMED_STEPS)
         self.clock = time.perf_counter()
 
@@ -39,5 +40,8 @@ class TimeLeft:
         self.due = [s for s in self.due if s > step]
         per_step = sum(self.durations) / len(self.durations)
         left = per_step * (self.total - step)
+        change = next((s for s in self.changes if s > step), None)
+        # a pace that will change is not the whole story: say where, so the first figure is not taken as final
+        until = f" (the pace until step {change}, where it changes; said again after)" if change is not None and change < self.total else ""
         return (f"about {format_duration(left)} left for steps {step + 1}-{self.total} at {per_step * 1000:.0f} ms a step "
-                f"on this machine{'; ' + self.hint if self.hint else ''}")
+                f"on this machine{until}{'; ' + self.hint if self.hint else ''}")

@@ -18,8 +18,9 @@ def test_the_estimate_comes_after_the_timed_steps_and_again_after_a_change_of_pa
             said[step] = line
     first, second = FIRST_AFTER + TIMED_STEPS, 400 + FIRST_AFTER + TIMED_STEPS
     assert list(said) == [first, second]
-    assert said[first] == f"about 1m38s left for steps {first + 1}-1000 at 100 ms a step on this machine; --max-steps 500 halves it"
-    assert said[second].startswith(f"about 2m24s left for steps {second + 1}-1000 at 250 ms a step")
+    assert said[first] == (f"about 1m38s left for steps {first + 1}-1000 at 100 ms a step on this machine "
+                           f"(the pace until step 400, where it changes; said again after); --max-steps 500 halves it")
+    assert said[second] == f"about 2m24s left for steps {second + 1}-1000 at 250 ms a step on this machine; --max-steps 500 halves it"
 
 
 def test_a_resumed_run_estimates_from_where_it_resumed_and_evaluation_is_not_a_step(monkeypatch):
