@@ -142,7 +142,7 @@ class GANLoss:
             logits, features = self.discriminator(torch.cat([real, fake]))
         real_logits, fake_logits = logits.float().chunk(2)
         if self.adaptive is not None:
-            self.adaptive.update(real_logits)
+            self.adaptive.update(real_logits, fake_logits)
         loss = hinge_discriminator_loss(real_logits, fake_logits)
         metrics.update(disc_loss=loss.detach(), real_logit=real_logits.mean().detach(), fake_logit=fake_logits.mean().detach())
         if with_r1:
