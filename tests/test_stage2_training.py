@@ -62,6 +62,9 @@ def test_stage_two_chooses_its_batch_from_the_maps_and_a_flag_overrides_it(stage
     stage_two.main(["--run-dir", str(run_dir), *without_batch, "--max-steps", "1", "--overwrite", "--batch-size", "4"])
     out = capsys.readouterr().out
     assert "of 4 maps" in out and "chosen for these maps" not in out
+    with pytest.raises(UserError, match=r"--batch-size 0 must be at least 1 \(leave it out for the map size's default\)"):
+        stage_two.main(["--run-dir", str(run_dir), *without_batch, "--max-steps", "1", "--overwrite", "--batch-size", "0"])
+    assert (run_dir / "prior" / "model.safetensors").exists()  # the refused run wrote nothing over the last one
 
 
 def test_stage_two_trains_from_memory_mapped_maps_exactly_as_from_maps_in_memory(stage_one_run, tmp_path, monkeypatch):
