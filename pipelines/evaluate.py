@@ -45,7 +45,7 @@ class EvaluateConfig:
     prior_dir: str = field(default="prior", metadata={"help": "folder of the prior inside the run (stage two's --prior-dir)"})
     n: int = field(default=2000, metadata={"help": "generated (and held-out real) images for the Frechet distance"})
     batch_size: int = field(default=500, metadata={"help": "code maps sampled at once"})
-    classifier_epochs: int = field(default=3, metadata={"help": "epochs of the feature classifier (trained once per run)"})
+    classifier_epochs: int = field(default=3, metadata={"help": "epochs of the feature classifier (trained once per run; a small set gets more, up to 600 steps)"})
     guidance: str = field(default="", metadata={"help": "also one row per guidance scale, e.g. 1,1.5,2,3"})
     seed: int = field(default=0, metadata={"help": "seed of the samples"})
     device: str = field(default="auto", metadata={"help": "where to run", "choices": ["auto", "cuda", "mps", "cpu"]})

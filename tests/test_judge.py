@@ -69,3 +69,20 @@ def test_the_judge_reads_large_images_at_64_pixels():
     small = torch.nn.functional.avg_pool2d(large, 4)
     torch.testing.assert_close(judge.features(large), judge.features(small))
     assert judge.features(torch.rand(2, 3, 32, 32)).shape == (2, 128)  # 32 pixels are read as they are
+
+
+def test_a_small_set_gets_enough_steps_for_a_judge_that_classifies():
+    """Three epochs of 64 images are three steps, a judge at chance; a small set gets more epochs
+    (up to 100), and a large one keeps the epochs asked for."""
+    from foundation.judge import FeatureClassifier, judge_epochs, train_classifier
+    from tests.conftest import synthetic_images
+
+    assert judge_epochs(3, 234) == 3  # Fashion-MNIST: 702 steps already
+    assert judge_epochs(3, 12) == 50 and judge_epochs(3, 5) == 100 and judge_epochs(3, 0) == 100
+    images, labels = synthetic_images(96, 16, seed=0)
+    images = torch.from_numpy(images).unsqueeze(1)
+    labels = torch.from_numpy(labels).long()
+    torch.manual_seed(0)
+    judge = train_classifier(FeatureClassifier(num_classes=4), images[:64], labels[:64], epochs=3, device="cpu")
+    _, predictions = features_and_predictions(judge, images[64:], "cpu")
+    assert (predictions == labels[64:]).float().mean() > 0.6  # 4 classes: chance is 0.25
