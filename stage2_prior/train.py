@@ -62,12 +62,16 @@ def choose_guidance(accelerator, run_dir: Path, stage_dir: Path, vqvae, scales: 
     if not data.num_classes:
         return "guidance not measured: the judge needs labelled images"
     judge = load_or_train_judge(run_dir, data, accelerator.device)
-    test_images = held_in_memory(data.test, 4 * n).images  # all of a split held in memory, else a bounded sample
-    reference, _ = features_and_predictions(judge, test_images, accelerator.device)
+    test = held_in_memory(data.test, 4 * n)  # all of a split held in memory, else a bounded sample
+    reference, predictions = features_and_predictions(judge, test.images, accelerator.device)
+    accuracy, chance = (predictions == test.labels).float().mean().item(), 1 / data.num_classes
+    if accuracy < chance + (1 - chance) / 4:  # a judge that cannot tell real classes apart ranks scales at random
+        return (f"guidance not measured: the judge recognises only {accuracy:.0%} of the real test images "
+                f"({data.num_classes} classes, chance {chance:.0%}), too few to rank guidance scales by")
     prior = load_prior(stage_dir).to(accelerator.device).eval()
     # Samples of another seed than `pipelines.evaluate` draws (0), so that the figure it reports
     # is a fresh measurement, not the lowest of the noisy ones this choice was made on.
-    rows = guidance_sweep(prior, vqvae, judge, reference, min(n, len(test_images)), accelerator.device, scales, seed=1)
+    rows = guidance_sweep(prior, vqvae, judge, reference, min(n, len(test.images)), accelerator.device, scales, seed=1)
     for row in rows:
         log.log({f"guidance/{key}": value for key, value in row.items()}, step)
     best = best_guidance(rows)

@@ -1,4 +1,5 @@
 import json
+import re
 import shutil
 
 import pytest
@@ -231,3 +232,22 @@ def test_a_run_saved_under_a_renamed_flag_resumes_under_the_new_name():
     assert changed_flags({**saved, "channels": 128}, config) == {}
     assert changed_flags({**saved, "channels": 64}, config) == {"pixelcnn_channels": (64, 128)}
     assert changed_flags({**saved, "steps": 8}, config) == {"passes": (8, None)}
+
+
+def test_a_judge_that_cannot_tell_the_classes_apart_chooses_no_guidance(stage_one_run, tmp_path, capsys):
+    """A judge no better than chance would rank the scales at random: the sweep is skipped, saying why."""
+    from foundation.data import data_config_of_run, load_image_data
+    from foundation.judge import JUDGE_DIR, FeatureClassifier, judge_key
+
+    run_dir = copy_run(stage_one_run, tmp_path)
+    data = load_image_data(data_config_of_run(run_dir))
+    blind = FeatureClassifier(in_channels=data.channels, num_classes=data.num_classes, source=data.source,
+                              trained_on=judge_key(data, 3))
+    with torch.no_grad():  # it answers class 0 whatever it sees
+        blind.head.weight.zero_()
+        blind.head.bias.copy_(torch.arange(data.num_classes, 0, -1).float())
+    blind.save_pretrained(run_dir / JUDGE_DIR)
+    stage_two.main(["--run-dir", str(run_dir), *TINY_PRIOR, "--max-steps", "2", "--guidance-scales", "1,3", "--guidance-samples", "12"])
+    assert re.search(r"guidance not measured: the judge recognises only \d+% of the real test images \(\d+ classes, chance \d+%\)",
+                     capsys.readouterr().out)
+    assert load_prior(run_dir / "prior").default_guidance == 1.0
