@@ -3,6 +3,7 @@ and the model classes' own defaults, so that `TransformerPrior()` is the prior t
 
 from dataclasses import dataclass, field
 
+# the keys of priors.PRIORS, which imports the models that import this file (tests hold the two equal)
 PRIOR_KINDS = ("transformer", "pixelcnn", "maskgit")
 
 

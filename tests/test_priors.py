@@ -258,3 +258,10 @@ def test_the_model_classes_defaults_are_the_command_lines():
     assert vqvae["ema"] == (model.codebook == "ema")
     assert defaults(PatchDiscriminator)["channels"] == LossConfig().disc_channels
     assert TransformerPrior().width == 128 and len(TransformerPrior().blocks) == 4  # what the README documents
+
+
+def test_the_prior_flag_offers_exactly_the_priors_that_exist():
+    from stage2_prior.prior_config import PRIOR_KINDS
+    from stage2_prior.priors import PRIORS
+
+    assert list(PRIOR_KINDS) == list(PRIORS)
