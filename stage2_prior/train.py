@@ -7,7 +7,7 @@ cross-entropy of masked codes for MaskGIT.
 """
 
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
@@ -27,7 +27,7 @@ from stage2_prior.evaluation import LOG2, prior_bits_per_dim, test_nll
 from stage2_prior.prior_config import PriorConfig
 from stage2_prior.priors import PARALLEL_PRIORS, PRIORS, load_prior, set_default_guidance, training_loss
 from stage2_prior.quality import balanced_labels, best_guidance, guidance_sweep, parse_scales
-from stage2_prior.size_presets import describe_prior_batch, preset_prior_batch
+from stage2_prior.size_presets import apply_prior_presets
 
 
 @dataclass
@@ -40,9 +40,12 @@ class TrainConfig(LoopConfig, PriorConfig):
     # the demo's 2.25 epochs of Fashion-MNIST's maps: what a small data set gets too
     min_steps: int = field(default=4219, metadata={"help": "at least this many optimizer steps, however few --epochs make on a small data set"})
     # An evaluation (test NLL on every test map, and a grid) costs about 7 s on 2 cores: the demo keeps three.
-    eval_every: int = field(default=2000, metadata={"help": "evaluate on the test split every N steps"})
+    eval_every: int | None = field(default=None, metadata={"help": "evaluate on the test split every N steps (default: about every "
+                                                                   "2 passes over the maps, 100 to 2000 steps)"})
     batch_size: int | None = field(default=None, metadata={"help": "maps per process per step (default: 32 maps of 8x8 codes, "
                                                                     "fewer of larger maps; small batches: more updates in the same time)"})
+    dropout: float | None = field(default=None, metadata={"help": "transformer (and MaskGIT) dropout (default: 0.1 where the run "
+                                                                   "passes over the train maps more than 8 times, else 0)"})
     lr: float = field(default=2e-3, metadata={"help": "peak learning rate of AdamW"})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
     grid_samples: int = field(default=32, metadata={"help": "samples in each evaluation grid"})
@@ -96,7 +99,7 @@ def check_prior_flags(config: TrainConfig) -> None:
     own = PRIOR_FLAGS[config.prior]
     for other, names in PRIOR_FLAGS.items():
         changed = [f"--{name.replace('_', '-')} {getattr(config, name)}" for name in names
-                   if name not in own and getattr(config, name) != getattr(defaults, name)]
+                   if name not in own and getattr(config, name) not in (None, getattr(defaults, name))]
         if changed:
             raise UserError(f"{', '.join(changed)} only apply to --prior {other}, not {config.prior}; "
                             f"drop {'them' if len(changed) > 1 else 'it'} or choose --prior {other}")
@@ -169,12 +172,7 @@ def main(argv=None):
     vqvae = load_vqvae(run_dir).eval()  # before the stage opens: its batch follows the maps' size
     train_maps = open_codes(run_dir / "codes", "train", vqvae=vqvae)
     metadata = train_maps.metadata
-    size_choices = []
-    if config.batch_size is None:
-        config = replace(config, batch_size=preset_prior_batch(metadata.map_height, metadata.map_width))
-        size_choices.append(describe_prior_batch(config.batch_size, metadata.map_height, metadata.map_width))
-    elif config.batch_size < 1:
-        raise UserError(f"--batch-size {config.batch_size} must be at least 1 (leave it out for the map size's default)")
+    config, size_choices = apply_prior_presets(config, metadata.map_height, metadata.map_width, len(train_maps))
     stage_dir = run_dir / config.prior_dir
     accelerator, checkpoints = open_stage(config, stage_dir, "stage two", (run_dir / JUDGE_DIR,))
     vqvae = vqvae.to(accelerator.device)

@@ -64,3 +64,20 @@ def test_stage_two_keeps_the_codes_of_a_step_near_the_demos(side, batch):
     from stage2_prior.size_presets import preset_prior_batch
 
     assert preset_prior_batch(side, side) == batch
+
+
+@pytest.mark.parametrize("epochs, dropout", [(2.25, 0.0), (8, 0.0), (8.5, 0.1), (41.4, 0.1), (95.9, 0.1)])
+def test_a_prior_that_passes_over_its_maps_many_times_gets_dropout(epochs, dropout):
+    """Fashion-MNIST's 2.25 epochs keep the demo's prior; a small set's 41 or 96 would be learnt by heart."""
+    from stage2_prior.size_presets import preset_prior_dropout
+
+    assert preset_prior_dropout(epochs) == dropout
+
+
+@pytest.mark.parametrize("steps_per_pass, eval_every", [(1875, 2000), (103, 206), (45, 100), (1, 100)])
+def test_a_prior_is_evaluated_about_every_two_passes_over_its_maps(steps_per_pass, eval_every):
+    """Fashion-MNIST keeps the demo's 2,000 steps; the emoji (103 steps a pass) and icons (45) are evaluated
+    before the prior learns them by heart, so that the best evaluation kept is near the best."""
+    from stage2_prior.size_presets import preset_prior_eval_every
+
+    assert preset_prior_eval_every(steps_per_pass) == eval_every

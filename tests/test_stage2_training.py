@@ -64,10 +64,31 @@ def test_stage_two_chooses_its_batch_from_the_maps_and_a_flag_overrides_it(stage
     assert json.loads((run_dir / "prior" / "train_config.json").read_text())["batch_size"] == 32
     stage_two.main(["--run-dir", str(run_dir), *without_batch, "--max-steps", "1", "--overwrite", "--batch-size", "4"])
     out = capsys.readouterr().out
-    assert "of 4 maps" in out and "chosen for these maps" not in out
+    assert "of 4 maps" in out and "--batch-size" not in out
     with pytest.raises(UserError, match=r"--batch-size 0 must be at least 1 \(leave it out for the map size's default\)"):
         stage_two.main(["--run-dir", str(run_dir), *without_batch, "--max-steps", "1", "--overwrite", "--batch-size", "0"])
     assert (run_dir / "prior" / "model.safetensors").exists()  # the refused run wrote nothing over the last one
+
+
+
+def test_stage_two_chooses_dropout_from_its_passes_over_the_maps_and_a_flag_overrides_it(stage_one_run, tmp_path, capsys):
+    """64 train maps, 16 a step: 40 steps pass over them 10 times, enough for a prior to learn them by heart."""
+    run_dir = copy_run(stage_one_run, tmp_path)
+    stage_two.main(["--run-dir", str(run_dir), *TINY_PRIOR, "--max-steps", "40", "--eval-every", "40"])
+    assert "--dropout 0.1 (10 passes over the same maps" in capsys.readouterr().out
+    assert json.loads((run_dir / "prior" / "train_config.json").read_text())["dropout"] == 0.1
+    assert load_prior(run_dir / "prior").dropout.p == 0.1
+    stage_two.main(["--run-dir", str(run_dir), *TINY_PRIOR, "--max-steps", "8", "--overwrite"])
+    out = capsys.readouterr().out
+    assert "chosen for these maps: --eval-every 100 (about every 2 passes" in out
+    assert "--dropout 0 (2 passes over the maps: too few" in out
+    with pytest.raises(UserError, match=r"--eval-every 0 must be at least 1 \(leave it out"):
+        stage_two.main(["--run-dir", str(run_dir), *TINY_PRIOR, "--max-steps", "8", "--overwrite", "--eval-every", "0"])
+    stage_two.main(["--run-dir", str(run_dir), *TINY_PRIOR, "--max-steps", "40", "--eval-every", "40", "--overwrite", "--dropout", "0"])
+    assert "--dropout" not in capsys.readouterr().out
+    assert json.loads((run_dir / "prior" / "train_config.json").read_text())["dropout"] == 0.0
+    stage_two.main(["--run-dir", str(run_dir), *TINY_PIXELCNN, "--max-steps", "40", "--eval-every", "40", "--overwrite"])
+    assert "--dropout" not in capsys.readouterr().out  # a PixelCNN has none, and is not refused for the preset
 
 
 def test_stage_two_trains_from_memory_mapped_maps_exactly_as_from_maps_in_memory(stage_one_run, tmp_path, monkeypatch):
