@@ -8,7 +8,6 @@ a step takes 68 ms (attention grows with the square of the map's length), and th
 (--min-steps) stay the number the demo needs.
 """
 
-import math
 import os
 from dataclasses import replace
 
@@ -73,7 +72,8 @@ def apply_prior_presets(config, map_height: int, map_width: int, train_maps: int
         choices.append(describe_prior_batch(config.batch_size, map_height, map_width))
     elif config.batch_size < 1:
         raise UserError(f"--batch-size {config.batch_size} must be at least 1 (leave it out for the map size's default)")
-    batches = math.ceil(train_maps / (config.batch_size * int(os.environ.get("WORLD_SIZE", "1"))))  # each process's, in a pass
+    # each process's batches in a pass, as the loader deals them (it drops a last, incomplete batch)
+    batches = max(1, train_maps // (config.batch_size * int(os.environ.get("WORLD_SIZE", "1"))))
     steps_per_pass = batches / config.gradient_accumulation_steps
     if config.eval_every is None:
         config = replace(config, eval_every=preset_prior_eval_every(steps_per_pass))
