@@ -67,8 +67,9 @@ def choose_guidance(accelerator, run_dir: Path, stage_dir: Path, vqvae, scales: 
     judge = load_or_train_judge(run_dir, data, accelerator.device)
     test = held_in_memory(data.test, 4 * n)  # all of a split held in memory, else a bounded sample
     reference, predictions = features_and_predictions(judge, test.images, accelerator.device)
-    accuracy, chance = (predictions == test.labels).float().mean().item(), 1 / data.num_classes
-    if accuracy < chance + (1 - chance) / 4:  # a judge that cannot tell real classes apart ranks scales at random
+    chance = 1 / data.num_classes
+    accuracy = (predictions == test.labels).float().mean().item() if test.labels is not None else None
+    if accuracy is not None and accuracy < chance + (1 - chance) / 4:  # such a judge ranks the scales at random
         return (f"guidance not measured: the judge recognises only {accuracy:.0%} of the real test images "
                 f"({data.num_classes} classes, chance {chance:.0%}), too few to rank guidance scales by")
     prior = load_prior(stage_dir).to(accelerator.device).eval()

@@ -268,9 +268,11 @@ def test_a_test_split_without_labels_keeps_the_run_conditional_and_evaluates(tmp
     stage_one.main(["--run-dir", str(run), "--dataset", "someone/imagenet-like", *TINY_MODEL, "--max-steps", "4"])
     reset_accelerate_state()
     assert read_codes(run / "codes", "train").labels is not None and read_codes(run / "codes", "test").labels is None
-    stage_two.main(["--run-dir", str(run), *TINY_PRIOR, "--max-steps", "4", "--eval-every", "2"])
+    stage_two.main(["--run-dir", str(run), *TINY_PRIOR[:-1], "1,2", "--guidance-samples", "6", "--max-steps", "4", "--eval-every", "2"])
     reset_accelerate_state()
-    assert "The test split has no labels" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "The test split has no labels" in out
+    assert "became the default" in out  # the sweep ran: without test labels the judge's accuracy is not asked
     assert pipeline.load_run(run, torch.device("cpu"))[1].num_classes == 4
     evaluate.main(["--run-dir", str(run), "--n", "8", "--classifier-epochs", "1", "--batch-size", "8"])
     metrics = json.loads((run / "metrics.json").read_text())
