@@ -9,6 +9,7 @@ It sits in stage one, beside the images it is trained on, because both stage two
 picks its guidance scale by it) and the pipelines use it, and imports only run downstream.
 """
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,7 +59,7 @@ MAX_JUDGE_EPOCHS = 100
 
 def judge_epochs(epochs: int, batches_per_epoch: int) -> int:
     """`epochs`, or as many more as reach MIN_JUDGE_STEPS, at most MAX_JUDGE_EPOCHS."""
-    needed = -(-MIN_JUDGE_STEPS // max(batches_per_epoch, 1))
+    needed = math.ceil(MIN_JUDGE_STEPS / max(batches_per_epoch, 1))
     return max(epochs, min(needed, MAX_JUDGE_EPOCHS))
 
 
@@ -66,7 +67,8 @@ def judge_key(data, epochs: int) -> dict:
     """What a judge depends on: a cached judge trained on anything else is the wrong yardstick
     (another image size or channel count would not even run)."""
     return {"source": data.source, "image_size": data.image_size, "channels": data.channels,
-            "class_names": data.class_names, "epochs": epochs, "min_steps": MIN_JUDGE_STEPS}
+            "class_names": data.class_names, "epochs": epochs,
+            "min_steps": MIN_JUDGE_STEPS, "max_epochs": MAX_JUDGE_EPOCHS}
 
 
 def load_or_train_judge(run_dir: Path, data, device, epochs: int = 3) -> "FeatureClassifier":
@@ -122,6 +124,11 @@ def train_classifier(model, images, labels, epochs: int, device, batch_size: int
     return model.to(memory_format=torch.contiguous_format).eval()  # safetensors saves contiguous weights
 
 
+def class_accuracy(predictions: torch.Tensor, labels: torch.Tensor | None) -> float | None:
+    """How often the judge's predicted class is the label; None without labels."""
+    return (predictions == labels).float().mean().item() if labels is not None else None
+
+
 @torch.no_grad()
 def features_and_predictions(model, images: torch.Tensor, device, batch_size: int = 1000):
     """Images in [0, 1] (float) or uint8 -> (features [N, D] float64, predicted classes [N])."""
@@ -155,7 +162,7 @@ def judge_images(judge, images: torch.Tensor, reference_features: torch.Tensor, 
     features, predictions = features_and_predictions(judge, images, device)
     result = {"fd": frechet_distance(features, reference_features)}
     if labels is not None:
-        result["classifier_accuracy"] = (predictions == labels).float().mean().item()
+        result["classifier_accuracy"] = class_accuracy(predictions, labels)
     return result
 
 
@@ -177,7 +184,7 @@ def hold_out(judge, test, n: int, device) -> HeldOut:
     if n < 2:
         raise ValueError(f"the test split has {len(test.images)} images; the Frechet distance needs at least 4")
     features, predictions = features_and_predictions(judge, test.images, device)
-    accuracy = (predictions == test.labels).float().mean().item() if test.labels is not None else None
+    accuracy = class_accuracy(predictions, test.labels)
     return HeldOut(test.images[:n], test.labels[:n] if test.labels is not None else None, features[n:],
                    frechet_distance(features[:n], features[n:]), accuracy)
 

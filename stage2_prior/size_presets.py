@@ -80,9 +80,10 @@ def apply_prior_presets(config, map_height: int, map_width: int, train_maps: int
         choices.append(describe_prior_eval_every(config.eval_every))
     elif config.eval_every < 1:
         raise UserError(f"--eval-every {config.eval_every} must be at least 1 (leave it out to evaluate about every 2 passes over the maps)")
-    if config.dropout is None:
+    if config.dropout is None and config.prior == "pixelcnn":  # which has no dropout
+        config = replace(config, dropout=0.0)
+    elif config.dropout is None:
         passes = total_steps(config, batches) / steps_per_pass
-        config = replace(config, dropout=0.0 if config.prior == "pixelcnn" else preset_prior_dropout(passes))
-        if config.prior != "pixelcnn":  # which has no dropout
-            choices.append(describe_prior_dropout(config.dropout, passes))
+        config = replace(config, dropout=preset_prior_dropout(passes))
+        choices.append(describe_prior_dropout(config.dropout, passes))
     return config, choices

@@ -19,7 +19,7 @@ from foundation.cli import parse_config
 from foundation.data import data_config_of_run, held_in_memory, load_image_data
 from foundation.errors import UserError, run_cli
 from foundation.estimate import format_duration
-from foundation.judge import JUDGE_DIR, features_and_predictions, load_or_train_judge
+from foundation.judge import JUDGE_DIR, class_accuracy, features_and_predictions, load_or_train_judge
 from foundation.training import LoopConfig, describe_length, open_stage, run_training_loop, set_up_training
 from stage1_vqvae.codes import open_codes, weights_hash
 from stage1_vqvae.model import load_vqvae
@@ -68,7 +68,7 @@ def choose_guidance(accelerator, run_dir: Path, stage_dir: Path, vqvae, scales: 
     test = held_in_memory(data.test, 4 * n)  # all of a split held in memory, else a bounded sample
     reference, predictions = features_and_predictions(judge, test.images, accelerator.device)
     chance = 1 / data.num_classes
-    accuracy = (predictions == test.labels).float().mean().item() if test.labels is not None else None
+    accuracy = class_accuracy(predictions, test.labels)
     if accuracy is not None and accuracy < chance + (1 - chance) / 4:  # such a judge ranks the scales at random
         return (f"guidance not measured: the judge recognises only {accuracy:.0%} of the real test images "
                 f"({data.num_classes} classes, chance {chance:.0%}), too few to rank guidance scales by")
