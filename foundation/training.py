@@ -141,7 +141,8 @@ def loader_workers(asked: int | None, dataset, num_processes: int = 1) -> int:
 
 def warmup_cosine(optimizer, warmup_steps: int, total_steps: int) -> LambdaLR:
     """Linear warm-up to the peak rate, then a cosine decay to zero at `total_steps`, for the
-    optimizer's first parameter group (the model's); companions' groups keep their rate."""
+    optimizer's first parameter group (the model's) and any group marked `"scheduled": True`;
+    the other companions' groups keep their rate."""
     warmup_steps = min(warmup_steps, max(total_steps // 10, 1))
 
     def factor(step):
@@ -150,8 +151,8 @@ def warmup_cosine(optimizer, warmup_steps: int, total_steps: int) -> LambdaLR:
         progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
         return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
-    constant = [lambda step: 1.0] * (len(optimizer.param_groups) - 1)
-    return LambdaLR(optimizer, [factor, *constant])
+    companions = optimizer.param_groups[1:]
+    return LambdaLR(optimizer, [factor, *(factor if group.get("scheduled") else (lambda step: 1.0) for group in companions)])
 
 
 def batches_per_epoch(loader) -> int | None:
@@ -390,7 +391,7 @@ class TrainingSetup:
     state: dict  # at least {"step": int}; saved in every checkpoint
     log: "MetricsLog"
     # modules trained beside the model, such as a discriminator: prepared, accumulated and
-    # checkpointed with it, stepped by the same optimizer, never clipped or scheduled with it
+    # checkpointed with it, stepped by the same optimizer, never clipped, scheduled only where asked
     companions: list = field(default_factory=list)
 
 
@@ -401,7 +402,7 @@ def set_up_training(
     """Build the loaders and the optimizer, prepare everything with accelerate, then start at
     step 0 or resume from a checkpoint.
 
-    `companions` are (module, {"lr": ..., "betas": ...}) pairs trained alongside the model, each a
+    `companions` are (module, {"lr": ..., "betas": ..., "scheduled": bool}) pairs trained alongside the model, each a
     parameter group of the one optimizer: under fp16 one gradient scaler then unscales every
     gradient once and steps once (two optimizers would have the second unscaled twice).
     `checkpointed` holds objects with a state_dict saved in every checkpoint (an EMA of the

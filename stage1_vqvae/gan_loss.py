@@ -43,6 +43,8 @@ class LossConfig:
     lpips_weight: float = field(default=0.0, metadata={"help": "weight of LPIPS (needs the lpips package and its weights)"})
     disc_channels: int = field(default=32, metadata={"help": "discriminator width"})
     disc_lr: float = field(default=4e-4, metadata={"help": "discriminator learning rate (Adam, betas 0.5, 0.9)"})
+    disc_lr_decay: bool = field(default=False, metadata={"help": "the discriminator's learning rate decays with the VQ-VAE's "
+                                                                 "cosine schedule (--no-disc-lr-decay: constant)"})
     disc_norm: str = field(default="group", metadata={"help": "the discriminator's normalisation", "choices": ["group", "spectral"]})
     disc_augment: str = field(default="ada", metadata={
         "help": "differentiable augmentation of what the discriminator sees (colour, translation, cutout): on every image "

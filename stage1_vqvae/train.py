@@ -35,7 +35,7 @@ class TrainConfig(LoopConfig, DataConfig, ModelConfig, LossConfig):
     FLAGS_ADDED_SINCE: ClassVar[dict] = {"disc_augment": "none", "disc_norm": "group", "adaptive_weight": True,
                                          "r1_weight": 0.0, "r1_every": 4, "ema_decay": 0.0, "clean_feature_matching": False,
                                          "adam_beta2": 0.999, "gan_warmup": 0, "disc_head_start": 0,
-                                         "architecture": "conv"}
+                                         "architecture": "conv", "disc_lr_decay": False}
     batch_size: int | None = field(default=None, metadata={"help": "images per process per step (default: 128 up to 64x64 "
                                                                     "images, fewer for larger ones)"})
     # the demo's 2 epochs of Fashion-MNIST: what a small data set gets too
@@ -120,7 +120,7 @@ def main(argv=None):
     model = build_model(config, data.channels).to(accelerator.device)
     average = weight_average(model, config.ema_decay) if config.ema_decay > 0 else None
     discriminator = build_discriminator(config, data.channels)
-    companions = [(discriminator, {"lr": config.disc_lr, "betas": (0.5, 0.9)})] if discriminator is not None else []
+    companions = [(discriminator, {"lr": config.disc_lr, "betas": (0.5, 0.9), "scheduled": config.disc_lr_decay})] if discriminator is not None else []
     loss = GANLoss(replace(config, disc_head_start=head_start), None, lpips_network, accelerator.autocast)
     checkpointed = [holder for holder in (average, loss.adaptive) if holder is not None]  # restored on --resume
     setup = set_up_training(

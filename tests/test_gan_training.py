@@ -95,6 +95,23 @@ def test_under_fp16_the_discriminator_learns_an_easy_split(tiny_fashion, tmp_pat
     assert losses[0] > 0.8 and sum(losses[-5:]) / 5 < 0.5 * losses[0], losses
 
 
+@pytest.mark.parametrize("decay", [False, True])
+def test_the_discriminators_learning_rate_decays_with_the_vqvaes_only_when_asked(tiny_fashion, tmp_path, monkeypatch, decay):
+    rates = []  # (the VQ-VAE's, the discriminator's) at each optimizer step
+    real_step = torch.optim.AdamW.step
+
+    def step(self, *args, **kwargs):
+        rates.append((self.param_groups[0]["lr"], self.param_groups[1]["lr"]))
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    train.main(["--run-dir", str(tmp_path), *TINY_MODEL, *ADVERSARIAL, "--max-steps", "10", "--lr", "2e-3", "--disc-lr", "4e-4",
+                *(["--disc-lr-decay"] if decay else [])])
+    assert len(rates) == 10 and rates[-1][0] < 0.1 * rates[1][0]  # the cosine has nearly reached zero
+    for model_rate, disc_rate in rates:
+        assert disc_rate == pytest.approx(model_rate / 5 if decay else 4e-4)
+
+
 def test_the_summary_says_when_the_discriminator_wins_outright(tiny_fashion, tmp_path, capsys):
     """A discriminator that learns fast against a VQ-VAE that barely does: it separates them with room to spare."""
     train.main(["--run-dir", str(tmp_path), *TINY_MODEL, "--disc-start", "0", "--disc-channels", "8", "--disc-lr", "5e-3",
