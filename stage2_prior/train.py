@@ -45,7 +45,7 @@ class TrainConfig(LoopConfig, PriorConfig):
     batch_size: int | None = field(default=None, metadata={"help": "maps per process per step (default: 32 maps of 8x8 codes, "
                                                                     "fewer of larger maps; small batches: more updates in the same time)"})
     dropout: float | None = field(default=None, metadata={"help": "transformer (and MaskGIT) dropout (default: 0.1 where the run "
-                                                                   "passes over the train maps more than 8 times, else 0)"})
+                                                                   "passes over the train maps more than 12 times, else 0)"})
     lr: float = field(default=2e-3, metadata={"help": "peak learning rate of AdamW"})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
     grid_samples: int = field(default=32, metadata={"help": "samples in each evaluation grid"})

@@ -72,10 +72,10 @@ def test_stage_two_chooses_its_batch_from_the_maps_and_a_flag_overrides_it(stage
 
 
 def test_stage_two_chooses_dropout_from_its_passes_over_the_maps_and_a_flag_overrides_it(stage_one_run, tmp_path, capsys):
-    """64 train maps, 16 a step: 40 steps pass over them 10 times, enough for a prior to learn them by heart."""
+    """64 train maps, 16 a step: 60 steps pass over them 15 times, enough for a prior to learn them by heart."""
     run_dir = copy_run(stage_one_run, tmp_path)
-    stage_two.main(["--run-dir", str(run_dir), *TINY_PRIOR, "--max-steps", "40", "--eval-every", "40"])
-    assert "--dropout 0.1 (10 passes over the same maps" in capsys.readouterr().out
+    stage_two.main(["--run-dir", str(run_dir), *TINY_PRIOR, "--max-steps", "60", "--eval-every", "60"])
+    assert "--dropout 0.1 (15 passes over the same maps" in capsys.readouterr().out
     assert json.loads((run_dir / "prior" / "train_config.json").read_text())["dropout"] == 0.1
     assert load_prior(run_dir / "prior").dropout.p == 0.1
     stage_two.main(["--run-dir", str(run_dir), *TINY_PRIOR, "--max-steps", "8", "--overwrite"])
