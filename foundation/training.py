@@ -76,9 +76,6 @@ def open_stage(config: LoopConfig, stage_dir: Path, what: str, also_written: tup
         accelerator.wait_for_everyone()
     checkpoints = Checkpoints(stage_dir / "checkpoints", config.keep_checkpoints)
     check_can_start(checkpoints, config, what)
-    changes = check_resume_flags(config, stage_dir / "train_config.json", what)
-    if changes:
-        accelerator.print(f"Resuming {what} with changed flags (--allow-changes): {describe_changes(changes)}")
     set_seed(config.seed)
     return accelerator, checkpoints
 
@@ -432,6 +429,10 @@ def set_up_training(
         )
         model, *companions, optimizer, train_loader, test_loader = accelerator.prepare(
             model, *modules, optimizer, train_loader, test_loader)
+    # checked here, after every choice made from the data (stage one's --min-steps), not in open_stage
+    changes = check_resume_flags(config, stage_dir / "train_config.json", what)
+    if changes:
+        accelerator.print(f"Resuming {what} with changed flags (--allow-changes): {describe_changes(changes)}")
     steps = total_steps(config, batches_per_epoch(train_loader))
     scheduler = warmup_cosine(optimizer, config.warmup_steps, steps)
     for saved in (scheduler, *checkpointed):

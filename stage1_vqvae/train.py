@@ -25,7 +25,7 @@ from stage1_vqvae.gan_health import diagnose
 from stage1_vqvae.gan_loss import GANLoss, LossConfig, build_discriminator
 from stage1_vqvae.metrics import reconstruction_metrics, to_unit_range
 from stage1_vqvae.model import VQVAE, ModelConfig
-from stage1_vqvae.size_presets import apply_size_presets, preset_disc_head_start
+from stage1_vqvae.size_presets import apply_size_presets, preset_disc_head_start, preset_min_steps
 from stage1_vqvae.weight_average import update_average, weight_average
 
 
@@ -38,8 +38,9 @@ class TrainConfig(LoopConfig, DataConfig, ModelConfig, LossConfig):
                                          "architecture": "conv", "disc_lr_decay": False}
     batch_size: int | None = field(default=None, metadata={"help": "images per process per step (default: 128 up to 64x64 "
                                                                     "images, fewer for larger ones)"})
-    # the demo's 2 epochs of Fashion-MNIST: what a small data set gets too
-    min_steps: int = field(default=936, metadata={"help": "at least this many optimizer steps, however few --epochs make on a small data set"})
+    min_steps: int | None = field(default=None, metadata={"help": "at least this many optimizer steps, however few --epochs make on a "
+                                                                  "small data set (default: 1404 below 10,000 train images of at most "
+                                                                  "32 pixels, else 936)"})
     # 0.95, not Adam's 0.999: a second moment that averages over ~1000 steps still remembers the
     # pixel loss's small gradients when the discriminator's terms start, and the updates swell
     adam_beta2: float = field(default=0.95, metadata={"help": "AdamW's second-moment decay for the VQ-VAE"})
@@ -117,6 +118,11 @@ def main(argv=None):
         size_choices.append(why)
     else:
         head_start = config.disc_head_start or 0
+    if config.min_steps is None:
+        min_steps, why = preset_min_steps(None if config.streaming else len(data.train), config.image_size)
+        config = replace(config, min_steps=min_steps)
+        if why and config.max_steps is None:
+            size_choices.append(why)
     model = build_model(config, data.channels).to(accelerator.device)
     average = weight_average(model, config.ema_decay) if config.ema_decay > 0 else None
     discriminator = build_discriminator(config, data.channels)

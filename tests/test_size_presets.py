@@ -4,8 +4,9 @@ import json
 
 import pytest
 
+from stage1_vqvae import size_presets
 from stage1_vqvae.model import VQVAE
-from stage1_vqvae.size_presets import apply_size_presets, preset_disc_head_start
+from stage1_vqvae.size_presets import apply_size_presets, preset_disc_head_start, preset_min_steps
 from stage1_vqvae.train import TrainConfig
 
 
@@ -82,3 +83,32 @@ def test_a_prior_is_evaluated_about_every_two_passes_over_its_maps(steps_per_pas
     from stage2_prior.size_presets import preset_prior_eval_every
 
     assert preset_prior_eval_every(steps_per_pass) == eval_every
+
+
+@pytest.mark.parametrize("images, size, steps, why", [
+    (1_429, 32, 1404, "--min-steps 1404 (fewer than 10,000 train images"), (9_999, 28, 1404, "--min-steps 1404 ("),
+    (1_429, 64, 936, "--min-steps 936 (at 64 pixels a step is costly"), (10_000, 32, 936, None), (60_000, 32, 936, None),
+    (None, 32, 936, None),
+])
+def test_a_small_set_of_small_images_trains_longer(images, size, steps, why):
+    chosen, reason = preset_min_steps(images, size)
+    assert chosen == steps and (reason == why if why is None else reason.startswith(why))
+
+
+def test_stage_one_takes_the_small_sets_floor_says_so_and_resumes_with_it(tiny_fashion, tmp_path, capsys, monkeypatch):
+    from stage1_vqvae import train as stage_one
+    from tests.conftest import TINY_MODEL
+
+    monkeypatch.setattr(size_presets, "SMALL_SET_MIN_STEPS", 12)  # the tiny set's 8 steps an epoch, raised to 12
+    flags = ["--run-dir", str(tmp_path / "run"), *TINY_MODEL, "--epochs", "1", "--no-dump", "--disc-start", "-1",
+             "--eval-every", "100", "--checkpoint-every", "6"]
+    stage_one.main(flags)
+    assert "--min-steps 12 (fewer than 10,000 train images" in capsys.readouterr().out
+    saved = tmp_path / "run" / "vqvae"
+    assert json.loads((saved / "train_config.json").read_text())["min_steps"] == 12
+    assert max(json.loads(line)["step"] for line in (saved / "log.jsonl").read_text().splitlines()) == 12
+    stage_one.main([*flags, "--resume"])  # the choice made from the data is not taken for a changed flag
+    capsys.readouterr()
+    stage_one.main([*flags, "--overwrite", "--min-steps", "9"])
+    assert "a small set is still improving" not in capsys.readouterr().out  # a flag given is not explained
+    assert json.loads((saved / "train_config.json").read_text())["min_steps"] == 9
