@@ -318,11 +318,15 @@ BOOKKEEPING_FLAGS = {"run_dir", "resume", "overwrite", "allow_changes", "log_eve
 def changed_flags(saved: dict, config) -> dict:
     """{flag: (was, now)} for the flags that differ from a saved run's and change its training.
     A run saved before a flag existed trained as `config.FLAGS_ADDED_SINCE` says it did; a flag
-    since renamed (`config.RENAMED_FLAGS`) is read under its new name."""
+    since renamed (`config.RENAMED_FLAGS`) is read under its new name. A flag that the run
+    chooses from its data when left out (`config.CHOSEN_FROM_DATA`) matches on either side when
+    left out (None): the same data makes the same choice."""
     renamed = {old[2:].replace("-", "_"): new[2:].replace("-", "_") for old, new in getattr(config, "RENAMED_FLAGS", {}).items()}
     saved = {**config.FLAGS_ADDED_SINCE, **{renamed.get(key, key): value for key, value in saved.items()}}
+    from_data = getattr(config, "CHOSEN_FROM_DATA", ())
     return {key: (saved[key], value) for key, value in asdict(config).items()
-            if key in saved and saved[key] != value and key not in BOOKKEEPING_FLAGS}
+            if key in saved and saved[key] != value and key not in BOOKKEEPING_FLAGS
+            and not (key in from_data and None in (saved[key], value))}
 
 
 def describe_changes(changes: dict) -> str:

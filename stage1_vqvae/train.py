@@ -36,6 +36,8 @@ class TrainConfig(LoopConfig, DataConfig, ModelConfig, LossConfig):
                                          "r1_weight": 0.0, "r1_every": 4, "ema_decay": 0.0, "clean_feature_matching": False,
                                          "adam_beta2": 0.999, "gan_warmup": 0, "disc_head_start": 0,
                                          "architecture": "conv", "disc_lr_decay": False}
+    # left out (None), chosen from the train split's size once it is loaded (size_presets.py)
+    CHOSEN_FROM_DATA: ClassVar[tuple] = ("min_steps", "disc_head_start")
     batch_size: int | None = field(default=None, metadata={"help": "images per process per step (default: 128 up to 64x64 "
                                                                     "images, fewer for larger ones)"})
     min_steps: int | None = field(default=None, metadata={"help": "at least this many optimizer steps, however few --epochs make on a "
