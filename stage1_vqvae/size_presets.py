@@ -12,7 +12,7 @@
   (docs/stage-one-gan.md has both).
 - A set of fewer than 10,000 train images of at most 32 pixels trains at least 1,404 steps
   rather than the demo's 936: the icons and the emoji were still improving at step 936, and
-  1,404 steps lowered their test MSE by a fifth (3.9 minutes here against 2.6). At 64 pixels
+  1,404 steps lowered their test MSE by a fifth (about 4 minutes here against 2.5). At 64 pixels
   and above a step costs four times as much on a CPU, and the floor stays 936.
 """
 
