@@ -117,6 +117,7 @@ def main(argv=None):
         data = load_image_data(config)
     if config.disc_head_start is None and config.uses_discriminator:
         head_start, why = preset_disc_head_start(None if config.streaming else len(data.train), config.disc_start)
+        config = replace(config, disc_head_start=head_start)  # recorded, and compared on --resume, as chosen
         size_choices.append(why)
     else:
         head_start = config.disc_head_start or 0

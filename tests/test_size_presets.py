@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from foundation.errors import UserError
 from stage1_vqvae import size_presets
 from stage1_vqvae.model import VQVAE
 from stage1_vqvae.size_presets import apply_size_presets, preset_disc_head_start, preset_min_steps
@@ -58,6 +59,8 @@ def test_stage_one_gives_the_discriminator_a_head_start_on_a_small_set_and_says_
     stage_one.main([*flags, "--overwrite", "--disc-head-start", "1"])
     assert "--disc-head-start" not in capsys.readouterr().out  # a flag given is not explained
     assert json.loads((tmp_path / "run" / "vqvae" / "train_config.json").read_text())["disc_head_start"] == 1
+    with pytest.raises(UserError, match=r"--disc-head-start 2 \(was 1\)"):  # left out now, the data would choose another
+        stage_one.main([*flags, "--resume"])
 
 
 @pytest.mark.parametrize("side, batch", [(4, 32), (8, 32), (16, 8), (32, 8)])
