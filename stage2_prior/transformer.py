@@ -55,9 +55,13 @@ def attention_kernel(device: torch.device, length: int | None = None):
 
 
 class SelfAttention(nn.Module):
+    """Dropout on its output only: on the attention weights it takes the CPU off the fused
+    kernel (a 16x16-map step 92 ms against 62) and regularised no better (the icons' best test
+    NLL 4.40 with it, 4.39 without; at 64 pixels 3.00 and 2.98)."""
+
     def __init__(self, width: int, heads: int, dropout: float, causal: bool = True):
         super().__init__()
-        self.heads, self.dropout, self.causal = heads, dropout, causal
+        self.heads, self.causal = heads, causal
         self.qkv = nn.Linear(width, 3 * width)
         self.proj = nn.Linear(width, width)
         self.proj_dropout = nn.Dropout(dropout)
@@ -66,7 +70,7 @@ class SelfAttention(nn.Module):
         q, k, v = rearrange(self.qkv(x), "b t (three h d) -> three b h t d", three=3, h=self.heads)
         if cache is None:
             with attention_kernel(x.device, x.shape[1]):
-                out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, dropout_p=self.dropout if self.training else 0.0)
+                out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         else:  # the new positions attend to everything cached so far, and to each other causally
             start, end = cache.filled, cache.filled + x.shape[1]
             cache.keys[layer, :, :, start:end] = k
