@@ -116,11 +116,10 @@ def main(argv=None):
     with accelerator.main_process_first():  # a download or cache is built once, then read by the others
         data = load_image_data(config)
     if config.disc_head_start is None and config.uses_discriminator:
-        head_start, why = preset_disc_head_start(None if config.streaming else len(data.train), config.disc_start)
-        config = replace(config, disc_head_start=head_start)  # recorded, and compared on --resume, as chosen
+        chosen, why = preset_disc_head_start(None if config.streaming else len(data.train), config.disc_start)
+        config = replace(config, disc_head_start=chosen)  # recorded, and compared on --resume, as chosen
         size_choices.append(why)
-    else:
-        head_start = config.disc_head_start or 0
+    head_start = config.disc_head_start or 0  # None without a discriminator
     if config.min_steps is None:
         min_steps, why = preset_min_steps(None if config.streaming else len(data.train), config.image_size)
         config = replace(config, min_steps=min_steps)
@@ -130,7 +129,7 @@ def main(argv=None):
     average = weight_average(model, config.ema_decay) if config.ema_decay > 0 else None
     discriminator = build_discriminator(config, data.channels)
     companions = [(discriminator, {"lr": config.disc_lr, "betas": (0.5, 0.9), "scheduled": config.disc_lr_decay})] if discriminator is not None else []
-    loss = GANLoss(replace(config, disc_head_start=head_start), None, lpips_network, accelerator.autocast)
+    loss = GANLoss(config, None, lpips_network, accelerator.autocast)
     checkpointed = [holder for holder in (average, loss.adaptive) if holder is not None]  # restored on --resume
     setup = set_up_training(
         accelerator, config, stage_dir, checkpoints, model, data.train, data.test,
