@@ -420,7 +420,8 @@ def set_up_training(
     optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=betas, weight_decay=config.weight_decay)
     if isinstance(train_data, StreamedImages):  # each process reads its own part; accelerate must not split it again
         if config.max_steps is None:
-            raise UserError("--streaming reads a stream whose length is unknown; give --max-steps (stage one's floor is 936)")
+            raise UserError(f"--streaming reads a stream whose length is unknown; give --max-steps (e.g. {config.min_steps}, "
+                            "this stage's floor on a data set of known size)")
         train_loader = DataLoader(train_data.for_process(accelerator.process_index, accelerator.num_processes),
                                   batch_size=config.batch_size, collate_fn=collate_batches, drop_last=True,
                                   num_workers=workers, pin_memory=accelerator.device.type == "cuda")
