@@ -310,7 +310,7 @@ def check_can_start(checkpoints: Checkpoints, config: LoopConfig, what: str) -> 
 
 
 # Flags that change what is logged, kept or evaluated, but not the weights a run trains.
-BOOKKEEPING_FLAGS = {"run_dir", "resume", "overwrite", "allow_changes", "log_every", "eval_every", "checkpoint_every",
+BOOKKEEPING_FLAGS = {"run_dir", "resume", "overwrite", "allow_changes", "log_every", "eval_every", "patience", "checkpoint_every",
                      "keep_checkpoints", "dump", "grid_images", "grid_samples", "guidance_scales", "guidance_samples",
                      "num_workers"}  # how images are decoded, not which
 
@@ -458,7 +458,8 @@ def run_training_loop(
 
     `train_step(batch)` returns (loss, metrics to log, items in the batch); `evaluate(step)`
     returns a one-line summary and may record its best score in `state`, which is saved
-    with every checkpoint, so a resumed run knows it too. `after_step(step)`, where given,
+    with every checkpoint, so a resumed run knows it too; where it sets `state["stopped"]` (why),
+    the loop saves a checkpoint and ends there, and a resumed run stays stopped. `after_step(step)`, where given,
     runs after every optimizer step (an EMA of the weights follows them there). After a few
     steps, and again after each step of `estimate_also_at` (where the pace changes), it prints
     the time left at that pace, and `hint`: what would shorten it.
@@ -469,7 +470,7 @@ def run_training_loop(
     seen, clock = 0, time.time()
     time_left = TimeLeft(state["step"], steps, hint, estimate_also_at)
     for epoch, batch in batches_from(accelerator, setup.train_loader, state["step"], config.gradient_accumulation_steps):
-        if state["step"] >= steps:
+        if state["step"] >= steps or "stopped" in state:
             break
         with accelerator.accumulate(model, *setup.companions):
             loss, metrics, items = train_step(batch)
@@ -498,8 +499,11 @@ def run_training_loop(
         if step % config.eval_every == 0 or step == steps:
             progress.write(f"step {step}: {evaluate(step)}")
             model.train()
-        if step % config.checkpoint_every == 0 or step == steps:
+        if step % config.checkpoint_every == 0 or step == steps or "stopped" in state:
             checkpoints.save(accelerator, state)
+        if "stopped" in state:
+            progress.write(f"{desc} stops at step {step} of {steps}: {state['stopped']}")
+            break
         if step % config.eval_every == 0 or step % config.checkpoint_every == 0:
             seen, clock = 0, time.time()  # throughput counts training only
             time_left.resume()

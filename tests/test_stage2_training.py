@@ -171,6 +171,49 @@ def test_resume_of_stage_two_matches_an_uninterrupted_run(stage_one_run, tmp_pat
     assert all(torch.equal(a[name], b[name]) for name in a)
 
 
+def scripted_test_nll(monkeypatch, values):
+    """Stage two's evaluations read these test NLLs in turn, so that when it stops is known."""
+    scores = iter(values)
+    monkeypatch.setattr(stage_two, "test_nll", lambda *args, **kwargs: next(scores))
+
+
+def test_stage_two_stops_once_the_test_nll_has_not_improved_for_patience_evaluations(stage_one_run, tmp_path, monkeypatch, capsys):
+    """Best at the second evaluation (step 4), then three worse: it stops at step 10 of 40 and
+    keeps the prior of step 4; resumed, it stays stopped."""
+    run_dir = copy_run(stage_one_run, tmp_path)
+    flags = [*TINY_PRIOR, "--max-steps", "40", "--eval-every", "2", "--checkpoint-every", "100", "--patience", "3"]
+    scripted_test_nll(monkeypatch, [3.0, 2.5, 2.6, 2.7, 2.8])
+    stage_two.main(["--run-dir", str(run_dir), *flags])
+    out = capsys.readouterr().out
+    assert "stage two stops at step 10 of 40: the test NLL has not improved for 3 evaluations" in out
+    assert "best test nll 2.5000 bits/code (stopped at step 10 of 40:" in out
+    assert [p.name for p in (run_dir / "prior" / "checkpoints").iterdir()] == ["step_0000010"]
+    assert sorted(p.name for p in (run_dir / "prior" / "samples").iterdir())[-1] == "step_0000010.png"
+    stage_two.main(["--run-dir", str(run_dir), *flags, "--resume"])  # no evaluation left to read: it must not train
+    assert [p.name for p in (run_dir / "prior" / "checkpoints").iterdir()] == ["step_0000010"]
+
+
+def test_a_stopped_stage_two_resumed_with_more_patience_ends_as_a_run_that_never_stopped(stage_one_run, tmp_path, monkeypatch):
+    nlls = [3.0, 2.5, 2.6, 2.7, 2.8, 2.9, 3.0]
+    flags = [*TINY_PRIOR, "--max-steps", "14", "--eval-every", "2", "--checkpoint-every", "100"]
+    straight, resumed = copy_run(stage_one_run, tmp_path / "a"), copy_run(stage_one_run, tmp_path / "b")
+    scripted_test_nll(monkeypatch, nlls)
+    stage_two.main(["--run-dir", str(straight), *flags, "--patience", "0"])
+    scripted_test_nll(monkeypatch, nlls)
+    stage_two.main(["--run-dir", str(resumed), *flags, "--patience", "3"])
+    assert [p.name for p in (resumed / "prior" / "checkpoints").iterdir()] == ["step_0000010"]
+    scripted_test_nll(monkeypatch, nlls[5:])
+    stage_two.main(["--run-dir", str(resumed), *flags, "--patience", "0", "--resume"])
+    a = load_prior(straight / "prior" / "final").state_dict()
+    b = load_prior(resumed / "prior" / "final").state_dict()
+    assert all(torch.equal(a[name], b[name]) for name in a)
+
+
+def test_a_negative_patience_is_refused_in_one_sentence(tmp_path):
+    with pytest.raises(UserError, match="--patience -1 must not be negative"):
+        stage_two.main(["--run-dir", str(tmp_path), "--patience", "-1"])
+
+
 @pytest.mark.parametrize("flag,attribute", [("label-every-code", "label_every_code"), ("codebook-inputs", "code_vector_dim")])
 def test_resuming_a_run_from_before_a_new_default_names_the_flag(stage_one_run, tmp_path, flag, attribute):
     """Its train_config.json lacks the flag: it trained without, so --resume must say so
