@@ -238,8 +238,9 @@ def main(argv=None):
             return f"test masked-code nll {nll:.4f} bits/code"
         return f"test nll {nll:.4f} bits/code, prior {prior_bits_per_dim(nll, vqvae):.4f} bits/dim"
 
+    sooner = "; sooner if the test NLL stops improving (--patience)" if config.patience else ""
     run_training_loop(accelerator, config, setup, checkpoints, train_step, evaluate, "stage two",
-                      hint=f"--max-steps {setup.steps // 2} halves it")
+                      hint=f"--max-steps {setup.steps // 2} halves it{sooner}")
     guidance = "unconditional prior: no guidance" if not num_classes else "guidance not measured (--guidance-scales '')"
     if accelerator.is_main_process:
         save_pretrained_atomic(unwrapped, stage_dir / "final")

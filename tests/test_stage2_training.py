@@ -36,10 +36,13 @@ def copy_run(stage_one_run, tmp_path):
 
 
 @pytest.mark.parametrize("prior", ["transformer", "pixelcnn"])
-def test_each_prior_trains_and_saves_the_best_weights_and_sample_grids(stage_one_run, tmp_path, prior):
+def test_each_prior_trains_and_saves_the_best_weights_and_sample_grids(stage_one_run, tmp_path, prior, capsys):
     run_dir = copy_run(stage_one_run, tmp_path)
     tiny = TINY_PIXELCNN if prior == "pixelcnn" else TINY_PRIOR
     stage_two.main(["--run-dir", str(run_dir), *tiny, "--max-steps", "30", "--eval-every", "15", "--log-every", "5"])
+    said = capsys.readouterr()
+    assert ("left for steps 26-30" in said.out + said.err
+            and "--max-steps 15 halves it; sooner if the test NLL stops improving (--patience)" in said.out + said.err)
     loaded = load_prior(run_dir / "prior")
     assert loaded.prior == prior and loaded.num_classes == 10 and loaded.codebook_size == 16
     assert json.loads((run_dir / "prior" / "config.json").read_text())["codes_source"] == read_metadata(run_dir / "codes").vqvae_sha256
