@@ -41,7 +41,7 @@ class LoopConfig:
     batch_size: int = field(default=128, metadata={"help": "images per process per step"})
     lr: float = field(default=2e-3, metadata={"help": "peak learning rate of AdamW"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
-    warmup_steps: int = field(default=100, metadata={"help": "linear warm-up before the cosine decay (at most a tenth of the run's steps)"})
+    warmup_steps: int = field(default=100, metadata={"help": "linear warm-up before the cosine decay (at most a quarter of the run's steps)"})
     grad_clip: float = field(default=1.0, metadata={"help": "clip gradients to this norm (0: off)"})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
     num_workers: int | None = field(
@@ -140,7 +140,7 @@ def warmup_cosine(optimizer, warmup_steps: int, total_steps: int) -> LambdaLR:
     """Linear warm-up to the peak rate, then a cosine decay to zero at `total_steps`, for the
     optimizer's first parameter group (the model's) and any group marked `"scheduled": True`;
     the other companions' groups keep their rate."""
-    warmup_steps = min(warmup_steps, max(total_steps // 10, 1))
+    warmup_steps = min(warmup_steps, max(total_steps // 4, 1))
 
     def factor(step):
         if step < warmup_steps:

@@ -25,7 +25,7 @@ from stage1_vqvae.gan_health import diagnose
 from stage1_vqvae.gan_loss import GANLoss, LossConfig, build_discriminator
 from stage1_vqvae.metrics import reconstruction_metrics, to_unit_range
 from stage1_vqvae.model import VQVAE, ModelConfig
-from stage1_vqvae.size_presets import apply_size_presets, preset_disc_head_start, preset_min_steps
+from stage1_vqvae.size_presets import apply_size_presets, preset_disc_head_start, preset_min_steps, preset_warmup_steps
 from stage1_vqvae.weight_average import update_average, weight_average
 
 
@@ -37,12 +37,15 @@ class TrainConfig(LoopConfig, DataConfig, ModelConfig, LossConfig):
                                          "adam_beta2": 0.999, "gan_warmup": 0, "disc_head_start": 0,
                                          "architecture": "conv", "disc_lr_decay": False}
     # left out (None), chosen from the train split's size once it is loaded (size_presets.py)
-    CHOSEN_FROM_DATA: ClassVar[tuple] = ("min_steps", "disc_head_start")
+    CHOSEN_FROM_DATA: ClassVar[tuple] = ("min_steps", "disc_head_start", "warmup_steps")
     batch_size: int | None = field(default=None, metadata={"help": "images per process per step (default: 128 up to 64x64 "
                                                                     "images, fewer for larger ones)"})
     min_steps: int | None = field(default=None, metadata={"help": "at least this many optimizer steps, however few --epochs make on a "
                                                                   "small data set (default: 1404 below 10,000 train images of at most "
                                                                   "32 pixels, else 936)"})
+    warmup_steps: int | None = field(default=None, metadata={"help": "linear warm-up before the cosine decay, at most a quarter of "
+                                                                     "the run's steps (default: 200 on 10,000 train images or more, "
+                                                                     "else 100)"})
     # 0.95, not Adam's 0.999: a second moment that averages over ~1000 steps still remembers the
     # pixel loss's small gradients when the discriminator's terms start, and the updates swell
     adam_beta2: float = field(default=0.95, metadata={"help": "AdamW's second-moment decay for the VQ-VAE"})
@@ -120,6 +123,10 @@ def main(argv=None):
         config = replace(config, disc_head_start=chosen)  # recorded, and compared on --resume, as chosen
         size_choices.append(why)
     head_start = config.disc_head_start or 0  # None without a discriminator
+    if config.warmup_steps is None:
+        warmup_steps, why = preset_warmup_steps(None if config.streaming else len(data.train))
+        config = replace(config, warmup_steps=warmup_steps)
+        size_choices.append(why)
     if config.min_steps is None:
         min_steps, why = preset_min_steps(None if config.streaming else len(data.train), config.image_size)
         config = replace(config, min_steps=min_steps)

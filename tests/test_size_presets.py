@@ -1,13 +1,14 @@
 """Stage one's sizes chosen from --image-size, and every flag overriding them."""
 
 import json
+import shutil
 
 import pytest
 
 from foundation.errors import UserError
 from stage1_vqvae import size_presets
 from stage1_vqvae.model import VQVAE
-from stage1_vqvae.size_presets import apply_size_presets, preset_disc_head_start, preset_min_steps
+from stage1_vqvae.size_presets import apply_size_presets, preset_disc_head_start, preset_min_steps, preset_warmup_steps
 from stage1_vqvae.train import TrainConfig
 
 
@@ -115,3 +116,27 @@ def test_stage_one_takes_the_small_sets_floor_says_so_and_resumes_with_it(tiny_f
     stage_one.main([*flags, "--overwrite", "--min-steps", "9"])
     assert "a small set is still improving" not in capsys.readouterr().out  # a flag given is not explained
     assert json.loads((saved / "train_config.json").read_text())["min_steps"] == 9
+
+
+@pytest.mark.parametrize("images, steps", [(1_429, 100), (9_999, 100), (10_000, 200), (60_000, 200), (None, 200)])
+def test_a_large_set_warms_the_learning_rate_up_for_longer(images, steps):
+    chosen, why = preset_warmup_steps(images)
+    assert chosen == steps and why.startswith(f"--warmup-steps {steps} (")
+
+
+def test_stage_one_chooses_its_warm_up_from_the_data_records_it_and_resumes_with_it(tiny_fashion, tmp_path, capsys):
+    from stage1_vqvae import train as stage_one
+    from tests.conftest import TINY_MODEL
+
+    at = TINY_MODEL.index("--warmup-steps")
+    flags = ["--run-dir", str(tmp_path / "run"), *TINY_MODEL[:at], *TINY_MODEL[at + 2:], "--max-steps", "4", "--no-dump",
+             "--disc-start", "-1", "--eval-every", "100", "--checkpoint-every", "2"]
+    stage_one.main(flags)
+    assert "--warmup-steps 100 (fewer than 10,000 train images)" in capsys.readouterr().out
+    saved = tmp_path / "run" / "vqvae"
+    assert json.loads((saved / "train_config.json").read_text())["warmup_steps"] == 100
+    shutil.rmtree(saved / "checkpoints" / "step_0000004")
+    stage_one.main([*flags, "--resume"])  # the choice made from the data is not taken for a changed flag
+    with pytest.raises(UserError, match=r"--warmup-steps 200 \(was 100\)"):
+        stage_one.main([*flags, "--resume", "--warmup-steps", "200"])
+

@@ -283,3 +283,15 @@ def test_two_processes_stream_a_folder_with_workers_and_dump_every_image_once_in
         assert order != sorted(order)
         assert torch.equal(stored.codes, model.encode(dataset.images[order].float() / 255))
         assert torch.equal(stored.labels, dataset.labels[order])
+
+
+def test_the_warm_up_lasts_the_steps_asked_for_up_to_a_quarter_of_the_run():
+    from foundation.training import warmup_cosine
+
+    def factor(warmup, total, step):
+        optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        return warmup_cosine(optimizer, warmup, total).lr_lambdas[0](step)
+
+    assert factor(200, 936, 99) == pytest.approx(0.5) and factor(200, 936, 199) == pytest.approx(1.0)  # stage one's default
+    assert factor(200, 400, 99) == pytest.approx(1.0)  # a short run: a quarter of it, 100 steps
+    assert factor(200, 936, 935) < 0.001  # the cosine ends near zero
