@@ -228,7 +228,7 @@ def main(argv=None):
             state["best_nll"] = nll
         state["evaluations_since_best"] = 0 if improved else state["evaluations_since_best"] + 1
         if config.patience and state["evaluations_since_best"] >= config.patience:
-            state["stopped"] = f"the test NLL has not improved for {config.patience} evaluations (--patience 0 trains on)"
+            state["stopped"] = f"the test NLL has not improved for {config.patience} evaluations"
         if accelerator.is_main_process:
             save_sample_grid(unwrapped.eval(), vqvae, config.grid_samples, stage_dir / "samples" / f"step_{step:07d}.png", config.seed)
             if improved:
@@ -250,7 +250,7 @@ def main(argv=None):
             guidance = choose_guidance(accelerator, run_dir, stage_dir, vqvae, scales, config.guidance_samples, log, state["step"])
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    stopped = f" (stopped at step {state['step']} of {setup.steps}: {state['stopped']})" if "stopped" in state else ""
+    stopped = f" (stopped at step {state['step']} of {setup.steps}: {state['stopped']}; --patience 0 trains every step)" if "stopped" in state else ""
     accelerator.print(
         f"Stage two done in {format_duration(time.time() - started)}: best test {'masked-code ' if masked else ''}nll {state['best_nll']:.4f} bits/code"
         f"{stopped}, prior in {stage_dir}, sample grids in {stage_dir / 'samples'}; {guidance}"
