@@ -54,7 +54,7 @@ class TrainConfig(LoopConfig, PriorConfig):
     )
     guidance_samples: int = field(default=2000, metadata={"help": "samples judged per guidance scale (FD is noisy below 2000)"})
     # On a small set the test NLL passes its best long before the demo's 4,219 steps end (the icons
-    # at step 800) and only rises after it: the prior kept would not change, only the time spent.
+    # near step 900) and never came back below it: the prior kept would not change, only the time spent.
     patience: int = field(default=5, metadata={"help": "stop once the test NLL has not improved for this many evaluations "
                                                        "in a row (0: train every step)"})
 

@@ -139,4 +139,3 @@ def test_stage_one_chooses_its_warm_up_from_the_data_records_it_and_resumes_with
     stage_one.main([*flags, "--resume"])  # the choice made from the data is not taken for a changed flag
     with pytest.raises(UserError, match=r"--warmup-steps 200 \(was 100\)"):
         stage_one.main([*flags, "--resume", "--warmup-steps", "200"])
-
