@@ -38,7 +38,8 @@ class TrainConfig(LoopConfig, PriorConfig):
     RENAMED_FLAGS: ClassVar[dict] = {"--steps": "--passes", "--channels": "--pixelcnn-channels"}
     epochs: float = field(default=2.25, metadata={"help": "passes over the train maps (ignored with --max-steps)"})
     # the demo's 2.25 epochs of Fashion-MNIST's maps: what a small data set gets too
-    min_steps: int = field(default=4219, metadata={"help": "at least this many optimizer steps, however few --epochs make on a small data set"})
+    min_steps: int = field(default=4219, metadata={"help": "at least this many optimizer steps, however few --epochs make on a small data "
+                                                           "set (unless --patience stops it sooner)"})
     # An evaluation (test NLL on every test map, and a grid) costs about 7 s on 2 cores: the demo keeps three.
     eval_every: int | None = field(default=None, metadata={"help": "evaluate on the test split every N steps (default: about every "
                                                                    "2 passes over the maps, 100 to 2000 steps)"})
