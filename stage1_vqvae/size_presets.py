@@ -63,9 +63,14 @@ def apply_size_presets(config):
     return replace(config, **chosen), reasons
 
 
+def is_small_set(train_images: int | None) -> bool:
+    """Fewer than SMALL_SET train images; a stream (None), of unknown size, counts as large."""
+    return train_images is not None and train_images < SMALL_SET
+
+
 def preset_disc_head_start(train_images: int | None, disc_start: int) -> tuple[int, str]:
     """--disc-head-start for a train split of this many images (None: a stream, of unknown size), and why."""
-    if train_images is not None and train_images < SMALL_SET:
+    if is_small_set(train_images):
         steps = min(SMALL_SET_HEAD_START, disc_start)
         return steps, (f"--disc-head-start {steps} (fewer than {SMALL_SET:,} train images: the discriminator learns alone "
                        f"first, so that its first pull on the decoder does not scatter the codebook)")
@@ -75,7 +80,7 @@ def preset_disc_head_start(train_images: int | None, disc_start: int) -> tuple[i
 def preset_min_steps(train_images: int | None, image_size: int) -> tuple[int, str | None]:
     """--min-steps for a train split of this many images (None: a stream) at this size, and why
     where it is not the demo's."""
-    if train_images is None or train_images >= SMALL_SET:
+    if not is_small_set(train_images):
         return MIN_STEPS, None
     if image_size <= SMALL_SET_MIN_STEPS_MAX_SIZE:
         return SMALL_SET_MIN_STEPS, (f"--min-steps {SMALL_SET_MIN_STEPS} (fewer than {SMALL_SET:,} train images: a small set is "
@@ -86,7 +91,7 @@ def preset_min_steps(train_images: int | None, image_size: int) -> tuple[int, st
 
 def preset_warmup_steps(train_images: int | None) -> tuple[int, str]:
     """--warmup-steps for a train split of this many images (None: a stream), and why."""
-    if train_images is not None and train_images < SMALL_SET:
+    if is_small_set(train_images):
         return SMALL_SET_WARMUP_STEPS, f"--warmup-steps {SMALL_SET_WARMUP_STEPS} (fewer than {SMALL_SET:,} train images)"
     return WARMUP_STEPS, (f"--warmup-steps {WARMUP_STEPS} (at least {SMALL_SET:,} train images: a slower climb to the peak "
                           f"learning rate, where some seeds' pixel loss jumps)")

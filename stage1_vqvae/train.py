@@ -118,17 +118,18 @@ def main(argv=None):
     lpips_network = lpips_network.to(accelerator.device) if lpips_network is not None else None
     with accelerator.main_process_first():  # a download or cache is built once, then read by the others
         data = load_image_data(config)
+    train_images = None if config.streaming else len(data.train)  # what the choices below are made from
     if config.disc_head_start is None and config.uses_discriminator:
-        chosen, why = preset_disc_head_start(None if config.streaming else len(data.train), config.disc_start)
+        chosen, why = preset_disc_head_start(train_images, config.disc_start)
         config = replace(config, disc_head_start=chosen)  # recorded, and compared on --resume, as chosen
         size_choices.append(why)
     head_start = config.disc_head_start or 0  # None without a discriminator
     if config.warmup_steps is None:
-        warmup_steps, why = preset_warmup_steps(None if config.streaming else len(data.train))
+        warmup_steps, why = preset_warmup_steps(train_images)
         config = replace(config, warmup_steps=warmup_steps)
         size_choices.append(why)
     if config.min_steps is None:
-        min_steps, why = preset_min_steps(None if config.streaming else len(data.train), config.image_size)
+        min_steps, why = preset_min_steps(train_images, config.image_size)
         config = replace(config, min_steps=min_steps)
         if why and config.max_steps is None:
             size_choices.append(why)
