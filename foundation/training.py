@@ -136,20 +136,27 @@ def loader_workers(asked: int | None, dataset, num_processes: int = 1) -> int:
     return max(1, min(4, cores // num_processes - 1))
 
 
-def warmup_cosine(optimizer, warmup_steps: int, total_steps: int) -> LambdaLR:
+def warmup_cosine(optimizer, warmup_steps: int, total_steps: int, rewarm_at: int | None = None, rewarm_steps: int = 0) -> LambdaLR:
     """Linear warm-up to the peak rate, then a cosine decay to zero at `total_steps`, for the
     optimizer's first parameter group (the model's) and any group marked `"scheduled": True`;
-    the other companions' groups keep their rate."""
+    the other companions' groups keep their rate. From step `rewarm_at` the model's rate warms
+    up again over `rewarm_steps`, from near zero back to the cosine: where a new loss term starts
+    (stage one's discriminator), Adam's steps swell until its second moment has caught up."""
     warmup_steps = min(warmup_steps, max(total_steps // 4, 1))
 
-    def factor(step):
+    def cosine(step):
         if step < warmup_steps:
             return (step + 1) / warmup_steps
         progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
         return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
+    def model_factor(step):
+        if rewarm_at is not None and rewarm_at <= step < rewarm_at + rewarm_steps:
+            return cosine(step) * (step - rewarm_at + 1) / rewarm_steps
+        return cosine(step)
+
     companions = optimizer.param_groups[1:]
-    return LambdaLR(optimizer, [factor, *(factor if group.get("scheduled") else (lambda step: 1.0) for group in companions)])
+    return LambdaLR(optimizer, [model_factor, *(cosine if group.get("scheduled") else (lambda step: 1.0) for group in companions)])
 
 
 def batches_per_epoch(loader) -> int | None:
@@ -399,6 +406,7 @@ class TrainingSetup:
 def set_up_training(
     accelerator: Accelerator, config: LoopConfig, stage_dir: Path, checkpoints: Checkpoints,
     model, train_data, test_data, what: str, initial_state: dict, companions=(), checkpointed=(), betas=(0.9, 0.999),
+    rewarm_at: int | None = None, rewarm_steps: int = 0,
 ) -> TrainingSetup:
     """Build the loaders and the optimizer, prepare everything with accelerate, then start at
     step 0 or resume from a checkpoint.
@@ -407,7 +415,8 @@ def set_up_training(
     parameter group of the one optimizer: under fp16 one gradient scaler then unscales every
     gradient once and steps once (two optimizers would have the second unscaled twice).
     `checkpointed` holds objects with a state_dict saved in every checkpoint (an EMA of the
-    weights); they are restored too when the run resumes. `betas` are the model's AdamW betas.
+    weights); they are restored too when the run resumes. `betas` are the model's AdamW betas;
+    `rewarm_at` and `rewarm_steps` warm the model's rate up again mid-run (`warmup_cosine`).
     """
     # Drop a last, smaller batch only when every process still gets a full one: accelerate deals
     # whole batches out to the processes, so 64 images in batches of 40 on 2 processes would
@@ -439,7 +448,7 @@ def set_up_training(
     if changes:
         accelerator.print(f"Resuming {what} with changed flags (--allow-changes): {describe_changes(changes)}")
     steps = total_steps(config, batches_per_epoch(train_loader))
-    scheduler = warmup_cosine(optimizer, config.warmup_steps, steps)
+    scheduler = warmup_cosine(optimizer, config.warmup_steps, steps, rewarm_at, rewarm_steps)
     for saved in (scheduler, *checkpointed):
         accelerator.register_for_checkpointing(saved)
     state = {**initial_state, **start_or_resume(accelerator, checkpoints, config, what)}

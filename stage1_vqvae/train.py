@@ -25,7 +25,9 @@ from stage1_vqvae.gan_health import diagnose
 from stage1_vqvae.gan_loss import GANLoss, LossConfig, build_discriminator
 from stage1_vqvae.metrics import reconstruction_metrics, to_unit_range
 from stage1_vqvae.model import VQVAE, ModelConfig
-from stage1_vqvae.size_presets import apply_size_presets, preset_disc_head_start, preset_min_steps, preset_warmup_steps
+from stage1_vqvae.size_presets import (
+    apply_size_presets, preset_disc_head_start, preset_gan_lr_warmup, preset_min_steps, preset_warmup_steps,
+)
 from stage1_vqvae.weight_average import update_average, weight_average
 
 
@@ -35,9 +37,9 @@ class TrainConfig(LoopConfig, DataConfig, ModelConfig, LossConfig):
     FLAGS_ADDED_SINCE: ClassVar[dict] = {"disc_augment": "none", "disc_norm": "group", "adaptive_weight": True,
                                          "r1_weight": 0.0, "r1_every": 4, "ema_decay": 0.0, "clean_feature_matching": False,
                                          "adam_beta2": 0.999, "gan_warmup": 0, "disc_head_start": 0,
-                                         "architecture": "conv", "disc_lr_decay": False}
+                                         "architecture": "conv", "disc_lr_decay": False, "gan_lr_warmup": 0}
     # left out (None), chosen from the train split's size once it is loaded (size_presets.py)
-    CHOSEN_FROM_DATA: ClassVar[tuple] = ("min_steps", "disc_head_start", "warmup_steps")
+    CHOSEN_FROM_DATA: ClassVar[tuple] = ("min_steps", "disc_head_start", "warmup_steps", "gan_lr_warmup")
     batch_size: int | None = field(default=None, metadata={"help": "images per process per step (default: 128 up to 64x64 "
                                                                     "images, fewer for larger ones)"})
     min_steps: int | None = field(default=None, metadata={"help": "at least this many optimizer steps, however few --epochs make on a "
@@ -49,6 +51,13 @@ class TrainConfig(LoopConfig, DataConfig, ModelConfig, LossConfig):
     # 0.95, not Adam's 0.999: a second moment that averages over ~1000 steps still remembers the
     # pixel loss's small gradients when the discriminator's terms start, and the updates swell
     adam_beta2: float = field(default=0.95, metadata={"help": "AdamW's second-moment decay for the VQ-VAE"})
+    # After a small set's head start the decoder first reads a discriminator that has learnt, and
+    # Adam's second moment still holds the pixel term's small gradients: at full rate its steps
+    # swell for a few dozen steps, the encoder jumps and part of the codebook falls idle
+    gan_lr_warmup: int | None = field(default=None, metadata={"help": "the VQ-VAE's learning rate warms up again over this many "
+                                                                        "steps from --disc-start, when the decoder first reads the "
+                                                                        "discriminator (0: no; default: 100 below 10,000 train "
+                                                                        "images, else 0)"})
     ema_decay: float = field(default=0.0, metadata={"help": "keep an EMA of the weights with this decay and export it (0: the trained weights)"})
     dump: bool = field(default=True, metadata={"help": "write the code maps at the end"})
     grid_images: int = field(default=16, metadata={"help": "test images in each reconstruction grid"})
@@ -85,6 +94,9 @@ def check_config(config: TrainConfig) -> None:
         raise UserError(f"--disc-head-start {config.disc_head_start} must be between 0 and --disc-start ({config.disc_start})")
     if config.gan_warmup < 0:
         raise UserError(f"--gan-warmup {config.gan_warmup} must not be negative (0: the GAN terms at full strength at once)")
+    if config.gan_lr_warmup is not None and config.gan_lr_warmup < 0:
+        raise UserError(f"--gan-lr-warmup {config.gan_lr_warmup} must not be negative (0: the learning rate goes on at full "
+                        "strength when the decoder first reads the discriminator)")
     if not 0 <= config.adam_beta2 < 1:
         raise UserError(f"--adam-beta2 {config.adam_beta2} must be at least 0 and below 1, e.g. 0.99")
     if not 0 <= config.ema_decay < 1:
@@ -123,6 +135,10 @@ def main(argv=None):
         chosen, why = preset_disc_head_start(train_images, config.disc_start)
         config = replace(config, disc_head_start=chosen)  # recorded, and compared on --resume, as chosen
         size_choices.append(why)
+    if config.gan_lr_warmup is None and config.uses_discriminator:
+        chosen, why = preset_gan_lr_warmup(train_images)
+        config = replace(config, gan_lr_warmup=chosen)
+        size_choices.append(why)
     head_start = config.disc_head_start or 0  # None without a discriminator
     if config.warmup_steps is None:
         warmup_steps, why = preset_warmup_steps(train_images)
@@ -142,6 +158,7 @@ def main(argv=None):
     setup = set_up_training(
         accelerator, config, stage_dir, checkpoints, model, data.train, data.test,
         "stage one", {"best_mse": float("inf")}, companions, checkpointed, betas=(0.9, config.adam_beta2),
+        rewarm_at=config.disc_start if config.uses_discriminator else None, rewarm_steps=config.gan_lr_warmup or 0,
     )
     model, state, log = setup.model, setup.state, setup.log
     unwrapped = accelerator.unwrap_model(model)

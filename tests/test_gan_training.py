@@ -106,10 +106,33 @@ def test_the_discriminators_learning_rate_decays_with_the_vqvaes_only_when_asked
 
     monkeypatch.setattr(torch.optim.AdamW, "step", step)
     train.main(["--run-dir", str(tmp_path), *TINY_MODEL, *ADVERSARIAL, "--max-steps", "10", "--lr", "2e-3", "--disc-lr", "4e-4",
-                *(["--disc-lr-decay"] if decay else [])])
+                "--gan-lr-warmup", "0", *(["--disc-lr-decay"] if decay else [])])
     assert len(rates) == 10 and rates[-1][0] < 0.1 * rates[1][0]  # the cosine has nearly reached zero
     for model_rate, disc_rate in rates:
         assert disc_rate == pytest.approx(model_rate / 5 if decay else 4e-4)
+
+
+def test_the_vqvaes_learning_rate_warms_up_again_when_the_decoder_first_reads_the_discriminator(tiny_fashion, tmp_path, monkeypatch):
+    rates = {}  # --gan-lr-warmup -> (the VQ-VAE's, the discriminator's) rate at each optimizer step
+    real_step = torch.optim.AdamW.step
+
+    def step(self, *args, **kwargs):
+        rates[warmup].append((self.param_groups[0]["lr"], self.param_groups[1]["lr"]))
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    for warmup in (0, 4):
+        rates[warmup] = []
+        train.main(["--run-dir", str(tmp_path / str(warmup)), *TINY_MODEL, *ADVERSARIAL, "--max-steps", "12",
+                    "--gan-lr-warmup", str(warmup)])
+    cosine, rewarmed = rates[0], rates[4]
+    assert len(rewarmed) == 12 and all(disc == plain_disc for (_, disc), (_, plain_disc) in zip(rewarmed, cosine))
+    disc_start = 2
+    for step_index, ((rate, _), (plain, _)) in enumerate(zip(rewarmed, cosine)):
+        if disc_start <= step_index < disc_start + 4:  # from a quarter of the cosine's rate up to all of it
+            assert rate == pytest.approx(plain * (step_index - disc_start + 1) / 4)
+        else:
+            assert rate == pytest.approx(plain)
 
 
 def test_the_summary_says_when_the_discriminator_wins_outright(tiny_fashion, tmp_path, capsys):
@@ -139,6 +162,7 @@ def test_a_healthy_run_has_no_warning(tmp_path):
     (["--r1-every", "0"], "--r1-every 0 must be at least 1"),
     (["--ema-decay", "1"], "--ema-decay 1.0 must be at least 0"),
     (["--gan-warmup", "-5"], "--gan-warmup -5 must not be negative"),
+    (["--gan-lr-warmup", "-1"], "--gan-lr-warmup -1 must not be negative"),
     (["--adam-beta2", "1"], "--adam-beta2 1.0 must be at least 0 and below 1"),
 ])
 def test_bad_gan_flags_are_refused_before_anything_is_written(tiny_fashion, tmp_path, flags, message):

@@ -8,7 +8,9 @@ import pytest
 from foundation.errors import UserError
 from stage1_vqvae import size_presets
 from stage1_vqvae.model import VQVAE
-from stage1_vqvae.size_presets import apply_size_presets, preset_disc_head_start, preset_min_steps, preset_warmup_steps
+from stage1_vqvae.size_presets import (
+    apply_size_presets, preset_disc_head_start, preset_gan_lr_warmup, preset_min_steps, preset_warmup_steps,
+)
 from stage1_vqvae.train import TrainConfig
 
 
@@ -47,6 +49,12 @@ def test_the_discriminator_gets_a_head_start_on_small_sets_only(images, steps):
     assert preset_disc_head_start(images, disc_start=30)[0] == min(steps, 30)  # never before step 0
 
 
+@pytest.mark.parametrize("images, steps", [(1_429, 100), (9_999, 100), (10_000, 0), (60_000, 0), (None, 0)])
+def test_the_learning_rate_warms_up_again_for_the_discriminator_on_small_sets_only(images, steps):
+    chosen, why = preset_gan_lr_warmup(images)
+    assert chosen == steps and why.startswith(f"--gan-lr-warmup {steps} (")
+
+
 def test_stage_one_gives_the_discriminator_a_head_start_on_a_small_set_and_says_so(tiny_fashion, tmp_path, capsys):
     from stage1_vqvae import train as stage_one
     from tests.conftest import TINY_MODEL
@@ -54,7 +62,9 @@ def test_stage_one_gives_the_discriminator_a_head_start_on_a_small_set_and_says_
     flags = ["--run-dir", str(tmp_path / "run"), *TINY_MODEL, "--max-steps", "4", "--no-dump", "--disc-start", "2",
              "--disc-channels", "8", "--log-every", "1"]
     stage_one.main(flags)
-    assert "--disc-head-start 2 (fewer than 10,000 train images" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "--disc-head-start 2 (fewer than 10,000 train images" in out and "--gan-lr-warmup 100 (fewer than" in out
+    assert json.loads((tmp_path / "run" / "vqvae" / "train_config.json").read_text())["gan_lr_warmup"] == 100
     logged = [json.loads(line) for line in (tmp_path / "run" / "vqvae" / "log.jsonl").read_text().splitlines()]
     assert any("train/disc_loss" in row and row["step"] == 1 for row in logged)  # it trained from step 0
     stage_one.main([*flags, "--overwrite", "--disc-head-start", "1"])
