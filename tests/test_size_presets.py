@@ -8,9 +8,7 @@ import pytest
 from foundation.errors import UserError
 from stage1_vqvae import size_presets
 from stage1_vqvae.model import VQVAE
-from stage1_vqvae.size_presets import (
-    apply_size_presets, preset_disc_head_start, preset_gan_lr_warmup, preset_min_steps, preset_warmup_steps,
-)
+from stage1_vqvae.size_presets import apply_size_presets, preset_disc_head_start, preset_gan_lr_warmup, preset_min_steps, preset_warmup_steps
 from stage1_vqvae.train import TrainConfig
 
 
