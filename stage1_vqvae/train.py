@@ -55,7 +55,7 @@ class TrainConfig(LoopConfig, DataConfig, ModelConfig, LossConfig):
     gan_lr_warmup: int | None = field(default=None, metadata={"help": "the VQ-VAE's learning rate warms up again over this many "
                                                                         "steps from --disc-start, when the decoder first reads the "
                                                                         "discriminator (0: no; default: 100 below 10,000 train "
-                                                                        "images, else 0)"})
+                                                                        "images of at most 32 pixels, else 0)"})
     ema_decay: float = field(default=0.0, metadata={"help": "keep an EMA of the weights with this decay and export it (0: the trained weights)"})
     dump: bool = field(default=True, metadata={"help": "write the code maps at the end"})
     grid_images: int = field(default=16, metadata={"help": "test images in each reconstruction grid"})
@@ -134,7 +134,7 @@ def main(argv=None):
         config = replace(config, disc_head_start=chosen)  # recorded, and compared on --resume, as chosen
         size_choices.append(why)
     if config.gan_lr_warmup is None and config.uses_discriminator:
-        chosen, why = preset_gan_lr_warmup(train_images)
+        chosen, why = preset_gan_lr_warmup(train_images, config.image_size)
         config = replace(config, gan_lr_warmup=chosen)
         size_choices.append(why)
     head_start = config.disc_head_start or 0  # None without a discriminator

@@ -47,9 +47,10 @@ def test_the_discriminator_gets_a_head_start_on_small_sets_only(images, steps):
     assert preset_disc_head_start(images, disc_start=30)[0] == min(steps, 30)  # never before step 0
 
 
-@pytest.mark.parametrize("images, steps", [(1_429, 100), (9_999, 100), (10_000, 0), (60_000, 0), (None, 0)])
-def test_the_learning_rate_warms_up_again_for_the_discriminator_on_small_sets_only(images, steps):
-    chosen, why = preset_gan_lr_warmup(images)
+@pytest.mark.parametrize("images, size, steps", [(1_429, 32, 100), (9_999, 28, 100), (1_429, 64, 0), (10_000, 32, 0),
+                                                  (60_000, 32, 0), (None, 32, 0)])
+def test_the_learning_rate_warms_up_again_for_the_discriminator_on_small_sets_of_small_images_only(images, size, steps):
+    chosen, why = preset_gan_lr_warmup(images, size)
     assert chosen == steps and why.startswith(f"--gan-lr-warmup {steps} (")
 
 
