@@ -93,8 +93,8 @@ def check_config(config: TrainConfig) -> None:
     if config.gan_warmup < 0:
         raise UserError(f"--gan-warmup {config.gan_warmup} must not be negative (0: the GAN terms at full strength at once)")
     if config.gan_lr_warmup is not None and config.gan_lr_warmup < 0:
-        raise UserError(f"--gan-lr-warmup {config.gan_lr_warmup} must not be negative (0: the learning rate goes on at full "
-                        "strength when the decoder first reads the discriminator)")
+        raise UserError(f"--gan-lr-warmup {config.gan_lr_warmup} must not be negative (0: no second warm-up when the decoder "
+                        "first reads the discriminator)")
     if not 0 <= config.adam_beta2 < 1:
         raise UserError(f"--adam-beta2 {config.adam_beta2} must be at least 0 and below 1, e.g. 0.99")
     if not 0 <= config.ema_decay < 1:
