@@ -76,6 +76,12 @@ def is_small_set(train_images: int | None) -> bool:
     return train_images is not None and train_images < SMALL_SET
 
 
+def trains_longer(train_images: int | None, image_size: int) -> bool:
+    """A small set of images of at most SMALL_SET_MIN_STEPS_MAX_SIZE pixels: it trains
+    SMALL_SET_MIN_STEPS, and its learning rate warms up again for the discriminator."""
+    return is_small_set(train_images) and image_size <= SMALL_SET_MIN_STEPS_MAX_SIZE
+
+
 def preset_disc_head_start(train_images: int | None, disc_start: int) -> tuple[int, str]:
     """--disc-head-start for a train split of this many images (None: a stream, of unknown size), and why."""
     if is_small_set(train_images):
@@ -88,11 +94,11 @@ def preset_disc_head_start(train_images: int | None, disc_start: int) -> tuple[i
 def preset_min_steps(train_images: int | None, image_size: int) -> tuple[int, str | None]:
     """--min-steps for a train split of this many images (None: a stream) at this size, and why
     where it is not the demo's."""
-    if not is_small_set(train_images):
-        return MIN_STEPS, None
-    if image_size <= SMALL_SET_MIN_STEPS_MAX_SIZE:
+    if trains_longer(train_images, image_size):
         return SMALL_SET_MIN_STEPS, (f"--min-steps {SMALL_SET_MIN_STEPS} (fewer than {SMALL_SET:,} train images: a small set is "
                                      f"still improving at {MIN_STEPS} steps)")
+    if not is_small_set(train_images):
+        return MIN_STEPS, None
     return MIN_STEPS, (f"--min-steps {MIN_STEPS} (at {image_size} pixels a step is costly on a CPU; --min-steps "
                        f"{SMALL_SET_MIN_STEPS} gives a small set cleaner reconstructions in 1.5 times the time)")
 
@@ -107,7 +113,7 @@ def preset_warmup_steps(train_images: int | None) -> tuple[int, str]:
 
 def preset_gan_lr_warmup(train_images: int | None, image_size: int) -> tuple[int, str]:
     """--gan-lr-warmup for a train split of this many images (None: a stream) at this size, and why."""
-    if is_small_set(train_images) and image_size <= SMALL_SET_MIN_STEPS_MAX_SIZE:
+    if trains_longer(train_images, image_size):
         return SMALL_SET_GAN_LR_WARMUP, (f"--gan-lr-warmup {SMALL_SET_GAN_LR_WARMUP} (fewer than {SMALL_SET:,} train images of at "
                                          f"most {SMALL_SET_MIN_STEPS_MAX_SIZE} pixels: on their longer run the rate is still high "
                                          f"when the decoder first reads the discriminator)")
