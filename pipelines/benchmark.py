@@ -27,6 +27,7 @@ from foundation.errors import UserError, run_cli
 from foundation.training import bf16_is_fast, use_all_cores
 from pipelines.pipeline import pick_device
 from stage1_vqvae.model import VQVAE
+from stage2_prior import static_decoding
 from stage2_prior.maskgit import MaskGITPrior
 from stage2_prior.pixelcnn import GatedPixelCNN
 from stage2_prior.priors import training_loss
@@ -64,6 +65,8 @@ class BenchmarkConfig:
     quick: bool = field(default=False, metadata={"help": "fewer repetitions, and only the CPU-sized parts of 'large'"})
     repeats: int | None = field(default=None, metadata={"help": "timed repetitions per figure (default 5, quick 3)"})
     json: str | None = field(default=None, metadata={"help": "also write the results to this JSON file"})
+    parts: str = field(default="data,stage1,stage2,sampling", metadata={"help": "comma-separated: which parts to time"})
+    priors: str = field(default="transformer,pixelcnn,maskgit", metadata={"help": "comma-separated: which priors to time"})
 
 
 def reset_peak_rss() -> bool:
@@ -223,12 +226,14 @@ def stage_one_rows(name, sizes, device, timer, autocast_modes) -> list[dict]:
     return rows
 
 
-def stage_two_rows(name, sizes, device, timer, dtype) -> list[dict]:
+def stage_two_rows(name, sizes, device, timer, dtype, kinds) -> list[dict]:
     rows = []
     side = sizes["image_size"] // sizes["downsample"]
     codes = torch.randint(0, sizes["codebook_size"], (sizes["prior_batch"], side, side), device=device)
     labels = torch.randint(0, 10, (len(codes),), device=device)
     for kind, prior in build_priors(sizes, device).items():
+        if kind not in kinds:
+            continue
         optimizer = torch.optim.AdamW(prior.parameters(), lr=1e-4)
 
         def train_step():
@@ -243,61 +248,88 @@ def stage_two_rows(name, sizes, device, timer, dtype) -> list[dict]:
     return rows
 
 
-def sampling_rows(name, sizes, device, timer, naive: bool) -> tuple[list[dict], dict]:
-    """End to end: `samples` code maps from each prior, then the decoder. The raster priors'
-    fast loop (caches) and naive loop (the whole prefix per code); MaskGIT in its default passes.
-    Speed-ups: each fast loop over its naive one, and MaskGIT over the transformer's loops."""
+def decodings(kind: str, device: torch.device, naive: bool) -> list[str]:
+    """The ways each prior draws its codes: the transformer's CUDA graph (CUDA only), static and
+    growing caches, the PixelCNN's layer caches, and each one's naive loop (the whole prefix per code)."""
+    if kind == "maskgit":
+        return ["passes"]
+    loops = (["graph"] if kind == "transformer" and device.type == "cuda" else [])
+    loops += (["static"] if kind == "transformer" else []) + ["cache"]
+    return loops + (["naive"] if naive else [])
+
+
+def sampling_rows(name, sizes, device, timer, naive: bool, kinds) -> tuple[list[dict], dict]:
+    """End to end: `samples` code maps from each prior, then the decoder, in every way the prior
+    can decode (`decodings`); MaskGIT in its default passes. On CUDA also the first call of the
+    graph, its capture included. Speed-ups: the graph over the uncaptured steps, the caches over
+    the naive loop, MaskGIT over the transformer's default way."""
     rows, speedups, seconds = [], {}, {}
     vqvae = build_vqvae(sizes, device).eval()
     n = sizes["samples"]
     labels = torch.arange(n, device=device) % 10
-    priors = build_priors(sizes, device)
+    priors = {kind: prior for kind, prior in build_priors(sizes, device).items() if kind in kinds}
+    default = {"maskgit": "passes", "transformer": "graph" if device.type == "cuda" else "cache", "pixelcnn": "cache"}
     for kind, prior in priors.items():
         prior.eval()
-        loops = {"maskgit": {}} if kind == "maskgit" else {"fast": dict(cached=True), "naive": dict(cached=False)}
-        for loop, options in loops.items():
-            if loop == "naive" and not naive:
-                continue
+        loops = decodings(kind, device, naive)
+        for loop in loops:
+            options = {} if kind == "maskgit" else dict(decoding=loop)
+
             def sample_and_decode():
                 with torch.inference_mode(), autocast_for(device):
                     vqvae.decode(prior.generate(n, labels, **options))
 
+            if loop == "graph":  # a fresh capture, timed once: what the first call of a session pays
+                static_decoding._decoders.pop(prior, None)
+                rows.append(row(name, "sampling", f"{n} images, {kind}, graph, first call", "images/s", n,
+                                Timer(device, repeats=1, warmup=0)(sample_and_decode)))
             what = f"{prior.default_steps} passes" if kind == "maskgit" else loop
             result = row(name, "sampling", f"{n} images, {kind}, {what}", "images/s", n, timer(sample_and_decode))
             seconds[kind, loop] = result["seconds"]
             rows.append(result)
-        if ("naive" in loops) and naive:
-            speedups[f"{kind}: fast loop over naive"] = seconds[kind, "naive"] / seconds[kind, "fast"]
-    maskgit = seconds["maskgit", "maskgit"]
-    speedups[f"maskgit over the transformer's KV cache, {n} images"] = seconds["transformer", "fast"] / maskgit
-    if naive:
-        speedups[f"maskgit over the transformer's naive loop, {n} images"] = seconds["transformer", "naive"] / maskgit
+        for faster, slower in (("graph", "static"), ("graph", "cache"), ("static", "cache"), ("cache", "naive")):
+            if faster in loops and slower in loops:
+                speedups[f"{kind}: {faster} over {slower}"] = seconds[kind, slower] / seconds[kind, faster]
+    if {"maskgit", "transformer"} <= set(priors):
+        speedups[f"maskgit over the transformer's {default['transformer']}, {n} images"] = (
+            seconds["transformer", default["transformer"]] / seconds["maskgit", "passes"])
     # One image alone: the latency a user waits for, where MaskGIT's few passes pay most. At
     # large batches a CPU is bound by arithmetic, and MaskGIT does `passes` times the
     # KV-cache loop's (every pass runs every position), so there it can be the slower one.
     single = {}
-    for kind in ("transformer", "maskgit"):
+    for kind in [kind for kind in ("transformer", "maskgit") if kind in priors]:
         prior = priors[kind]
 
         def sample_one():
             with torch.inference_mode(), autocast_for(device):
                 vqvae.decode(prior.generate(1, labels[:1]))
 
-        what = f"{prior.default_steps} passes" if kind == "maskgit" else "fast"
+        what = f"{prior.default_steps} passes" if kind == "maskgit" else default[kind]
         result = row(name, "sampling", f"1 image, {kind}, {what}", "images/s", 1, timer(sample_one))
         single[kind] = result["seconds"]
         rows.append(result)
-    speedups["maskgit over the transformer's KV cache, 1 image"] = single["transformer"] / single["maskgit"]
+    if len(single) == 2:
+        speedups[f"maskgit over the transformer's {default['transformer']}, 1 image"] = single["transformer"] / single["maskgit"]
     return rows, speedups
+
+
+PARTS = ("data", "stage1", "stage2", "sampling")
+
+
+def choose(listed: str, known, flag: str) -> list[str]:
+    names = [name.strip() for name in listed.split(",") if name.strip()]
+    unknown = [name for name in names if name not in known]
+    if unknown or not names:
+        noun = {"configs": "configuration", "parts": "part", "priors": "prior"}[flag]
+        raise UserError(f"--{flag} {listed} names no known {noun}; choose from {', '.join(known)}")
+    return names
 
 
 def run_benchmark(config: BenchmarkConfig) -> dict:
     device = pick_device(config.device)
     use_all_cores(device)
-    names = [name.strip() for name in config.configs.split(",") if name.strip()]
-    unknown = [name for name in names if name not in CONFIGS]
-    if unknown or not names:
-        raise UserError(f"--configs {config.configs} names no known configuration; choose from {', '.join(CONFIGS)}")
+    names, parts, kinds = (choose(getattr(config, flag), known, flag) for flag, known in (
+        ("configs", CONFIGS), ("parts", PARTS), ("priors", ("transformer", "pixelcnn", "maskgit"))))
     repeats = config.repeats or (3 if config.quick else 5)
     timer = Timer(device, repeats)
     fast_bf16 = bf16_is_fast(device.type)
@@ -315,13 +347,19 @@ def run_benchmark(config: BenchmarkConfig) -> dict:
         modes = [("fp32", None)]
         if fast_bf16:
             modes.append(("bf16", torch.bfloat16))
-        results["rows"] += data_rows(name, sizes, timer)
-        results["rows"] += stage_one_rows(name, sizes, device, timer, modes)
-        results["rows"] += stage_two_rows(name, sizes, device, timer, torch.bfloat16 if fast_bf16 else None)
-        sampling, speedups = sampling_rows(name, sizes, device, timer, naive=not reduced)
-        results["rows"] += sampling
-        if speedups:
-            results["speedup"][name] = speedups
+        if "data" in parts:
+            results["rows"] += data_rows(name, sizes, timer)
+        if "stage1" in parts:
+            results["rows"] += stage_one_rows(name, sizes, device, timer, modes)
+        if "stage2" in parts:
+            results["rows"] += stage_two_rows(name, sizes, device, timer, torch.bfloat16 if fast_bf16 else None, kinds)
+        if "sampling" in parts:
+            # the naive loops of the large maps rerun up to 1,023 codes for each of 1,024: hours on a
+            # CPU, a minute of a GPU's time for figures known (docs/measurements.md)
+            sampling, speedups = sampling_rows(name, sizes, device, timer, naive=name != "large", kinds=kinds)
+            results["rows"] += sampling
+            if speedups:
+                results["speedup"][name] = speedups
     return results
 
 

@@ -128,9 +128,13 @@ class GatedPixelCNN(PriorMetadata, PyTorchModelHubMixin):
 
     @torch.no_grad()
     def generate(self, n, labels=None, temperature=1.0, top_k=None, top_p=None, generator=None,
-                 guidance=1.0, cached=True, progress=False, known=None, keep=None) -> torch.Tensor:
-        """Sample n code maps [n, h, w]. `cached=False` reruns the whole network per code.
+                 guidance=1.0, decoding="auto", progress=False, known=None, keep=None) -> torch.Tensor:
+        """Sample n code maps [n, h, w]. `decoding`: "cache" ("auto") runs each layer once per
+        code through per-layer caches, "naive" reruns the whole network per code.
         `known` and `keep` [n, h, w]: codes written as given instead of drawn (see the transformer)."""
+        if decoding not in ("auto", "cache", "naive"):
+            raise ValueError(f"the PixelCNN decodes 'cache' or 'naive', not {decoding!r}")
+        cached = decoding != "naive"
         device = self.embed.weight.device
         labels = prepare_labels(n, labels, self.num_classes, device)
         labels = with_null_labels(labels, self.null_label, guidance)

@@ -28,14 +28,27 @@ def sample_logits(
     top_k: int | None = None,
     top_p: float | None = None,
     generator: torch.Generator | None = None,
+    uniforms: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """logits [B, K] -> sampled codes [B]."""
+    """logits [B, K] -> sampled codes [B]. `uniforms` [B, 1] in [0, 1): the draws to use
+    (from `draw_uniforms`) instead of drawing them here from `generator`.
+
+    `temperature` may be a 0-dim tensor, so that a captured CUDA graph reads it."""
     probs = filter_logits(logits / temperature, top_k, top_p).softmax(-1)
     # Inverse-CDF sampling: one uniform per row, 15x faster than torch.multinomial on a CPU.
     # (1 - u) lies in (0, 1], so a code of probability zero is never chosen.
     cdf = probs.cumsum(-1)
-    u = 1 - torch.rand(probs.shape[0], 1, generator=generator, device=probs.device, dtype=cdf.dtype)
+    if uniforms is None:
+        uniforms = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device)
+    u = 1 - uniforms.to(cdf.dtype)
     return torch.searchsorted(cdf, u * cdf[:, -1:]).squeeze(-1).clamp_(max=probs.shape[-1] - 1)
+
+
+def draw_uniforms(steps: int, rows: int, generator: torch.Generator | None, device) -> torch.Tensor:
+    """[steps, rows, 1]: every uniform a raster sampler will use, drawn at once. Every decoding
+    path of a prior reads the same draws, so they give the same codes for a seed; on a CPU they
+    are also the numbers that one draw per step gives (the generator's stream is sequential)."""
+    return torch.rand(steps, rows, 1, generator=generator, device=device)
 
 
 def prepare_labels(n: int, labels, num_classes: int, device) -> torch.Tensor:
@@ -66,9 +79,11 @@ def with_null_labels(labels: torch.Tensor, null: int, guidance: float) -> torch.
     return labels if guidance == 1.0 else torch.cat([labels, torch.full_like(labels, null)])
 
 
-def guide(logits: torch.Tensor, guidance: float) -> torch.Tensor:
-    """uncond + s * (cond - uncond), on the doubled batch from `with_null_labels`."""
-    if guidance == 1.0:
+def guide(logits: torch.Tensor, guidance: float | torch.Tensor, guided: bool | None = None) -> torch.Tensor:
+    """uncond + s * (cond - uncond), on the doubled batch from `with_null_labels`. `guidance`
+    may be a 0-dim tensor (read by a captured CUDA graph); then `guided` says whether the batch
+    was doubled."""
+    if not (guidance != 1.0 if guided is None else guided):
         return logits
     conditional, unconditional = logits.float().chunk(2)
     return unconditional + guidance * (conditional - unconditional)

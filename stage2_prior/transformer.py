@@ -9,11 +9,14 @@ stage two builds it) a code's input also carries its VQ-VAE codebook vector, pro
 codes the decoder draws alike start alike, so a code seen rarely borrows from its
 neighbours (test NLL 0.04-0.06 bits/code lower in the same steps). Blocks are pre-norm and use
 `scaled_dot_product_attention`. Generation keeps a preallocated key/value cache, so each
-new code costs one token's work instead of the whole prefix.
+new code costs one token's work instead of the whole prefix; on CUDA that step is replayed as
+one captured CUDA graph (static_decoding.py).
 """
 
 
+import warnings
 from contextlib import nullcontext
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -26,17 +29,44 @@ from tqdm.auto import tqdm
 from stage1_vqvae.model import MODEL_DEFAULTS
 from stage2_prior.prior_config import PRIOR_DEFAULTS
 from stage2_prior.prior_metadata import PriorMetadata
-from stage2_prior.sampling import guide, prepare_labels, sample_logits, with_null_labels
+from stage2_prior.sampling import draw_uniforms, guide, prepare_labels, sample_logits, with_null_labels
+from stage2_prior.static_decoding import decode_static
 
 
 class KVCache:
-    """Keys and values of every layer for `length` positions, filled one position at a time."""
+    """Keys and values of every layer for `length` positions, filled one position at a time;
+    each step attends to the positions filled so far, so its shapes grow with the sequence."""
 
     def __init__(self, layers, batch, heads, length, head_dim, device, dtype):
         shape = (layers, batch, heads, length, head_dim)
         self.keys = torch.zeros(shape, device=device, dtype=dtype)
         self.values = torch.zeros(shape, device=device, dtype=dtype)
         self.filled = 0
+
+    def advance(self, count: int) -> None:
+        self.filled += count
+
+
+class StaticKVCache(KVCache):
+    """The same cache with shapes that never change, so that a decoding step can be captured
+    as a CUDA graph (as gpt-fast and LlamaGen decode): one new position per step, written in
+    place at `position` (a tensor on the device), and every step attends over the whole length
+    with the positions not yet written masked out."""
+
+    def __init__(self, layers, batch, heads, length, head_dim, device, dtype):
+        super().__init__(layers, batch, heads, length, head_dim, device, dtype)
+        self.steps = torch.arange(length, device=device)
+        self.position = torch.zeros(1, dtype=torch.long, device=device)
+        self.visible = torch.zeros(1, length, dtype=torch.bool, device=device)  # [query, key]
+        self.reset()
+
+    def reset(self) -> None:
+        self.position.zero_()
+        torch.le(self.steps, self.position, out=self.visible[0])
+
+    def advance(self, count: int) -> None:
+        self.position.add_(count)
+        torch.le(self.steps, self.position, out=self.visible[0])
 
 
 # On CUDA, every attention backend but cuDNN's: cuDNN builds an execution plan for each new
@@ -71,6 +101,11 @@ class SelfAttention(nn.Module):
         if cache is None:
             with attention_kernel(x.device, x.shape[1]):
                 out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+        elif isinstance(cache, StaticKVCache):  # one new position, written where `position` says
+            cache.keys[layer].index_copy_(2, cache.position, k.to(cache.keys.dtype))
+            cache.values[layer].index_copy_(2, cache.position, v.to(cache.values.dtype))
+            with attention_kernel(x.device):
+                out = F.scaled_dot_product_attention(q, cache.keys[layer], cache.values[layer], attn_mask=cache.visible)
         else:  # the new positions attend to everything cached so far, and to each other causally
             start, end = cache.filled, cache.filled + x.shape[1]
             cache.keys[layer, :, :, start:end] = k
@@ -198,7 +233,7 @@ class TransformerPrior(CodeTransformer, PyTorchModelHubMixin):
         for i, block in enumerate(self.blocks):
             x = block(x, cache, i)
         if cache is not None:
-            cache.filled += tokens.shape[1]
+            cache.advance(tokens.shape[1])
         return self.head(self.norm(x))
 
     def forward(self, codes: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
@@ -212,33 +247,59 @@ class TransformerPrior(CodeTransformer, PyTorchModelHubMixin):
 
     @torch.no_grad()
     def generate(self, n, labels=None, temperature=1.0, top_k=None, top_p=None, generator=None,
-                 guidance=1.0, cached=True, progress=False, known=None, keep=None) -> torch.Tensor:
+                 guidance=1.0, decoding="auto", progress=False, known=None, keep=None) -> torch.Tensor:
         """Sample n code maps [n, h, w]; `guidance` > 1 applies classifier-free guidance.
 
-        `cached=False` reruns the whole prefix for every code, as most VQ-VAE repositories do.
+        `decoding` says how each code is computed; every way draws the same codes for a seed:
+        "cache" keeps a key/value cache that grows by one position a code, "static" a cache of
+        fixed shapes, "graph" replays the static step as one CUDA graph (CUDA only), "naive"
+        reruns the whole prefix for every code, as most VQ-VAE repositories do; "auto" is
+        "graph" on CUDA and "cache" elsewhere.
         `known` [n, h, w] and `keep` [n, h, w] (bool): codes written as given instead of drawn;
         a kept top part is continued in raster order (a code only sees the codes before it).
         """
         device = self.code_embed.weight.device
+        decoding = resolve_decoding(decoding, device)
         labels = with_null_labels(prepare_labels(n, labels, self.num_classes, device), self.null_label, guidance)
         batch, length = len(labels), self.map_shape[0] * self.map_shape[1]
+        uniforms = draw_uniforms(length, n, generator, device)
+        if keep is not None:
+            keep, known = (rearrange(x.to(device), "n h w -> n (h w)") for x in (keep.bool(), known))
+        bar = partial(tqdm, desc="sampling codes", disable=not progress, leave=False)
+        if decoding in ("static", "graph"):
+            codes = decode_static(self, labels, n, uniforms, temperature, top_k, top_p, guidance, known, keep,
+                                  captured=decoding == "graph", progress_bar=bar)
+            return rearrange(codes[:n], "b (h w) -> b h w", h=self.map_shape[0])
         positions = self._positions()
         bias = self._label_bias(labels)
         tokens = (self.label_embed(labels) + positions[0])[:, None] + bias  # the cached path keeps only the newest
         cache = None
-        if cached:
+        if decoding == "cache":
             dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else tokens.dtype
             cache = KVCache(self.num_layers, batch, self.heads, length, self.width // self.heads, device, dtype)
         codes = torch.zeros(batch, length, dtype=torch.long, device=device)
-        if keep is not None:
-            keep, known = (rearrange(x.to(device), "n h w -> n (h w)") for x in (keep.bool(), known))
-        for t in tqdm(range(length), desc="sampling codes", disable=not progress, leave=False):
+        for t in bar(range(length)):
             logits = self._run(tokens, cache)[:, -1]
-            sampled = sample_logits(guide(logits, guidance), temperature, top_k, top_p, generator)
+            sampled = sample_logits(guide(logits, guidance), temperature, top_k, top_p, uniforms=uniforms[t])
             if keep is not None:
                 sampled = torch.where(keep[:, t], known[:, t], sampled)
             codes[:, t] = sampled.repeat(batch // n)
             if t + 1 < length:
                 next_token = (self.embed_codes(codes[:, t]) + positions[t + 1])[:, None] + bias
-                tokens = next_token if cached else torch.cat([tokens, next_token], dim=1)
+                tokens = next_token if cache is not None else torch.cat([tokens, next_token], dim=1)
         return rearrange(codes[:n], "b (h w) -> b h w", h=self.map_shape[0])
+
+
+DECODINGS = ("auto", "graph", "static", "cache", "naive")
+
+
+def resolve_decoding(decoding: str, device: torch.device) -> str:
+    """"auto" -> "graph" on CUDA, else "cache"; "graph" off CUDA runs "static" (said once)."""
+    if decoding not in DECODINGS:
+        raise ValueError(f"decoding {decoding!r} is not one of {', '.join(DECODINGS)}")
+    if decoding == "auto":
+        return "graph" if device.type == "cuda" else "cache"
+    if decoding == "graph" and device.type != "cuda":
+        warnings.warn("decoding 'graph' needs a CUDA GPU; elsewhere it decodes 'static', the same codes without the graph")
+        return "static"
+    return decoding

@@ -20,20 +20,32 @@ def test_the_benchmark_runs_end_to_end_and_every_row_has_a_number(tmp_path, caps
     assert {"loader, in memory", "loader, PNG files decoded as read, 0 workers", "loader, PNG files decoded as read, 2 workers",
             "loader, PNG in Arrow decoded as read, 1 worker", "loader, PNG files streamed, 2 workers"} <= set(names)
     assert any(n.startswith("train transformer") for n in names) and any(n.startswith("train pixelcnn") for n in names)
-    assert sum("fast" in n for n in names) == 3 and sum("naive" in n for n in names) == 2  # 2 images each, and 1 image
+    assert {"2 images, transformer, static", "2 images, transformer, cache", "2 images, transformer, naive",
+            "2 images, pixelcnn, cache", "2 images, pixelcnn, naive"} <= set(names)
+    assert not any("graph" in n for n in names)  # the CUDA graph is timed on CUDA only
     assert any(n.startswith("train maskgit") for n in names) and "2 images, maskgit, 4 passes" in names
     for r in results["rows"]:
         for key in ("value", "low", "high", "seconds", "peak_memory_mb"):
             assert isinstance(r[key], float) and math.isfinite(r[key]) and r[key] > 0, (r["name"], key)
         assert r["low"] <= r["value"] <= r["high"]
     assert set(results["speedup"]["tiny"]) == {
-        "transformer: fast loop over naive", "pixelcnn: fast loop over naive",
-        "maskgit over the transformer's KV cache, 2 images", "maskgit over the transformer's naive loop, 2 images",
-        "maskgit over the transformer's KV cache, 1 image",
+        "transformer: static over cache", "transformer: cache over naive", "pixelcnn: cache over naive",
+        "maskgit over the transformer's cache, 2 images", "maskgit over the transformer's cache, 1 image",
     }
-    assert "1 image, transformer, fast" in names and "1 image, maskgit, 4 passes" in names
+    assert "1 image, transformer, cache" in names and "1 image, maskgit, 4 passes" in names
     table = capsys.readouterr().out
-    assert "tiny    sampling speed-up, maskgit over the transformer's KV cache, 1 image:" in table
+    assert "tiny    sampling speed-up, maskgit over the transformer's cache, 1 image:" in table
+
+
+def test_parts_and_priors_choose_what_is_timed(tmp_path):
+    out = tmp_path / "bench.json"
+    benchmark.main(["--configs", "tiny", "--repeats", "1", "--device", "cpu", "--parts", "sampling", "--priors", "transformer",
+                    "--json", str(out)])
+    names = [r["name"] for r in json.loads(out.read_text())["rows"]]
+    assert names == ["2 images, transformer, static", "2 images, transformer, cache", "2 images, transformer, naive",
+                     "1 image, transformer, cache"]
+    with pytest.raises(UserError, match="--parts sampling,speed names no known part; choose from data, stage1, stage2, sampling"):
+        benchmark.main(["--configs", "tiny", "--device", "cpu", "--parts", "sampling,speed"])
 
 
 def test_an_unknown_configuration_is_a_clear_error():

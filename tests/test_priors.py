@@ -72,7 +72,7 @@ def test_cached_and_uncached_generation_give_the_same_codes(kind):
     model = make_prior(kind, 2)
     for labels, guidance in ((None, 1.0), (torch.tensor([0, 1, 2]), 1.0), (torch.tensor([2, 2, 0]), 3.0)):
         fast = model.generate(3, labels, generator=torch.Generator().manual_seed(5), guidance=guidance)
-        slow = model.generate(3, labels, generator=torch.Generator().manual_seed(5), guidance=guidance, cached=False)
+        slow = model.generate(3, labels, generator=torch.Generator().manual_seed(5), guidance=guidance, decoding="naive")
         assert fast.shape == (3, H, W) and fast.dtype == torch.long
         assert torch.equal(fast, slow)
 
@@ -143,7 +143,7 @@ def test_the_pixelcnn_layer_cache_samples_what_the_whole_network_would(kernel, l
     model = GatedPixelCNN(K, 6, 7, num_classes=3, channels=16, layers=layers, kernel_size=kernel).eval()
     for labels, guidance in ((None, 1.0), (torch.tensor([0, 1, 2, 0, 1, 2]), 2.0)):
         fast = model.generate(6, labels, generator=torch.Generator().manual_seed(1), guidance=guidance)
-        slow = model.generate(6, labels, generator=torch.Generator().manual_seed(1), guidance=guidance, cached=False)
+        slow = model.generate(6, labels, generator=torch.Generator().manual_seed(1), guidance=guidance, decoding="naive")
         assert torch.equal(fast, slow)
 
 
