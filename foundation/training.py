@@ -319,7 +319,7 @@ def check_can_start(checkpoints: Checkpoints, config: LoopConfig, what: str) -> 
 # Flags that change what is logged, kept or evaluated, but not the weights a run trains.
 BOOKKEEPING_FLAGS = {"run_dir", "resume", "overwrite", "allow_changes", "log_every", "eval_every", "patience", "checkpoint_every",
                      "keep_checkpoints", "dump", "grid_images", "grid_samples", "guidance_scales", "guidance_samples",
-                     "num_workers"}  # how images are decoded, not which
+                     "num_workers", "compile"}  # how images are decoded or computed, not which
 
 
 def changed_flags(saved: dict, config) -> dict:
@@ -423,10 +423,14 @@ def set_up_training(
     # leave both with none.
     workers = loader_workers(config.num_workers, train_data, accelerator.num_processes)
     test_loader = eval_loader(test_data, config.batch_size * 4)
+    model.to(accelerator.device)
+    modules = [module.to(accelerator.device) for module, _ in companions]
     groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
     groups += [{"params": list(module.parameters()), "weight_decay": 0.0, **options} for module, options in companions]
-    modules = [module for module, _ in companions]
-    optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=betas, weight_decay=config.weight_decay)
+    # On CUDA one fused kernel updates every weight, where the default (foreach) launches a dozen
+    # and, under fp16, reads the scaler's overflow flag back to the host every step.
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=betas, weight_decay=config.weight_decay,
+                                  fused=accelerator.device.type == "cuda")
     if isinstance(train_data, StreamedImages):  # each process reads its own part; accelerate must not split it again
         if config.max_steps is None:
             raise UserError(f"--streaming reads a stream whose length is unknown; give --max-steps (e.g. {config.min_steps}, "

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # `make gpu-check`: one check of the CUDA paths on a machine with an NVIDIA GPU.
 #
-# It runs the tests that need CUDA, the whole job with its defaults (stage one, stage two,
-# `pipelines.sample --n 64`, `pipelines.evaluate`) and `pipelines.benchmark --device cuda`,
-# then writes every figure to one JSON: $GPU_CHECK_DIR/gpu_check.json.
+# It runs the tests that need CUDA, `pipelines.benchmark --device cuda` (small, and the large
+# maps' sampling), a profile of stage one's step, the whole job with its defaults (stage one,
+# stage two, `pipelines.sample --n 64`, `pipelines.evaluate`), then writes every figure and the
+# GPU targets, met or not, to one JSON: $GPU_CHECK_DIR/gpu_check.json.
 #
 # It works offline on a machine that has torch but not `datasets`: carry wheels of what is
 # missing in a folder and name it in $WHEELS (made elsewhere with
@@ -13,6 +14,8 @@
 #   GPU_CHECK_DIR   where the run, the logs and gpu_check.json go (default: runs/gpu_check)
 #   PYTHON          the interpreter (default: python3)
 #   STAGE1_FLAGS, STAGE2_FLAGS   extra flags for the two stages (e.g. "--max-steps 300")
+#   BENCHMARK_PARTS              the small benchmark's parts (default: data,stage1,stage2,sampling)
+#   COMPILED_STAGE1_FLAGS        if set (e.g. "--compile default"), stage one again with these flags
 set -euo pipefail
 
 python=${PYTHON:-python3}
@@ -51,47 +54,77 @@ mkdir -p "$out"
 seconds() { local start=$1; echo $(( $(date +%s) - start )); }
 launch=("$python" -m accelerate.commands.launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no)
 
-echo "gpu-check: CUDA tests"
-start=$(date +%s)
-tests_status=0
-"$python" -m pytest -q -m cuda -p no:cacheprovider tests > "$out/tests.log" 2>&1 || tests_status=$?
-tests_seconds=$(seconds "$start")
+# Each part runs whatever came before it failed: a one-off GPU session gets every figure it can.
+status=0
+part() {  # part NAME LOG COMMAND...: run, time, and record the exit status in $out/parts.txt
+    local name=$1 log=$2 start rc=0; shift 2
+    echo "gpu-check: $name"
+    start=$(date +%s)
+    "$@" > "$out/$log" 2>&1 || rc=$?
+    echo "$name $rc $(seconds "$start")" >> "$out/parts.txt"
+    [ "$rc" = 0 ] || { status=1; echo "gpu-check: $name failed ($rc); see $out/$log"; tail -n 5 "$out/$log"; }
+}
+: > "$out/parts.txt"
+part "CUDA tests" tests.log "$python" -m pytest -q -m cuda -p no:cacheprovider tests
 tail -n 1 "$out/tests.log"
-
-echo "gpu-check: stage one"
-start=$(date +%s)
+# The targets: 64 maps drawn by the transformer as CUDA graphs, small and large, and stage one's
+# training steps (eager, channels-last, compiled, with the discriminator).
+part "benchmark, small" benchmark.log "$python" -m pipelines.benchmark --device cuda --configs small \
+    --parts "${BENCHMARK_PARTS:-data,stage1,stage2,sampling}" --json "$out/benchmark.json"
+part "benchmark, large sampling" benchmark_large.log "$python" -m pipelines.benchmark --device cuda --configs large \
+    --parts sampling --priors transformer,maskgit --repeats 2 --json "$out/benchmark_large.json"
+part "profile of stage one's step" profile.log "$python" scripts/profile_stage_one.py --json "$out/profile.json"
 # shellcheck disable=SC2086
-"${launch[@]}" stage1_vqvae/train.py --run-dir "$run" --overwrite ${STAGE1_FLAGS:-} > "$out/stage1.log" 2>&1
-stage1_seconds=$(seconds "$start")
-echo "gpu-check: stage two"
-start=$(date +%s)
+part "stage one" stage1.log "${launch[@]}" stage1_vqvae/train.py --run-dir "$run" --overwrite ${STAGE1_FLAGS:-}
 # shellcheck disable=SC2086
-"${launch[@]}" stage2_prior/train.py --run-dir "$run" --overwrite ${STAGE2_FLAGS:-} > "$out/stage2.log" 2>&1
-stage2_seconds=$(seconds "$start")
-echo "gpu-check: sample --n 64, evaluate, benchmark"
-"$python" -m pipelines.sample --run-dir "$run" --n 64 --device cuda > "$out/sample.log" 2>&1
-"$python" -m pipelines.evaluate --run-dir "$run" --device cuda > "$out/evaluate.log" 2>&1
-"$python" -m pipelines.benchmark --device cuda --json "$out/benchmark.json" > "$out/benchmark.log" 2>&1
+part "stage two" stage2.log "${launch[@]}" stage2_prior/train.py --run-dir "$run" --overwrite ${STAGE2_FLAGS:-}
+part "sample --n 64" sample.log "$python" -m pipelines.sample --run-dir "$run" --n 64 --device cuda
+part "evaluate" evaluate.log "$python" -m pipelines.evaluate --run-dir "$run" --device cuda
+if [ -n "${COMPILED_STAGE1_FLAGS:-}" ]; then  # the same stage one compiled: does the compile pay for a default run?
+    # shellcheck disable=SC2086
+    part "stage one, $COMPILED_STAGE1_FLAGS" stage1_compiled.log "${launch[@]}" stage1_vqvae/train.py --run-dir "$out/compiled" \
+        --overwrite --no-dump ${STAGE1_FLAGS:-} $COMPILED_STAGE1_FLAGS
+fi
 
-"$python" - "$out" "$tests_status" "$tests_seconds" "$stage1_seconds" "$stage2_seconds" <<'EOF'
+"$python" - "$out" <<'EOF'
 import json, re, sys
 from pathlib import Path
 import torch
-out, tests_status, tests_seconds, stage1_seconds, stage2_seconds = Path(sys.argv[1]), *map(int, sys.argv[2:])
-last_line = lambda name: (out / name).read_text(errors="replace").strip().splitlines()[-1]
-sample_line = next(line for line in (out / "sample.log").read_text().splitlines() if line.startswith("Wrote"))
+out = Path(sys.argv[1])
+read = lambda name: json.loads((out / name).read_text()) if (out / name).exists() else None
+parts = {" ".join(line.split()[:-2]): {"status": int(line.split()[-2]), "seconds": int(line.split()[-1])}
+         for line in (out / "parts.txt").read_text().splitlines()}
+benchmarks = [b for b in (read("benchmark.json"), read("benchmark_large.json")) if b]
+rows = {(r["config"], r["name"]): r for b in benchmarks for r in b["rows"] if "failed" not in r}
+seconds = lambda config, name: rows[config, name]["seconds"] if (config, name) in rows else None
+training = {name: r["value"] for (config, name), r in rows.items()
+            if config == "small" and r["stage"] == "stage1" and name.startswith("train") and "discriminator" not in name
+            and not name.endswith("first step")}
+fastest = max(training, key=training.get) if training else None
+target = lambda value, limit, at_most: {"value": value, "target": limit, "met": value is not None and (value <= limit if at_most else value >= limit)}
+sample_lines = [line for line in (out / "sample.log").read_text().splitlines() if line.startswith("Wrote")] if (out / "sample.log").exists() else []
 figures = {
     "gpu": torch.cuda.get_device_name(0),
     "torch": torch.__version__,
-    "cuda_tests": {"passed": tests_status == 0, "summary": last_line("tests.log"), "seconds": tests_seconds},
-    "stage1_seconds": stage1_seconds,
-    "stage2_seconds": stage2_seconds,
-    "sample": {"line": sample_line, "seconds": float(re.search(r"in ([\d.]+) ?s", sample_line).group(1))},
-    "metrics": json.loads((out / "run" / "metrics.json").read_text()),
-    "benchmark": json.loads((out / "benchmark.json").read_text()),
+    "parts": parts,
+    "targets": {
+        "64 small images, transformer, graph (s)": target(seconds("small", "64 images, transformer, graph"), 0.05, True),
+        "64 large images, transformer, graph (s)": target(seconds("large", "64 images, transformer, graph"), 2.0, True),
+        f"stage one small, fastest step ({fastest}), images/s": target(training.get(fastest), 30000, False),
+        "64 small images, maskgit (s)": {"value": seconds("small", "64 images, maskgit, 4 passes")},
+        "64 large images, maskgit (s)": {"value": seconds("large", "64 images, maskgit, 4 passes")},
+    },
+    "stage_one_steps": {name: r["value"] for (config, name), r in rows.items() if config == "small" and r["stage"] == "stage1"},
+    "sample": {"line": sample_lines[0], "seconds": float(re.search(r"in ([\d.]+) ?s", sample_lines[0]).group(1))} if sample_lines else None,
+    "metrics": read("run/metrics.json"),
+    "profile": read("profile.json"),
+    "benchmark": benchmarks,
 }
 (out / "gpu_check.json").write_text(json.dumps(figures, indent=2) + "\n")
-print(f"gpu-check: {figures['gpu']}: CUDA tests {'passed' if tests_status == 0 else 'FAILED'}, "
-      f"stage one {stage1_seconds}s, stage two {stage2_seconds}s; figures in {out / 'gpu_check.json'}")
-sys.exit(0 if tests_status == 0 else 1)
+print(f"gpu-check: {figures['gpu']}: " + ", ".join(f"{name} {'ok' if part['status'] == 0 else 'FAILED'} ({part['seconds']}s)"
+                                                  for name, part in parts.items()))
+for name, result in figures["targets"].items():
+    print(f"  {name}: {result['value']}" + (f" (target {result['target']}: {'met' if result['met'] else 'NOT met'})" if "target" in result else ""))
+print(f"figures in {out / 'gpu_check.json'}")
 EOF
+exit $status

@@ -34,7 +34,8 @@ def augment_pairs(real: torch.Tensor, fake: torch.Tensor, policy=POLICIES, p: fl
         both = recolour(both, *paired(colour_draws(batch, device)), chosen())
     if "translation" in policy:
         keep = chosen().long()
-        both = translate(both, *[shift * keep for shift in paired(shift_draws(batch, height, width, device))])
+        both = translate(both, *[shift * keep for shift in paired(shift_draws(batch, height, width, device))],
+                         pad=max(largest_shift(height), largest_shift(width)))
     if "cutout" in policy:
         both = cut_out(both, *paired(corner_draws(batch, height, width, device)), chosen())
     return both.chunk(2)
@@ -56,16 +57,23 @@ def recolour(images, brightness, saturation, contrast, chosen):
     return (images - mean) * per_image(contrast, 1.0) + mean
 
 
-def shift_draws(batch: int, height: int, width: int, device, ratio: float = 0.125) -> tuple[torch.Tensor, torch.Tensor]:
-    """Whole-pixel shifts of up to an eighth of each side, the same range as DiffAugment's."""
-    dy, dx = max(1, int(height * ratio + 0.5)), max(1, int(width * ratio + 0.5))
+def largest_shift(side: int) -> int:
+    """An eighth of the side, the same range as DiffAugment's."""
+    return max(1, int(side * 0.125 + 0.5))
+
+
+def shift_draws(batch: int, height: int, width: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Whole-pixel shifts of up to `largest_shift` of each side."""
+    dy, dx = largest_shift(height), largest_shift(width)
     return torch.randint(-dy, dy + 1, (batch,), device=device), torch.randint(-dx, dx + 1, (batch,), device=device)
 
 
-def translate(images, dy, dx):
-    """Shift each image by (dy, dx) whole pixels, filling what comes in with grey."""
+def translate(images, dy, dx, pad: int | None = None):
+    """Shift each image by (dy, dx) whole pixels, filling what comes in with grey. `pad`: at
+    least the largest shift; given, nothing waits to read the shifts back from the GPU."""
     batch, _, height, width = images.shape
-    pad = int(max(dy.abs().max(), dx.abs().max()))
+    if pad is None:
+        pad = int(max(dy.abs().max(), dx.abs().max()))
     if pad == 0:
         return images
     padded = F.pad(images, [pad, pad, pad, pad], value=GRAY)

@@ -20,6 +20,11 @@ from torch import nn
 from stage1_vqvae.distributed import all_reduce_sum, is_distributed
 
 
+# Where a host that waits for the device costs time. On a CPU the restart draws only for the dead
+# codes, as it always has, so runs there keep their random stream.
+RESTART_WITHOUT_A_STALL = {"cuda"}
+
+
 @dataclass
 class QuantizerOutput:
     quantized: torch.Tensor  # [B, D, h, w], straight-through: gradients flow to the encoder
@@ -91,7 +96,8 @@ class VectorQuantizer(nn.Module):
         batch, _, height, width = z.shape
         flat = rearrange(z, "b d h w -> (b h w) d").float()
         indices = self.nearest(flat)
-        counts = torch.bincount(indices, minlength=self.codebook_size).float()
+        # (bincount on CUDA reads the largest index back to the host: a stall every step)
+        counts = torch.zeros(self.codebook_size, device=flat.device).index_add_(0, indices, torch.ones_like(flat[:, 0]))
         if self.training:  # the EMA and restarts need every rank's counts; evaluation never waits on other ranks
             counts = all_reduce_sum(counts)
 
@@ -151,6 +157,8 @@ class VectorQuantizer(nn.Module):
         self.steps_unused.add_(1).masked_fill_(counts > 0, 0)
         if self.dead_code_steps <= 0:
             return
+        if flat.device.type in RESTART_WITHOUT_A_STALL:
+            return self._restart_without_a_stall(flat)
         dead = (self.steps_unused >= self.dead_code_steps).nonzero().squeeze(1)
         if dead.numel() == 0:
             return
@@ -163,3 +171,18 @@ class VectorQuantizer(nn.Module):
         self.embed_avg[dead] = replacements
         self.cluster_size[dead] = 1.0
         self.steps_unused[dead] = 0
+
+    @torch.no_grad()
+    def _restart_without_a_stall(self, flat: torch.Tensor) -> None:
+        """The same restart with no step that waits for the GPU: finding which codes are dead
+        (`nonzero`) reads back to the host, and the host then idles until the GPU has caught up,
+        every step. Here every code draws a candidate and only the dead ones take it."""
+        dead = (self.steps_unused >= self.dead_code_steps)[:, None]
+        choice = torch.randint(0, flat.shape[0], (self.codebook_size,), device=flat.device)
+        replacements = self._normalized(flat[choice]).contiguous()
+        if is_distributed():
+            dist.broadcast(replacements, src=0)
+        self.codebook.data.copy_(torch.where(dead, replacements, self.codebook.data))
+        self.embed_avg.copy_(torch.where(dead, replacements, self.embed_avg))
+        self.cluster_size.masked_fill_(dead[:, 0], 1.0)
+        self.steps_unused.masked_fill_(dead[:, 0], 0)

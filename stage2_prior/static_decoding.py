@@ -86,7 +86,8 @@ class StaticDecoder:
                 self.step(prior)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph), torch.autocast(**autocast):
+        # thread_local: a loader's pinning thread may work on the GPU meanwhile
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"), torch.autocast(**autocast):
             self.step(prior)
         self.graph = graph
 
@@ -119,7 +120,7 @@ def decode_static(prior, labels, n, uniforms, temperature, top_k, top_p, guidanc
     dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else torch.float32
     # The weights' addresses: a prior moved to another device, or loaded anew, needs a new capture.
     weights = tuple(t.data_ptr() for t in itertools.chain(prior.parameters(), prior.buffers()))
-    key = (len(labels), n, top_k, top_p, guidance != 1.0, device, dtype, weights)
+    key = (len(labels), n, top_k, top_p, guidance != 1.0, device, dtype, prior.training, weights)  # training: dropout
     with torch.inference_mode():  # the buffers outlive this call; they are only ever used in here
         held = _decoders.get(prior)
         if held is None or held[0] != key:

@@ -12,6 +12,7 @@ import torch
 from pipelines import VQPipeline, benchmark, evaluate, sample
 from stage1_vqvae import train as stage_one
 from stage1_vqvae.quantizer import VectorQuantizer
+from stage2_prior import static_decoding
 from stage2_prior import train as stage_two
 from tests.conftest import TINY_MODEL, reset_accelerate_state
 from tests.test_maskgit import H, K, W, make_maskgit
@@ -39,6 +40,36 @@ def test_cached_sampling_on_the_gpu_draws_the_codes_of_the_whole_network(kind):
     fast = model.generate(3, labels, generator=torch.Generator("cuda").manual_seed(5), guidance=2.0)
     slow = model.generate(3, labels, generator=torch.Generator("cuda").manual_seed(5), guidance=2.0, decoding="naive")
     assert fast.device.type == "cuda" and torch.equal(fast, slow)
+
+
+@pytest.mark.parametrize("n", [1, 7])
+@pytest.mark.parametrize("guidance", [1.0, 2.0])
+def test_the_captured_graph_draws_the_codes_of_the_uncaptured_steps(n, guidance):
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    model = make_prior("transformer+inputs", 2).cuda()
+    labels = torch.arange(n, device="cuda") % 3
+    draw = lambda decoding, seed=5, **options: model.generate(
+        n, labels, generator=torch.Generator("cuda").manual_seed(seed), guidance=guidance, decoding=decoding, **options)
+    graph = draw("graph")
+    decoder = static_decoding._decoders[model][1]
+    assert decoder.graph is not None and not decoder.capture_failed
+    assert torch.equal(graph, draw("static")) and torch.equal(graph, draw("cache"))
+    again = draw("graph", seed=6, temperature=0.8, top_k=6)  # top-k is part of the key: a capture of its own
+    assert torch.equal(again, draw("static", seed=6, temperature=0.8, top_k=6))
+    assert torch.equal(draw("graph", seed=7, temperature=0.5), draw("cache", seed=7, temperature=0.5))  # temperature: read by the graph
+    assert static_decoding._decoders[model][1].graph is not None
+    with torch.autocast("cuda", dtype=torch.bfloat16):  # as pipelines.sample decodes: the graph and its eager steps agree
+        assert torch.equal(draw("graph"), draw("static"))
+
+
+def test_the_graph_is_captured_once_and_kept_for_the_next_call():
+    model = make_prior("transformer", 2).cuda()
+    model.generate(4, decoding="graph")
+    first = static_decoding._decoders[model][1].graph
+    model.generate(4, 1, decoding="graph", guidance=1.0)
+    assert static_decoding._decoders[model][1].graph is first
+    model.generate(5, decoding="graph")  # another batch size: another capture
+    assert static_decoding._decoders[model][1].graph is not first
 
 
 def test_maskgit_on_the_gpu_is_seeded_and_keeps_the_known_codes():

@@ -2,8 +2,10 @@ import copy
 import json
 import subprocess
 
+import pytest
 import torch
 
+from stage1_vqvae import quantizer as quantizer_module
 from stage1_vqvae.quantizer import VectorQuantizer
 from tests.conftest import REPO, accelerate_command, cpu_env
 
@@ -67,7 +69,11 @@ def test_one_ema_step_equals_the_formula_written_out():
     assert torch.allclose(quantizer.codebook, avg / smoothed[:, None], atol=1e-6)
 
 
-def test_a_dead_code_is_restarted_from_encoder_outputs():
+@pytest.mark.parametrize("without_a_stall", [False, True])
+def test_a_dead_code_is_restarted_from_encoder_outputs(without_a_stall, monkeypatch):
+    """Both ways: the CPU's, and the CUDA one that never reads back to the host (run here on the CPU)."""
+    if without_a_stall:
+        monkeypatch.setattr(quantizer_module, "RESTART_WITHOUT_A_STALL", {"cpu"})
     quantizer = VectorQuantizer(codebook_size=4, dim=2, dead_code_steps=3).train()
     quantizer.steps_unused.zero_()
     quantizer.codebook.data = torch.tensor([[0.0, 0.0], [100.0, 100.0], [-100.0, 100.0], [100.0, -100.0]])
@@ -80,6 +86,8 @@ def test_a_dead_code_is_restarted_from_encoder_outputs():
         distances = (flat - quantizer.codebook[code]).norm(dim=1)
         assert distances.min() < 1e-6, f"code {code} was not re-seeded from an encoder output"
     assert quantizer.steps_unused[1:].eq(0).all()
+    assert torch.equal(quantizer.embed_avg[1:], quantizer.codebook.data[1:]) and quantizer.cluster_size[1:].eq(1).all()
+    assert quantizer.cluster_size[0] > 1.1  # the live code kept its EMA count: it was not restarted
 
 
 def test_two_ddp_processes_end_with_identical_codebooks(tmp_path):
