@@ -16,6 +16,7 @@
 #   STAGE1_FLAGS, STAGE2_FLAGS   extra flags for the two stages (e.g. "--max-steps 300")
 #   BENCHMARK_PARTS              the small benchmark's parts (default: data,stage1,stage2,sampling)
 #   COMPILED_STAGE1_FLAGS        if set (e.g. "--compile default"), stage one again with these flags
+#   TESTS_TIMEOUT                seconds the CUDA tests may take (default 900)
 set -euo pipefail
 
 python=${PYTHON:-python3}
@@ -65,7 +66,7 @@ part() {  # part NAME LOG COMMAND...: run, time, and record the exit status in $
     [ "$rc" = 0 ] || { status=1; echo "gpu-check: $name failed ($rc); see $out/$log"; tail -n 5 "$out/$log"; }
 }
 : > "$out/parts.txt"
-part "CUDA tests" tests.log "$python" -m pytest -q -m cuda -p no:cacheprovider tests
+part "CUDA tests" tests.log timeout "${TESTS_TIMEOUT:-900}" "$python" -m pytest -q -m cuda -p no:cacheprovider tests
 tail -n 1 "$out/tests.log"
 # The targets: 64 maps drawn by the transformer as CUDA graphs, small and large, and stage one's
 # training steps (eager, channels-last, compiled, with the discriminator).
