@@ -20,6 +20,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from foundation.captured_step import CapturedStep
 from foundation.data import StreamedImages, collate_batches, eval_loader
 from foundation.errors import UserError
 from foundation.estimate import TimeLeft
@@ -466,7 +467,8 @@ def set_up_training(
 def run_training_loop(
     accelerator: Accelerator, config: LoopConfig, setup: TrainingSetup, checkpoints: Checkpoints,
     train_step, evaluate, desc: str, after_step=None, hint: str = "", estimate_also_at: tuple[int, ...] = (),
-) -> None:
+    graph_key=None,
+) -> CapturedStep | None:
     """The loop both stages share: accumulate, clip, step, log, evaluate, checkpoint.
 
     `train_step(batch)` returns (loss, metrics to log, items in the batch); `evaluate(step)`
@@ -475,21 +477,34 @@ def run_training_loop(
     the loop saves a checkpoint and ends there, and a resumed run stays stopped. `after_step(step)`, where given,
     runs after every optimizer step (an EMA of the weights follows them there). After a few
     steps, and again after each step of `estimate_also_at` (where the pace changes), it prints
-    the time left at that pace, and `hint`: what would shorten it.
+    the time left at that pace, and `hint`: what would shorten it. With `graph_key(step)` (what
+    the step computes at `step`, as far as Python decides it), forward and backward are replayed
+    as a CUDA graph (captured_step.py); the CapturedStep is returned, to say how it went.
     """
     model, optimizer, scheduler, state, steps = setup.model, setup.optimizer, setup.scheduler, setup.state, setup.steps
     progress = tqdm(total=steps, initial=state["step"], desc=desc, disable=not accelerator.is_main_process)
     model.train()
     seen, clock = 0, time.time()
     time_left = TimeLeft(state["step"], steps, hint, estimate_also_at)
+
+    def forward_backward(batch):
+        loss, metrics, items = train_step(batch)
+        accelerator.backward(loss)
+        if config.grad_clip and accelerator.sync_gradients:  # the model's gradients only, not its companions'
+            accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
+        return loss, metrics, items
+
+    captured = None
+    if graph_key is not None:
+        captured = CapturedStep(forward_backward, [p for group in optimizer.param_groups for p in group["params"]])
     for epoch, batch in batches_from(accelerator, setup.train_loader, state["step"], config.gradient_accumulation_steps):
         if state["step"] >= steps or "stopped" in state:
             break
         with accelerator.accumulate(model, *setup.companions):
-            loss, metrics, items = train_step(batch)
-            accelerator.backward(loss)
-            if config.grad_clip and accelerator.sync_gradients:  # the model's gradients only, not its companions'
-                accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
+            if captured is not None:
+                loss, metrics, items = captured(batch, graph_key(state["step"]))
+            else:
+                loss, metrics, items = forward_backward(batch)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         seen += items * accelerator.num_processes
@@ -505,7 +520,7 @@ def run_training_loop(
             progress.write(f"{desc}: {estimate}")
         if step % config.log_every == 0 or step == steps:
             metrics = {f"train/{k}": (v.item() if torch.is_tensor(v) else v) for k, v in metrics.items()}
-            metrics.update({"train/lr": scheduler.get_last_lr()[0], "train/items_per_s": seen / (time.time() - clock), "epoch": epoch})
+            metrics.update({"train/lr": float(scheduler.get_last_lr()[0]), "train/items_per_s": seen / (time.time() - clock), "epoch": epoch})
             setup.log.log(metrics, step)
             progress.set_postfix({k[6:]: f"{v:.4g}" for k, v in metrics.items() if k.startswith("train/") and k != "train/lr"}, refresh=False)
             seen, clock = 0, time.time()
@@ -521,4 +536,5 @@ def run_training_loop(
             seen, clock = 0, time.time()  # throughput counts training only
             time_left.resume()
     progress.close()
+    return captured
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
+from foundation.captured_step import CapturedStep
 from foundation.cli import parse_config
 from foundation.data import DataConfig, StreamedImages, collate_batches, from_hf_dataset, from_streams
 from foundation.errors import UserError, run_cli
@@ -205,26 +206,30 @@ def data_rows(name, sizes, timer) -> list[dict]:
 
 
 def stage_one_rows(name, sizes, device, timer, autocast_modes) -> list[dict]:
-    """Training steps as stage one takes them (AdamW fused on CUDA, as the training loop builds
-    it): the VQ-VAE alone in each precision; on CUDA also channels-last and compiled (each
-    compile's first step, which pays for it, timed apart); and with the discriminator's terms
-    and its update, the adversarial phase's step."""
+    """Training steps as stage one takes them (gradients clipped, AdamW fused on CUDA): the
+    VQ-VAE alone in each precision; on CUDA also replayed as a CUDA graph (as training does
+    there), channels-last and compiled (each compile's first step, which pays for it, timed
+    apart); and with the discriminator's terms and its update, the adversarial phase's step."""
     rows, channels_last = [], torch.channels_last
     images = torch.rand(sizes["train_batch"], sizes["channels"], sizes["image_size"], sizes["image_size"], device=device)
-    best_precision = autocast_modes[-1]
+    best_label, best_dtype = autocast_modes[-1]
     variants = [(f"train {label}", dtype, {}) for label, dtype in autocast_modes]
     if device.type == "cuda":
-        label, dtype = best_precision
-        variants += [(f"train {label}, channels-last", dtype, dict(memory_format=channels_last)),
-                     (f"train {label}, compiled", dtype, dict(compile="default")),
-                     (f"train {label}, compiled reduce-overhead", dtype, dict(compile="reduce-overhead"))]
-    variants.append((f"train {best_precision[0]} with the discriminator", best_precision[1], dict(discriminator=True)))
+        variants += [(f"train {best_label}, CUDA graph", best_dtype, dict(graph=True)),
+                     (f"train {best_label}, channels-last", best_dtype, dict(memory_format=channels_last)),
+                     (f"train {best_label}, compiled", best_dtype, dict(compile="default")),
+                     (f"train {best_label}, compiled reduce-overhead", best_dtype, dict(compile="reduce-overhead"))]
+    variants.append((f"train {best_label} with the discriminator", best_dtype, dict(discriminator=True)))
+    if device.type == "cuda":
+        variants.append((f"train {best_label} with the discriminator, CUDA graph", best_dtype, dict(discriminator=True, graph=True)))
     for what, dtype, options in variants:
         try:
             step = stage_one_step(sizes, device, images, dtype, **options)
             if "compile" in options:
                 rows.append(row(name, "stage1", f"{what}, first step", "images/s", len(images), Timer(device, 1, warmup=0)(step)))
-            rows.append(row(name, "stage1", what, "images/s", len(images), timer(step)))
+            # a graph is captured after the training loop's warm-up steps: time the replays
+            timing = Timer(device, timer.repeats, warmup=CapturedStep.WARMUP + 2)(step) if "graph" in options else timer(step)
+            rows.append(row(name, "stage1", what, "images/s", len(images), timing))
         except Exception as error:  # noqa: BLE001  (a figure that cannot be had is reported, the others still measured)
             rows.append({"config": name, "stage": "stage1", "name": what, "failed": f"{type(error).__name__}: {error}"[:300]})
     model = build_vqvae(sizes, device).eval()
@@ -234,7 +239,8 @@ def stage_one_rows(name, sizes, device, timer, autocast_modes) -> list[dict]:
     return rows
 
 
-def stage_one_step(sizes, device, images, dtype, memory_format=torch.contiguous_format, compile=None, discriminator=False):
+def stage_one_step(sizes, device, images, dtype, memory_format=torch.contiguous_format, compile=None, discriminator=False,
+                   graph=False):
     """One optimizer step of a fresh VQ-VAE (and discriminator) on `images`, as a function."""
     from stage1_vqvae.gan_loss import GANLoss, LossConfig, build_discriminator
 
@@ -254,11 +260,21 @@ def stage_one_step(sizes, device, images, dtype, memory_format=torch.contiguous_
     optimizer = torch.optim.AdamW(groups, lr=1e-4, fused=device.type == "cuda")
     last_layer = model.decoder[-1].weight
 
-    def train_step():
+    def forward_backward(batch):
         with autocast():
-            output = model(images)
-        total, _ = loss(images, output.reconstruction.float(), last_layer, step=0)
+            output = model(batch["images"])
+        total, _ = loss(batch["images"], output.reconstruction.float(), last_layer, step=0)
         (total + output.quantizer.loss).backward()
+        torch.nn.utils.clip_grad_norm_(groups[0]["params"], 1.0)
+        return total
+
+    captured = CapturedStep(forward_backward, [p for group in groups for p in group["params"]]) if graph else None
+
+    def train_step():
+        if captured is not None:
+            captured({"images": images}, key=0)
+        else:
+            forward_backward({"images": images})
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 

@@ -114,20 +114,24 @@ class AdaptiveProbability:
     half the real patches above it, whatever its offset."""
 
     def __init__(self, target: float = 0.6, images_to_full: int = 20_000):
-        self.target, self.images_to_full, self.p = target, images_to_full, 0.0
+        # p is a tensor on the logits' device, updated there: reading it back every step would
+        # make the host wait for the GPU (and a CUDA graph cannot hold such a read). Kept in
+        # float64, the arithmetic is the one Python floats did.
+        self.target, self.images_to_full, self.p = target, images_to_full, torch.zeros((), dtype=torch.float64)
 
     def update(self, real_logits: torch.Tensor, fake_logits: torch.Tensor) -> None:
         real, fake = real_logits.detach().float(), fake_logits.detach().float()
+        count = lambda x: x.new_full((), float(x.numel()))  # noqa: E731  (a fill on the device, not a copy from the host)
         # summed over every process, so that every process moves p alike
-        fake_sum, fake_count = all_reduce_sum(torch.stack([fake.sum(), torch.tensor(float(fake.numel()), device=fake.device)])).tolist()
+        fake_sum, fake_count = all_reduce_sum(torch.stack([fake.sum(), count(fake)])).double()
         above, patches, images = all_reduce_sum(torch.stack([
-            (real > fake_sum / fake_count).sum().float(), torch.tensor(float(real.numel()), device=real.device),
-            torch.tensor(float(len(real)), device=real.device)])).tolist()
+            (real > fake_sum / fake_count).sum().float(), count(real), real.new_full((), float(len(real)))])).double()
         step = images / self.images_to_full
-        self.p = min(1.0, max(0.0, self.p + (step if above / patches > self.target else -step)))
+        self.p = self.p.to(real.device)  # once; from then on p changes in place, where a CUDA graph reads it
+        self.p.copy_((self.p + torch.where(above / patches > self.target, step, -step)).clamp(0.0, 1.0))
 
     def state_dict(self) -> dict:
-        return {"p": self.p}
+        return {"p": float(self.p)}
 
     def load_state_dict(self, state: dict) -> None:
-        self.p = state["p"]
+        self.p = torch.tensor(float(state["p"]), dtype=torch.float64)

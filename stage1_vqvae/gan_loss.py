@@ -91,6 +91,14 @@ class GANLoss:
         head_start = self.config.disc_head_start or 0  # None where no one chose (stage one's main chooses)
         return self.discriminator is not None and step >= self.config.disc_start - head_start
 
+    def phase(self, step: int) -> tuple:
+        """What a step computes at `step`, as far as Python decides it: a CUDA graph of the step
+        holds for as long as this stays the same (the discriminator's start, the decoder's
+        reading it, R1's steps, the ramp)."""
+        config = self.config
+        with_r1 = self.active(step) and config.r1_weight > 0 and step % config.r1_every == 0
+        return self.active(step), step >= config.disc_start, with_r1, self.ramp(step) if step >= config.disc_start else 0.0
+
     def ramp(self, step: int) -> float:
         """How much of the decoder's GAN terms counts at `step`: a discriminator that has just
         started has random features, and a full-strength pull towards them jolts the codebook."""
@@ -110,7 +118,7 @@ class GANLoss:
         if config.disc_augment != "none":
             p = self.adaptive.p if self.adaptive is not None else 1.0
             real, fake = augment_pairs(images, reconstruction, p=p)
-            metrics["augment_p"] = torch.tensor(p)
+            metrics["augment_p"] = torch.as_tensor(p, dtype=torch.float32)
         disc_loss, real_features = self.discriminator_loss(real, fake.detach(), step, metrics)
         if step < config.disc_start:
             return loss + disc_loss, metrics

@@ -19,7 +19,6 @@ from torch import nn
 
 from stage1_vqvae.distributed import all_reduce_sum, is_distributed
 
-
 # Where a host that waits for the device costs time. On a CPU the restart draws only for the dead
 # codes, as it always has, so runs there keep their random stream.
 RESTART_WITHOUT_A_STALL = {"cuda"}

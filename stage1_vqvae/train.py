@@ -61,6 +61,9 @@ class TrainConfig(LoopConfig, DataConfig, ModelConfig, LossConfig):
         "help": "compile the encoder, decoder and discriminator with torch.compile (reduce-overhead: also as CUDA graphs); "
                 "it costs a minute or more before the first step, so it pays on long runs on a GPU",
         "choices": ["off", "default", "reduce-overhead"]})
+    cuda_graph: bool = field(default=True, metadata={
+        "help": "on one CUDA GPU, replay each training step's forward and backward pass as a CUDA graph (--no-cuda-graph: "
+                "launch every kernel; the graph needs one process, no gradient accumulation and no fp16)"})
     dump: bool = field(default=True, metadata={"help": "write the code maps at the end"})
     grid_images: int = field(default=16, metadata={"help": "test images in each reconstruction grid"})
 
@@ -207,13 +210,19 @@ def main(argv=None):
     after_step = (lambda step: update_average(average, unwrapped)) if average is not None else None
     # the discriminator's own steps start at disc_start - head_start, the decoder's GAN terms at disc_start
     pace_changes = (config.disc_start - head_start, config.disc_start) if discriminator is not None else ()
-    run_training_loop(accelerator, config, setup, checkpoints, train_step, evaluate, "stage one", after_step,
-                      hint=f"--max-steps {setup.steps // 2} halves it", estimate_also_at=pace_changes)
+    graphed = (config.cuda_graph and accelerator.device.type == "cuda" and accelerator.num_processes == 1
+               and config.gradient_accumulation_steps == 1 and accelerator.mixed_precision != "fp16")
+    captured = run_training_loop(accelerator, config, setup, checkpoints, train_step, evaluate, "stage one", after_step,
+                                 hint=f"--max-steps {setup.steps // 2} halves it", estimate_also_at=pace_changes,
+                                 graph_key=loss.phase if graphed else None)
 
     if accelerator.is_main_process:
         save_pretrained_atomic(unwrapped, stage_dir / "final")
     accelerator.wait_for_everyone()
     summary = f"test mse {state['best_mse']:.5f} of the weights kept in {stage_dir}"
+    if captured is not None:
+        summary += (f", steps replayed as CUDA graphs ({captured.captures} captured)" if not captured.failed
+                    else ", steps run without a CUDA graph (its capture failed)")
     if config.dump:
         best = type(kept).from_pretrained(str(stage_dir)).to(accelerator.device)
         summary += f", code maps in {dump(accelerator, best, data, run_dir)}"

@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from pipelines import VQPipeline, benchmark, evaluate, sample
 from stage1_vqvae import train as stage_one
@@ -94,6 +95,33 @@ def test_both_stages_train_sample_and_evaluate_on_the_gpu(tiny_fashion, tmp_path
     assert pipe.device.type == "cuda" and np.array_equal(pipe(n=20).codes.numpy(), np.load(tmp_path / "samples" / "codes.npy"))
     metrics = evaluate.evaluate_run(evaluate.EvaluateConfig(run_dir=str(tmp_path), n=8, batch_size=8, device="cuda", inception="off"))
     assert metrics["device"].startswith("cuda") and metrics["samples"]["fd"] >= 0
+
+
+def test_stage_one_replayed_as_cuda_graphs_trains_as_the_eager_loop(tiny_fashion, tmp_path, capsys):
+    """Nothing random in these steps (no discriminator, no restarts), so the two runs differ only
+    by the GPU's order of floating-point sums."""
+    flags = [*TINY_MODEL, "--disc-start", "-1", "--dead-code-steps", "0", "--max-steps", "12", "--eval-every", "100",
+             "--no-dump", "--mixed-precision", "no"]
+    stage_one.main(["--run-dir", str(tmp_path / "eager"), *flags, "--no-cuda-graph"])
+    reset_accelerate_state()
+    stage_one.main(["--run-dir", str(tmp_path / "graph"), *flags])
+    out = capsys.readouterr().out
+    assert "steps replayed as CUDA graphs (1 captured)" in out and out.count("CUDA graph") == 1
+    eager, graph = (load_file(tmp_path / run / "vqvae" / "final" / "model.safetensors") for run in ("eager", "graph"))
+    difference = sum((graph[name].float() - eager[name].float()).norm() ** 2 for name in eager) ** 0.5
+    size = sum(eager[name].float().norm() ** 2 for name in eager) ** 0.5
+    assert difference / size < 1e-3, difference / size
+
+
+def test_stage_one_with_the_discriminator_is_captured_again_when_its_phase_changes(tiny_fashion, tmp_path, capsys):
+    stage_one.main(["--run-dir", str(tmp_path), *TINY_MODEL, "--disc-start", "6", "--disc-head-start", "0", "--disc-channels", "8",
+                    "--max-steps", "12",
+                    "--eval-every", "100", "--no-dump", "--log-every", "1"])
+    assert "steps replayed as CUDA graphs (2 captured)" in capsys.readouterr().out
+    log = [json.loads(line) for line in (tmp_path / "vqvae" / "log.jsonl").read_text().splitlines()]
+    adversarial = [entry for entry in log if "train/disc_loss" in entry]
+    assert len(adversarial) == 6 and all(np.isfinite(entry["train/disc_loss"]) for entry in adversarial)
+    assert len({entry["train/disc_loss"] for entry in adversarial}) == 6  # every replay computed its own step
 
 
 def test_the_benchmark_times_the_gpu(tmp_path):
