@@ -15,7 +15,6 @@
 #   PYTHON          the interpreter (default: python3)
 #   STAGE1_FLAGS, STAGE2_FLAGS   extra flags for the two stages (e.g. "--max-steps 300")
 #   BENCHMARK_PARTS              the small benchmark's parts (default: data,stage1,stage2,sampling)
-#   COMPILED_STAGE1_FLAGS        if set (e.g. "--compile default"), stage one again with these flags
 #   TESTS_TIMEOUT                seconds the CUDA tests may take (default 900)
 set -euo pipefail
 
@@ -81,11 +80,6 @@ part "stage one" stage1.log "${launch[@]}" stage1_vqvae/train.py --run-dir "$run
 part "stage two" stage2.log "${launch[@]}" stage2_prior/train.py --run-dir "$run" --overwrite ${STAGE2_FLAGS:-}
 part "sample --n 64" sample.log "$python" -m pipelines.sample --run-dir "$run" --n 64 --device cuda
 part "evaluate" evaluate.log "$python" -m pipelines.evaluate --run-dir "$run" --device cuda
-if [ -n "${COMPILED_STAGE1_FLAGS:-}" ]; then  # the same stage one compiled: does the compile pay for a default run?
-    # shellcheck disable=SC2086
-    part "stage one, $COMPILED_STAGE1_FLAGS" stage1_compiled.log "${launch[@]}" stage1_vqvae/train.py --run-dir "$out/compiled" \
-        --overwrite --no-dump ${STAGE1_FLAGS:-} $COMPILED_STAGE1_FLAGS
-fi
 
 "$python" - "$out" <<'EOF'
 import json, re, sys

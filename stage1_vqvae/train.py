@@ -57,10 +57,6 @@ class TrainConfig(LoopConfig, DataConfig, ModelConfig, LossConfig):
                                                                         "discriminator (0: no; default: 100 below 10,000 train "
                                                                         "images of at most 32 pixels, else 0)"})
     ema_decay: float = field(default=0.0, metadata={"help": "keep an EMA of the weights with this decay and export it (0: the trained weights)"})
-    compile: str = field(default="off", metadata={
-        "help": "compile the encoder, decoder and discriminator with torch.compile (reduce-overhead: also as CUDA graphs); "
-                "it costs a minute or more before the first step, so it pays on long runs on a GPU",
-        "choices": ["off", "default", "reduce-overhead"]})
     cuda_graph: bool = field(default=True, metadata={
         "help": "on one CUDA GPU, replay each training step's forward and backward pass as a CUDA graph (--no-cuda-graph: "
                 "launch every kernel; the graph needs one process, no gradient accumulation and no fp16)"})
@@ -157,10 +153,6 @@ def main(argv=None):
     model = build_model(config, data.channels).to(accelerator.device)
     average = weight_average(model, config.ema_decay) if config.ema_decay > 0 else None
     discriminator = build_discriminator(config, data.channels)
-    if config.compile != "off":  # in place: the weights keep their names in checkpoints and exports
-        for network in (model.encoder, model.decoder, discriminator):
-            if network is not None:
-                network.compile(mode=None if config.compile == "default" else config.compile)
     companions = [(discriminator, {"lr": config.disc_lr, "betas": (0.5, 0.9), "scheduled": config.disc_lr_decay})] if discriminator is not None else []
     loss = GANLoss(config, None, lpips_network, accelerator.autocast)
     checkpointed = [holder for holder in (average, loss.adaptive) if holder is not None]  # restored on --resume
