@@ -68,7 +68,7 @@ part() {  # part NAME LOG COMMAND...: run, time, and record the exit status in $
 part "CUDA tests" tests.log timeout "${TESTS_TIMEOUT:-900}" "$python" -m pytest -q -m cuda -p no:cacheprovider tests
 tail -n 1 "$out/tests.log"
 # The targets: 64 maps drawn by the transformer as CUDA graphs, small and large, and stage one's
-# training steps (eager, channels-last, compiled, with the discriminator).
+# training steps (eager, as CUDA graphs, channels-last, compiled, with the discriminator).
 part "benchmark, small" benchmark.log "$python" -m pipelines.benchmark --device cuda --configs small \
     --parts "${BENCHMARK_PARTS:-data,stage1,stage2,sampling}" --json "$out/benchmark.json"
 part "benchmark, large sampling" benchmark_large.log "$python" -m pipelines.benchmark --device cuda --configs large \
