@@ -59,6 +59,9 @@ class LoopConfig:
     keep_checkpoints: int = field(default=2, metadata={"help": "how many checkpoints to keep"})
     resume: bool = field(default=False, metadata={"help": "continue from the newest checkpoint"})
     allow_changes: bool = field(default=False, metadata={"help": "with --resume: continue although flags differ from the run's (it is then no longer exact)"})
+    cuda_graph: bool = field(default=True, metadata={
+        "help": "on one CUDA GPU, replay each training step's forward and backward pass as a CUDA graph (--no-cuda-graph: "
+                "launch every kernel; the graph needs one process, no gradient accumulation and no fp16)"})
     overwrite: bool = field(default=False, metadata={"help": "start again, deleting this stage's checkpoints"})
 
 
@@ -462,6 +465,22 @@ def set_up_training(
         truncate_log(stage_dir / "log.jsonl", state["step"])
     log = MetricsLog(accelerator, stage_dir / "log.jsonl", stage_dir.name, asdict(config))
     return TrainingSetup(model, optimizer, train_loader, test_loader, scheduler, steps, state, log, companions)
+
+
+def cuda_graphs_apply(accelerator: Accelerator, config: LoopConfig) -> bool:
+    """Whether a step can be replayed as a CUDA graph here: one CUDA process, one micro-batch a
+    step, no fp16 (its loss scaler decides on the host whether a step counts)."""
+    return (config.cuda_graph and accelerator.device.type == "cuda" and accelerator.num_processes == 1
+            and config.gradient_accumulation_steps == 1 and accelerator.mixed_precision != "fp16")
+
+
+def describe_graphs(captured: CapturedStep | None) -> str:
+    """For a stage's summary line: how its steps ran, where they could be graphed."""
+    if captured is None:
+        return ""
+    if captured.failed:
+        return ", steps run without a CUDA graph (its capture failed)"
+    return f", steps replayed as CUDA graphs ({captured.captures} captured)"
 
 
 def run_training_loop(

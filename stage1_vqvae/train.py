@@ -18,7 +18,7 @@ from foundation.data import DataConfig, collate_batches, load_image_data
 from foundation.errors import UserError, run_cli
 from foundation.estimate import format_duration
 from foundation.judge import JUDGE_DIR
-from foundation.training import LoopConfig, batches_per_epoch, describe_length, open_stage, run_training_loop, set_up_training
+from foundation.training import LoopConfig, batches_per_epoch, cuda_graphs_apply, describe_graphs, describe_length, open_stage, run_training_loop, set_up_training
 from stage1_vqvae.discriminator import load_lpips
 from stage1_vqvae.dump_codes import dump
 from stage1_vqvae.gan_health import diagnose
@@ -57,9 +57,6 @@ class TrainConfig(LoopConfig, DataConfig, ModelConfig, LossConfig):
                                                                         "discriminator (0: no; default: 100 below 10,000 train "
                                                                         "images of at most 32 pixels, else 0)"})
     ema_decay: float = field(default=0.0, metadata={"help": "keep an EMA of the weights with this decay and export it (0: the trained weights)"})
-    cuda_graph: bool = field(default=True, metadata={
-        "help": "on one CUDA GPU, replay each training step's forward and backward pass as a CUDA graph (--no-cuda-graph: "
-                "launch every kernel; the graph needs one process, no gradient accumulation and no fp16)"})
     dump: bool = field(default=True, metadata={"help": "write the code maps at the end"})
     grid_images: int = field(default=16, metadata={"help": "test images in each reconstruction grid"})
 
@@ -202,19 +199,15 @@ def main(argv=None):
     after_step = (lambda step: update_average(average, unwrapped)) if average is not None else None
     # the discriminator's own steps start at disc_start - head_start, the decoder's GAN terms at disc_start
     pace_changes = (config.disc_start - head_start, config.disc_start) if discriminator is not None else ()
-    graphed = (config.cuda_graph and accelerator.device.type == "cuda" and accelerator.num_processes == 1
-               and config.gradient_accumulation_steps == 1 and accelerator.mixed_precision != "fp16")
     captured = run_training_loop(accelerator, config, setup, checkpoints, train_step, evaluate, "stage one", after_step,
                                  hint=f"--max-steps {setup.steps // 2} halves it", estimate_also_at=pace_changes,
-                                 graph_key=loss.phase if graphed else None)
+                                 graph_key=loss.phase if cuda_graphs_apply(accelerator, config) else None)
 
     if accelerator.is_main_process:
         save_pretrained_atomic(unwrapped, stage_dir / "final")
     accelerator.wait_for_everyone()
     summary = f"test mse {state['best_mse']:.5f} of the weights kept in {stage_dir}"
-    if captured is not None:
-        summary += (f", steps replayed as CUDA graphs ({captured.captures} captured)" if not captured.failed
-                    else ", steps run without a CUDA graph (its capture failed)")
+    summary += describe_graphs(captured)
     if config.dump:
         best = type(kept).from_pretrained(str(stage_dir)).to(accelerator.device)
         summary += f", code maps in {dump(accelerator, best, data, run_dir)}"

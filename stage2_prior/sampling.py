@@ -64,6 +64,8 @@ def prepare_labels(n: int, labels, num_classes: int, device) -> torch.Tensor:
         labels = labels.expand(n).clone()
     if labels.numel() != n:
         raise ValueError(f"got {labels.numel()} labels for {n} samples; give one label or one per sample")
+    if labels.is_cuda and torch.cuda.is_current_stream_capturing():  # a graph cannot wait for the check; its warm-up ran it
+        return labels
     bad = labels[(labels < 0) | (labels > null)]
     if bad.numel():
         raise ValueError(

@@ -20,7 +20,7 @@ from foundation.data import data_config_of_run, held_in_memory, load_image_data
 from foundation.errors import UserError, run_cli
 from foundation.estimate import format_duration
 from foundation.judge import JUDGE_DIR, class_accuracy, features_and_predictions, load_or_train_judge
-from foundation.training import LoopConfig, describe_length, open_stage, run_training_loop, set_up_training
+from foundation.training import LoopConfig, cuda_graphs_apply, describe_graphs, describe_length, open_stage, run_training_loop, set_up_training
 from stage1_vqvae.codes import open_codes, weights_hash
 from stage1_vqvae.model import load_vqvae
 from stage2_prior.evaluation import LOG2, prior_bits_per_dim, test_nll
@@ -240,8 +240,10 @@ def main(argv=None):
         return f"test nll {nll:.4f} bits/code, prior {prior_bits_per_dim(nll, vqvae):.4f} bits/dim"
 
     sooner = "; sooner if the test NLL stops improving (--patience)" if config.patience else ""
-    run_training_loop(accelerator, config, setup, checkpoints, train_step, evaluate, "stage two",
-                      hint=f"--max-steps {setup.steps // 2} halves it{sooner}")
+    # MaskGIT's loss picks its masked codes by boolean indexing, which reads back to the host: not graphed
+    graphed = cuda_graphs_apply(accelerator, config) and not masked
+    captured = run_training_loop(accelerator, config, setup, checkpoints, train_step, evaluate, "stage two",
+                                 hint=f"--max-steps {setup.steps // 2} halves it{sooner}", graph_key=(lambda step: None) if graphed else None)
     guidance = "unconditional prior: no guidance" if not num_classes else "guidance not measured (--guidance-scales '')"
     if accelerator.is_main_process:
         save_pretrained_atomic(unwrapped, stage_dir / "final")
@@ -254,7 +256,7 @@ def main(argv=None):
     stopped = f" (stopped at step {state['step']} of {setup.steps}: {state['stopped']}; --patience 0 trains every step)" if "stopped" in state else ""
     accelerator.print(
         f"Stage two done in {format_duration(time.time() - started)}: best test {'masked-code ' if masked else ''}nll {state['best_nll']:.4f} bits/code"
-        f"{stopped}, prior in {stage_dir}, sample grids in {stage_dir / 'samples'}; {guidance}"
+        f"{stopped}{describe_graphs(captured)}, prior in {stage_dir}, sample grids in {stage_dir / 'samples'}; {guidance}"
     )
 
 

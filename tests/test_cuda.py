@@ -4,6 +4,7 @@ Without a GPU, `test_cuda_paths_as_far_as_a_cpu_allows` and the benchmark's time
 stand in for `torch.cuda` as far as a CPU allows."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -122,6 +123,22 @@ def test_stage_one_with_the_discriminator_is_captured_again_when_its_phase_chang
     adversarial = [entry for entry in log if "train/disc_loss" in entry]
     assert len(adversarial) == 6 and all(np.isfinite(entry["train/disc_loss"]) for entry in adversarial)
     assert len({entry["train/disc_loss"] for entry in adversarial}) == 6  # every replay computed its own step
+
+
+def test_stage_two_replayed_as_cuda_graphs_trains_as_the_eager_loop(tiny_fashion, tmp_path, capsys):
+    stage_one.main(["--run-dir", str(tmp_path / "graph"), *TINY_MODEL, "--max-steps", "4", "--disc-start", "-1"])
+    reset_accelerate_state()
+    shutil.copytree(tmp_path / "graph", tmp_path / "eager")
+    flags = [*TINY_PRIOR, "--max-steps", "12", "--dropout", "0", "--label-dropout", "0", "--mixed-precision", "no"]
+    stage_two.main(["--run-dir", str(tmp_path / "eager"), *flags, "--no-cuda-graph"])
+    reset_accelerate_state()
+    stage_two.main(["--run-dir", str(tmp_path / "graph"), *flags])
+    out = capsys.readouterr().out
+    assert "steps replayed as CUDA graphs (1 captured)" in out and out.count("CUDA graph") == 1
+    eager, graph = (load_file(tmp_path / run / "prior" / "final" / "model.safetensors") for run in ("eager", "graph"))
+    difference = sum((graph[name].float() - eager[name].float()).norm() ** 2 for name in eager) ** 0.5
+    size = sum(eager[name].float().norm() ** 2 for name in eager) ** 0.5
+    assert difference / size < 1e-3, difference / size
 
 
 def test_the_benchmark_times_the_gpu(tmp_path):
