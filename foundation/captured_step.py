@@ -31,7 +31,7 @@ class CapturedStep:
         # graph and capture: torch.cuda's, or stand-ins where a test runs on a CPU
         self.new_graph = graph or torch.cuda.CUDAGraph
         self.capture_into = capture or (lambda graph: torch.cuda.graph(graph, capture_error_mode="thread_local"))
-        self.key = self.graph = self.inputs = self.outputs = self.grads = None
+        self.key = self.graph = self.inputs = self.outputs = self.grads = self.side_stream = None
         self.eager_steps, self.failed, self.captures = 0, False, 0
 
     def __call__(self, batch: dict, key):
@@ -58,11 +58,12 @@ class CapturedStep:
         """Warm-up steps run on a side stream, as PyTorch asks before a capture."""
         if not any(torch.is_tensor(value) and value.is_cuda for value in batch.values()):
             return self.forward_backward(batch)
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
+        if self.side_stream is None:  # one for every warm-up step: each step's gradient nodes belong to one stream
+            self.side_stream = torch.cuda.Stream()
+        self.side_stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.side_stream):
             outputs = self.forward_backward(batch)
-        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.current_stream().wait_stream(self.side_stream)
         return outputs
 
     def _capture(self, batch) -> bool:

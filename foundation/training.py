@@ -511,7 +511,9 @@ def run_training_loop(
         accelerator.backward(loss)
         if config.grad_clip and accelerator.sync_gradients:  # the model's gradients only, not its companions'
             accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
-        return loss, metrics, items
+        # detached, so that nothing kept until the next step holds this step's autograd graph
+        # (whose gradient nodes, kept alive, would belong to the last step's CUDA stream)
+        return loss.detach(), {k: v.detach() if torch.is_tensor(v) else v for k, v in metrics.items()}, items
 
     captured = None
     if graph_key is not None:

@@ -129,6 +129,7 @@ def test_stage_two_replayed_as_cuda_graphs_trains_as_the_eager_loop(tiny_fashion
     stage_one.main(["--run-dir", str(tmp_path / "graph"), *TINY_MODEL, "--max-steps", "4", "--disc-start", "-1"])
     reset_accelerate_state()
     shutil.copytree(tmp_path / "graph", tmp_path / "eager")
+    capsys.readouterr()  # stage one's summary says how its own steps ran
     flags = [*TINY_PRIOR, "--max-steps", "12", "--dropout", "0", "--label-dropout", "0", "--mixed-precision", "no"]
     stage_two.main(["--run-dir", str(tmp_path / "eager"), *flags, "--no-cuda-graph"])
     reset_accelerate_state()
