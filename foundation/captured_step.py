@@ -6,10 +6,11 @@ discriminator). Captured once, the whole forward and backward pass (losses, code
 augmentation, gradient clipping included) is one replay. The optimizer steps after it, eagerly:
 fused AdamW is a few kernels, and its learning rate stays the scheduler's plain float.
 
-What a graph needs, the step provides: no read back to the host (stage one's step has none on
-CUDA), state changed in place, and a `key` that names every choice the step makes in Python (the
-adversarial phase, the batch's shape): a new key is warmed up eagerly for a few steps and
-captured again. Where capture fails, the step runs eagerly from then on, said once.
+What a graph needs, the step provides: no read back to the host (the steps of both stages have
+none on CUDA; MaskGIT's has, and is not graphed), state changed in place, and a `key` that names
+every choice the step makes in Python (the adversarial phase, the batch's shape): a new key is
+warmed up eagerly for a few steps and captured again. Where capture fails, the step runs eagerly
+from then on, said once.
 """
 
 import warnings
@@ -20,8 +21,9 @@ import torch
 class CapturedStep:
     """`step(batch, key)` runs `forward_backward(batch)` (which returns what the training step
     returns, after backward and clipping) as a graph replay once `warmup` steps with that key
-    have run eagerly. Graph or not, the gradients are left in the parameters' `.grad`, which
-    the caller must not set to None (the graph writes into the tensors it captured)."""
+    have run eagerly. Graph or not, the gradients are left in the parameters' `.grad` for the
+    optimizer; the caller may set them to None after it steps (before a replay they are pointed
+    back at the tensors the graph writes)."""
 
     WARMUP = 3  # eager steps of a new key before it is captured
 
