@@ -38,11 +38,13 @@ def test_a_kept_decoder_serves_later_calls_as_a_fresh_one_would():
     calls = [dict(labels=torch.tensor([0, 1, 2, 0]), guidance=2.0, seed=1),
              dict(labels=torch.tensor([2, 2, 1, 0]), guidance=3.0, seed=2, known=known, keep=keep),
              dict(labels=torch.tensor([1, 0, 0, 2]), guidance=1.5, seed=3, temperature=0.5)]
+    decoders = []
     for call in calls:
         labels, seed = call.pop("labels"), call.pop("seed")
         static = draw(model, 4, labels, "static", seed=seed, **call)
+        decoders.append(static_decoding._decoders[model][1])
         assert torch.equal(static, draw(model, 4, labels, "cache", seed=seed, **call))
-    assert len([prior for prior in static_decoding._decoders if prior is model]) == 1  # one decoder kept, reused
+    assert all(decoder is decoders[0] for decoder in decoders)  # the same buffers served all three calls
 
 
 def test_kept_codes_are_written_as_given_and_the_rest_continues_them():
