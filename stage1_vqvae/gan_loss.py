@@ -96,8 +96,12 @@ class GANLoss:
         holds for as long as this stays the same (the discriminator's start, the decoder's
         reading it, R1's steps, the ramp)."""
         config = self.config
-        with_r1 = self.active(step) and config.r1_weight > 0 and step % config.r1_every == 0
-        return self.active(step), step >= config.disc_start, with_r1, self.ramp(step) if step >= config.disc_start else 0.0
+        return (self.active(step), step >= config.disc_start, self.active(step) and self.r1_due(step),
+                self.ramp(step) if step >= config.disc_start else 0.0)
+
+    def r1_due(self, step: int) -> bool:
+        """Whether the discriminator's loss takes the R1 penalty at `step` (lazily, every `r1_every`)."""
+        return self.config.r1_weight > 0 and step % self.config.r1_every == 0
 
     def ramp(self, step: int) -> float:
         """How much of the decoder's GAN terms counts at `step`: a discriminator that has just
@@ -145,7 +149,7 @@ class GANLoss:
         """The hinge loss of real against (detached) fake images, R1 on the real ones every
         `r1_every` steps; returns it and the real images' features, for feature matching."""
         config = self.config
-        with_r1 = config.r1_weight > 0 and step % config.r1_every == 0
+        with_r1 = self.r1_due(step)
         if with_r1:
             real = real.detach().requires_grad_(True)
         with self.autocast():

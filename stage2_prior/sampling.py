@@ -85,7 +85,9 @@ def guide(logits: torch.Tensor, guidance: float | torch.Tensor, guided: bool | N
     """uncond + s * (cond - uncond), on the doubled batch from `with_null_labels`. `guidance`
     may be a 0-dim tensor (read by a captured CUDA graph); then `guided` says whether the batch
     was doubled."""
-    if not (guidance != 1.0 if guided is None else guided):
+    if guided is None:
+        guided = guidance != 1.0
+    if not guided:
         return logits
     conditional, unconditional = logits.float().chunk(2)
     return unconditional + guidance * (conditional - unconditional)

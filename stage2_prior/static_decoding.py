@@ -57,7 +57,7 @@ class StaticDecoder:
         self.temperature.fill_(temperature)
         self.positions.copy_(prior._positions())
         self.bias.copy_(torch.as_tensor(prior._label_bias(labels)).expand_as(self.bias))  # 0.0 for a prior without it
-        self.tokens.copy_((prior.label_embed(labels) + self.positions[0])[:, None] + self.bias)
+        self.tokens.copy_(prior._first_input(labels, self.positions, self.bias))
         self.codes.zero_()
         self.cache.reset()
 
@@ -70,8 +70,7 @@ class StaticDecoder:
         sampled = torch.where(self.keep[:, position][:, 0], self.known[:, position][:, 0], sampled)
         self.codes.index_copy_(1, position, sampled.repeat(self.batch // self.n)[:, None])
         following = (position + 1).clamp_(max=self.length - 1)  # after the last code: unused
-        next_input = prior.embed_codes(self.codes[:, position][:, 0]) + self.positions[following]
-        self.tokens.copy_(next_input[:, None] + self.bias)
+        self.tokens.copy_(prior._next_input(self.codes[:, position][:, 0], self.positions[following], self.bias))
 
     def capture(self, prior) -> None:
         """Record one step as a CUDA graph, after warm-up steps on a side stream (as PyTorch

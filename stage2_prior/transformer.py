@@ -224,6 +224,14 @@ class TransformerPrior(CodeTransformer, PyTorchModelHubMixin):
         embedded = self.code_embed(codes)
         return embedded + self.code_proj(self.code_vectors[codes]) if self.code_vector_dim else embedded
 
+    def _first_input(self, labels, positions, bias) -> torch.Tensor:
+        """[B, 1, width]: what a decoding step reads to draw the first code (the class)."""
+        return (self.label_embed(labels) + positions[0])[:, None] + bias
+
+    def _next_input(self, codes, position, bias) -> torch.Tensor:
+        """[B, 1, width]: what it reads after drawing `codes` [B], at `position`'s embedding."""
+        return (self.embed_codes(codes) + position)[:, None] + bias
+
     def _label_bias(self, labels: torch.Tensor) -> torch.Tensor | float:
         """[B, 1, width]: the class added to every input token, or 0 when the prior has none."""
         return self.label_bias(labels)[:, None] if self.label_every_code else 0.0
@@ -272,7 +280,7 @@ class TransformerPrior(CodeTransformer, PyTorchModelHubMixin):
             return rearrange(codes[:n], "b (h w) -> b h w", h=self.map_shape[0])
         positions = self._positions()
         bias = self._label_bias(labels)
-        tokens = (self.label_embed(labels) + positions[0])[:, None] + bias  # the cached path keeps only the newest
+        tokens = self._first_input(labels, positions, bias)  # the cached path keeps only the newest
         cache = None
         if decoding == "cache":
             dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else tokens.dtype
@@ -285,7 +293,7 @@ class TransformerPrior(CodeTransformer, PyTorchModelHubMixin):
                 sampled = torch.where(keep[:, t], known[:, t], sampled)
             codes[:, t] = sampled.repeat(batch // n)
             if t + 1 < length:
-                next_token = (self.embed_codes(codes[:, t]) + positions[t + 1])[:, None] + bias
+                next_token = self._next_input(codes[:, t], positions[t + 1], bias)
                 tokens = next_token if cache is not None else torch.cat([tokens, next_token], dim=1)
         return rearrange(codes[:n], "b (h w) -> b h w", h=self.map_shape[0])
 

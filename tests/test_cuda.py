@@ -98,6 +98,14 @@ def test_both_stages_train_sample_and_evaluate_on_the_gpu(tiny_fashion, tmp_path
     assert metrics["device"].startswith("cuda") and metrics["samples"]["fd"] >= 0
 
 
+def train_eager_then_graphed(main, tmp_path, flags, capsys) -> str:
+    """A stage's `main` into tmp_path/eager with --no-cuda-graph, then into tmp_path/graph; what both printed."""
+    main(["--run-dir", str(tmp_path / "eager"), *flags, "--no-cuda-graph"])
+    reset_accelerate_state()
+    main(["--run-dir", str(tmp_path / "graph"), *flags])
+    return capsys.readouterr().out
+
+
 def relative_difference(eager_dir, graph_dir) -> float:
     """|graph - eager| / |eager| over all the weights each run kept at its last step."""
     eager, graph = (load_file(directory / "final" / "model.safetensors") for directory in (eager_dir, graph_dir))
@@ -110,10 +118,7 @@ def test_stage_one_replayed_as_cuda_graphs_trains_as_the_eager_loop(tiny_fashion
     by the GPU's order of floating-point sums."""
     flags = [*TINY_MODEL, "--disc-start", "-1", "--dead-code-steps", "0", "--max-steps", "12", "--eval-every", "100",
              "--no-dump", "--mixed-precision", "no"]
-    stage_one.main(["--run-dir", str(tmp_path / "eager"), *flags, "--no-cuda-graph"])
-    reset_accelerate_state()
-    stage_one.main(["--run-dir", str(tmp_path / "graph"), *flags])
-    out = capsys.readouterr().out
+    out = train_eager_then_graphed(stage_one.main, tmp_path, flags, capsys)
     assert "steps replayed as CUDA graphs (1 captured)" in out and out.count("CUDA graph") == 1
     assert relative_difference(tmp_path / "eager" / "vqvae", tmp_path / "graph" / "vqvae") < 1e-3
 
@@ -134,10 +139,7 @@ def test_stage_two_replayed_as_cuda_graphs_trains_as_the_eager_loop(tiny_fashion
     shutil.copytree(tmp_path / "graph", tmp_path / "eager")
     capsys.readouterr()  # stage one's summary says how its own steps ran
     flags = [*TINY_PRIOR, "--max-steps", "12", "--dropout", "0", "--label-dropout", "0", "--mixed-precision", "no"]
-    stage_two.main(["--run-dir", str(tmp_path / "eager"), *flags, "--no-cuda-graph"])
-    reset_accelerate_state()
-    stage_two.main(["--run-dir", str(tmp_path / "graph"), *flags])
-    out = capsys.readouterr().out
+    out = train_eager_then_graphed(stage_one.main, tmp_path, flags, capsys)
     assert "steps replayed as CUDA graphs (1 captured)" in out and out.count("CUDA graph") == 1
     assert relative_difference(tmp_path / "eager" / "prior", tmp_path / "graph" / "prior") < 1e-3
 
