@@ -40,8 +40,12 @@ class ModelConfig:
     beta: float = field(default=0.25, metadata={"help": "commitment loss weight"})
     # 10, not 50: when the discriminator starts, codes fall idle; restarted within 10 steps, the
     # colour sets' lowest codebook use after it rose from 72% to 88-93% at the same MSE (docs/stage-one-gan.md)
-    dead_code_steps: int = field(default=10, metadata={"help": "restart a code unused for this many steps (0: never)"})
+    dead_code_steps: int = field(default=10, metadata={"help": "restart a code unused (or, with --dead-code-share, hardly used) "
+                                                                 "for this many steps in a row (0: never)"})
     l2_normalize: bool = field(default=False, metadata={"help": "look codes up by cosine similarity"})
+    dead_code_share: float = field(default=0.0, metadata={"help": "a step counts towards --dead-code-steps for a code used by at "
+                                                                   "most this share of an even share of the batch's positions "
+                                                                   "(0: only for a code not used at all)"})
 
 
 MODEL_DEFAULTS = ModelConfig()
@@ -131,6 +135,7 @@ class VQVAE(nn.Module, PyTorchModelHubMixin):
         decay: float = MODEL_DEFAULTS.decay,
         dead_code_steps: int = MODEL_DEFAULTS.dead_code_steps,
         l2_normalize: bool = MODEL_DEFAULTS.l2_normalize,
+        dead_code_share: float = MODEL_DEFAULTS.dead_code_share,
         architecture: str = MODEL_DEFAULTS.architecture,
     ):
         super().__init__()
@@ -148,7 +153,7 @@ class VQVAE(nn.Module, PyTorchModelHubMixin):
             raise ValueError(f"architecture must be 'conv' or 'resnet', got {architecture!r}")
         self.quantizer = VectorQuantizer(
             codebook_size, code_dim, beta=beta, ema=ema, decay=decay,
-            dead_code_steps=dead_code_steps, l2_normalize=l2_normalize,
+            dead_code_steps=dead_code_steps, l2_normalize=l2_normalize, dead_code_share=dead_code_share,
         )
 
     @property

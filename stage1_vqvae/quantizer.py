@@ -1,11 +1,12 @@
 """Vector quantizer: nearest code, straight-through gradients, commitment loss.
 
 The codebook learns by exponential moving averages (van den Oord et al. 2017, appendix;
-Laplace-smoothed counts) by default, or by the loss-based rule as an option. Codes unused
-for `dead_code_steps` optimizer steps are restarted from the current batch's encoder outputs;
-under gradient accumulation the codebook learns once per optimizer step, from all its
-micro-batches, as it would from one batch of them all. Under
-DDP every statistic is all-reduced and every restart is broadcast from rank 0, so all
+Laplace-smoothed counts) by default, or by the loss-based rule as an option. Codes that the
+training batches have hardly used for `dead_code_steps` optimizer steps in a row (at most
+`dead_code_share` of an even share of the batch's positions each step; 0: not at all) are
+restarted from the current batch's encoder outputs; under gradient accumulation the codebook
+learns once per optimizer step, from all its micro-batches, as it would from one batch of them
+all. Under DDP every statistic is all-reduced and every restart is broadcast from rank 0, so all
 processes keep the same codebook without DDP having to sync it.
 """
 
@@ -52,11 +53,12 @@ class VectorQuantizer(nn.Module):
         eps: float = 1e-5,
         dead_code_steps: int = 50,
         l2_normalize: bool = False,
+        dead_code_share: float = 0.0,
     ):
         super().__init__()
         self.codebook_size, self.dim, self.beta = codebook_size, dim, beta
         self.ema, self.decay, self.eps = ema, decay, eps
-        self.dead_code_steps, self.l2_normalize = dead_code_steps, l2_normalize
+        self.dead_code_steps, self.l2_normalize, self.dead_code_share = dead_code_steps, l2_normalize, dead_code_share
         initial = torch.randn(codebook_size, dim)
         if l2_normalize:
             initial = F.normalize(initial, dim=-1)
@@ -152,8 +154,13 @@ class VectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def _restart_dead_codes(self, flat: torch.Tensor, counts: torch.Tensor) -> None:
-        """Re-seed codes unused for `dead_code_steps` steps with random encoder outputs."""
-        self.steps_unused.add_(1).masked_fill_(counts > 0, 0)
+        """Re-seed codes hardly used for `dead_code_steps` steps with random encoder outputs.
+
+        A code that the moving encoder is leaving keeps a stray vector or two per batch for many
+        steps: never quite unused, yet too rare for a test split to meet it. `steps_unused`
+        counts the steps in a row in which a code had at most `dead_code_share` of an even share."""
+        idle = counts <= self.dead_code_share * counts.sum() / self.codebook_size
+        self.steps_unused.add_(1).masked_fill_(~idle, 0)
         if self.dead_code_steps <= 0:
             return
         if flat.device.type in RESTART_WITHOUT_A_STALL:

@@ -25,7 +25,9 @@ from stage1_vqvae.gan_health import diagnose
 from stage1_vqvae.gan_loss import GANLoss, LossConfig, build_discriminator
 from stage1_vqvae.metrics import reconstruction_metrics, to_unit_range
 from stage1_vqvae.model import VQVAE, ModelConfig
-from stage1_vqvae.size_presets import apply_size_presets, preset_disc_head_start, preset_gan_lr_warmup, preset_min_steps, preset_warmup_steps
+from stage1_vqvae.size_presets import (
+    apply_size_presets, preset_dead_code_share, preset_disc_head_start, preset_gan_lr_warmup, preset_min_steps, preset_warmup_steps,
+)
 from stage1_vqvae.weight_average import update_average, weight_average
 
 
@@ -35,9 +37,10 @@ class TrainConfig(LoopConfig, DataConfig, ModelConfig, LossConfig):
     FLAGS_ADDED_SINCE: ClassVar[dict] = {"disc_augment": "none", "disc_norm": "group", "adaptive_weight": True,
                                          "r1_weight": 0.0, "r1_every": 4, "ema_decay": 0.0, "clean_feature_matching": False,
                                          "adam_beta2": 0.999, "gan_warmup": 0, "disc_head_start": 0,
-                                         "architecture": "conv", "disc_lr_decay": False, "gan_lr_warmup": 0}
+                                         "architecture": "conv", "disc_lr_decay": False, "gan_lr_warmup": 0,
+                                         "dead_code_share": 0.0}
     # left out (None), chosen from the train split's size once it is loaded (size_presets.py)
-    CHOSEN_FROM_DATA: ClassVar[tuple] = ("min_steps", "disc_head_start", "warmup_steps", "gan_lr_warmup")
+    CHOSEN_FROM_DATA: ClassVar[tuple] = ("min_steps", "disc_head_start", "warmup_steps", "gan_lr_warmup", "dead_code_share")
     batch_size: int | None = field(default=None, metadata={"help": "images per process per step (default: 128 up to 64x64 "
                                                                     "images, fewer for larger ones)"})
     min_steps: int | None = field(default=None, metadata={"help": "at least this many optimizer steps, however few --epochs make on a "
@@ -56,6 +59,11 @@ class TrainConfig(LoopConfig, DataConfig, ModelConfig, LossConfig):
                                                                         "steps from --disc-start, when the decoder first reads the "
                                                                         "discriminator (0: no; default: 100 below 10,000 train "
                                                                         "images of at most 32 pixels, else 0)"})
+    dead_code_share: float | None = field(default=None, metadata={"help": "a step counts towards --dead-code-steps for a code "
+                                                                        "used by at most this share of an even share of the "
+                                                                        "batch's positions (0: only for a code not used at all; "
+                                                                        "default: 0.25 below 10,000 train images of at most 32 "
+                                                                        "pixels, else 0)"})
     ema_decay: float = field(default=0.0, metadata={"help": "keep an EMA of the weights with this decay and export it (0: the trained weights)"})
     dump: bool = field(default=True, metadata={"help": "write the code maps at the end"})
     grid_images: int = field(default=16, metadata={"help": "test images in each reconstruction grid"})
@@ -67,7 +75,7 @@ def build_model(config: TrainConfig, channels: int) -> VQVAE:
         res_blocks=config.res_blocks, res_channels=config.res_channels, downsample=config.downsample,
         codebook_size=config.codebook_size, code_dim=config.code_dim, beta=config.beta,
         ema=config.codebook == "ema", decay=config.decay, dead_code_steps=config.dead_code_steps,
-        l2_normalize=config.l2_normalize, architecture=config.architecture,
+        l2_normalize=config.l2_normalize, dead_code_share=config.dead_code_share, architecture=config.architecture,
     )
 
 
@@ -95,6 +103,9 @@ def check_config(config: TrainConfig) -> None:
     if config.gan_lr_warmup is not None and config.gan_lr_warmup < 0:
         raise UserError(f"--gan-lr-warmup {config.gan_lr_warmup} must not be negative (0: no second warm-up when the decoder "
                         "first reads the discriminator)")
+    if config.dead_code_share is not None and not 0 <= config.dead_code_share < 1:
+        raise UserError(f"--dead-code-share {config.dead_code_share} must be at least 0 (0: restart only unused codes) and below "
+                        "1, e.g. 0.25")
     if not 0 <= config.adam_beta2 < 1:
         raise UserError(f"--adam-beta2 {config.adam_beta2} must be at least 0 and below 1, e.g. 0.99")
     if not 0 <= config.ema_decay < 1:
@@ -137,6 +148,11 @@ def main(argv=None):
         chosen, why = preset_gan_lr_warmup(train_images, config.image_size)
         config = replace(config, gan_lr_warmup=chosen)
         size_choices.append(why)
+    if config.dead_code_share is None:
+        chosen, why = preset_dead_code_share(train_images, config.image_size)
+        config = replace(config, dead_code_share=chosen)
+        if chosen:
+            size_choices.append(why)
     head_start = config.disc_head_start or 0  # None without a discriminator
     if config.warmup_steps is None:
         warmup_steps, why = preset_warmup_steps(train_images)

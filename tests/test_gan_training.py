@@ -164,6 +164,7 @@ def test_a_healthy_run_has_no_warning(tmp_path):
     (["--gan-warmup", "-5"], "--gan-warmup -5 must not be negative"),
     (["--gan-lr-warmup", "-1"], "--gan-lr-warmup -1 must not be negative"),
     (["--adam-beta2", "1"], "--adam-beta2 1.0 must be at least 0 and below 1"),
+    (["--dead-code-share", "1"], "--dead-code-share 1.0 must be at least 0"),
 ])
 def test_bad_gan_flags_are_refused_before_anything_is_written(tiny_fashion, tmp_path, flags, message):
     with pytest.raises(UserError, match=message):

@@ -253,7 +253,7 @@ def test_the_model_classes_defaults_are_the_command_lines():
         (prior.pixelcnn_channels, prior.pixelcnn_layers, prior.kernel_size)
     vqvae = defaults(VQVAE)
     for name in ("hidden_channels", "res_blocks", "res_channels", "downsample", "codebook_size", "code_dim", "beta",
-                 "decay", "dead_code_steps", "l2_normalize"):
+                 "decay", "dead_code_steps", "l2_normalize", "dead_code_share"):
         assert vqvae[name] == getattr(model, name), name
     assert vqvae["ema"] == (model.codebook == "ema")
     assert defaults(PatchDiscriminator)["channels"] == LossConfig().disc_channels

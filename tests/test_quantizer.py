@@ -90,6 +90,29 @@ def test_a_dead_code_is_restarted_from_encoder_outputs(without_a_stall, monkeypa
     assert quantizer.cluster_size[0] > 1.1  # the live code kept its EMA count: it was not restarted
 
 
+@pytest.mark.parametrize("without_a_stall", [False, True])
+@pytest.mark.parametrize("share", [0.0, 0.25])
+def test_a_code_that_keeps_only_a_stray_vector_is_restarted_when_a_share_is_given(share, without_a_stall, monkeypatch):
+    """Code 1 keeps one position of 16 each step (a quarter of an even share of 4): used, so
+    kept under share 0, but restarted after `dead_code_steps` steps under share 0.25."""
+    if without_a_stall:
+        monkeypatch.setattr(quantizer_module, "RESTART_WITHOUT_A_STALL", {"cpu"})
+    quantizer = VectorQuantizer(codebook_size=4, dim=2, dead_code_steps=3, dead_code_share=share).train()
+    quantizer.steps_unused.zero_()
+    quantizer.codebook.data = torch.tensor([[0.0, 0.0], [100.0, 100.0], [-100.0, 100.0], [100.0, -100.0]])
+    quantizer.embed_avg.copy_(quantizer.codebook.data)
+    quantizer.cluster_size.fill_(5.0)
+    z = 0.01 * torch.randn(1, 2, 4, 4)
+    z[0, :, 0, 0] = torch.tensor([100.0, 100.0])  # the stray vector, nearest to code 1
+    for _ in range(2):
+        quantizer(z)
+    assert quantizer.cluster_size[1] > 4.8, "restarted before `dead_code_steps` steps"
+    quantizer(z)
+    restarted = quantizer.cluster_size[1] == 1.0
+    assert restarted == (share > 0)
+    assert quantizer.cluster_size[0] > 4.8  # the code of every other vector is never restarted
+
+
 def test_two_ddp_processes_end_with_identical_codebooks(tmp_path):
     result = tmp_path / "result.json"
     command = accelerate_command(2) + [str(REPO / "tests" / "ddp_quantizer_worker.py"), str(result)]

@@ -8,7 +8,9 @@ import pytest
 from foundation.errors import UserError
 from stage1_vqvae import size_presets
 from stage1_vqvae.model import VQVAE
-from stage1_vqvae.size_presets import apply_size_presets, preset_disc_head_start, preset_gan_lr_warmup, preset_min_steps, preset_warmup_steps
+from stage1_vqvae.size_presets import (
+    apply_size_presets, preset_dead_code_share, preset_disc_head_start, preset_gan_lr_warmup, preset_min_steps, preset_warmup_steps,
+)
 from stage1_vqvae.train import TrainConfig
 
 
@@ -54,6 +56,13 @@ def test_the_learning_rate_warms_up_again_for_the_discriminator_on_small_sets_of
     assert chosen == steps and why.startswith(f"--gan-lr-warmup {steps} (")
 
 
+@pytest.mark.parametrize("images, size, share", [(1_429, 32, 0.25), (9_999, 28, 0.25), (1_429, 64, 0.0), (10_000, 32, 0.0),
+                                                  (60_000, 32, 0.0), (None, 32, 0.0)])
+def test_rarely_used_codes_are_restarted_on_small_sets_of_small_images_only(images, size, share):
+    chosen, why = preset_dead_code_share(images, size)
+    assert chosen == share and why.startswith(f"--dead-code-share {share:g} (")
+
+
 def test_stage_one_gives_the_discriminator_a_head_start_on_a_small_set_and_says_so(tiny_fashion, tmp_path, capsys):
     from stage1_vqvae import train as stage_one
     from tests.conftest import TINY_MODEL
@@ -63,7 +72,10 @@ def test_stage_one_gives_the_discriminator_a_head_start_on_a_small_set_and_says_
     stage_one.main(flags)
     out = capsys.readouterr().out
     assert "--disc-head-start 2 (fewer than 10,000 train images" in out and "--gan-lr-warmup 100 (fewer than" in out
-    assert json.loads((tmp_path / "run" / "vqvae" / "train_config.json").read_text())["gan_lr_warmup"] == 100
+    assert "--dead-code-share 0.25 (fewer than" in out
+    recorded = json.loads((tmp_path / "run" / "vqvae" / "train_config.json").read_text())
+    assert recorded["gan_lr_warmup"] == 100 and recorded["dead_code_share"] == 0.25
+    assert json.loads((tmp_path / "run" / "vqvae" / "config.json").read_text())["dead_code_share"] == 0.25  # the model's own
     logged = [json.loads(line) for line in (tmp_path / "run" / "vqvae" / "log.jsonl").read_text().splitlines()]
     assert any("train/disc_loss" in row and row["step"] == 1 for row in logged)  # it trained from step 0
     stage_one.main([*flags, "--overwrite", "--disc-head-start", "1"])
