@@ -26,7 +26,12 @@ from stage1_vqvae.gan_loss import GANLoss, LossConfig, build_discriminator
 from stage1_vqvae.metrics import reconstruction_metrics, to_unit_range
 from stage1_vqvae.model import VQVAE, ModelConfig
 from stage1_vqvae.size_presets import (
-    apply_size_presets, preset_dead_code_share, preset_disc_head_start, preset_gan_lr_warmup, preset_min_steps, preset_warmup_steps,
+    apply_size_presets,
+    preset_dead_code_share,
+    preset_disc_head_start,
+    preset_gan_lr_warmup,
+    preset_min_steps,
+    preset_warmup_steps,
 )
 from stage1_vqvae.weight_average import update_average, weight_average
 

@@ -9,7 +9,12 @@ from foundation.errors import UserError
 from stage1_vqvae import size_presets
 from stage1_vqvae.model import VQVAE
 from stage1_vqvae.size_presets import (
-    apply_size_presets, preset_dead_code_share, preset_disc_head_start, preset_gan_lr_warmup, preset_min_steps, preset_warmup_steps,
+    apply_size_presets,
+    preset_dead_code_share,
+    preset_disc_head_start,
+    preset_gan_lr_warmup,
+    preset_min_steps,
+    preset_warmup_steps,
 )
 from stage1_vqvae.train import TrainConfig
 
