@@ -139,7 +139,7 @@ def test_stage_two_replayed_as_cuda_graphs_trains_as_the_eager_loop(tiny_fashion
     shutil.copytree(tmp_path / "graph", tmp_path / "eager")
     capsys.readouterr()  # stage one's summary says how its own steps ran
     flags = [*TINY_PRIOR, "--max-steps", "12", "--dropout", "0", "--label-dropout", "0", "--mixed-precision", "no"]
-    out = train_eager_then_graphed(stage_one.main, tmp_path, flags, capsys)
+    out = train_eager_then_graphed(stage_two.main, tmp_path, flags, capsys)
     assert "steps replayed as CUDA graphs (1 captured)" in out and out.count("CUDA graph") == 1
     assert relative_difference(tmp_path / "eager" / "prior", tmp_path / "graph" / "prior") < 1e-3
 
