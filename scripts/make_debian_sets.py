@@ -1,17 +1,20 @@
 """Build real colour image folders from Debian packages, to measure the defaults beyond Fashion-MNIST.
 
     sudo apt-get install fonts-noto-color-emoji unicode-data oxygen-icon-theme gnome-icon-theme \
-        mate-icon-theme tango-icon-theme papirus-icon-theme librsvg2-bin
+        mate-icon-theme tango-icon-theme papirus-icon-theme librsvg2-bin wesnoth-1.16-data
     python scripts/make_debian_sets.py /tmp/sets --size 64
 
-writes three folders in the layout `stage1_vqvae/train.py --dataset` reads, `train/<class>/` and
+writes four folders in the layout `stage1_vqvae/train.py --dataset` reads, `train/<class>/` and
 `test/<class>/` (a hashed tenth of each class held out), RGB PNGs of `--size` pixels, drawn on white:
 
 - `emoji`: every fully-qualified emoji of Noto Color Emoji (about 3,600 drawings: faces, people,
   animals, food, objects, flags), labelled by its Unicode group;
 - `icons`: the desktop icons of the Oxygen, GNOME, MATE and Tango themes (about 1,800), labelled
   by their context (actions, apps, devices, mimetypes, places, status...);
-- `applogos`: Papirus's application icons (about 3,600 logos), one class, so unlabelled.
+- `applogos`: Papirus's application icons (about 3,600 logos), one class, so unlabelled;
+- `sprites`: Battle for Wesnoth's unit sprites (about 5,600 pixel-art frames: each unit standing,
+  attacking, defending), labelled by faction; a unit's frames are held out together, so that a
+  test sprite is a unit the train split never showed, not another frame of one it did.
 
 Identical pictures (themes share icons, links repeat them) are written once. Not committed data:
 the packages are the source, and the same packages write the same files.
@@ -32,6 +35,8 @@ ICON_THEMES = Path("/usr/share/icons")
 # theme -> the size folders to read, best first (a vector folder, else the largest bitmaps)
 DESKTOP_THEMES = {"oxygen/base": ["256x256", "128x128", "64x64"], "gnome": ["256x256", "48x48"],
                   "mate": ["256x256", "48x48"], "Tango": ["scalable"]}
+WESNOTH_UNITS = Path("/usr/share/games/wesnoth/1.16/data/core/images/units")
+MIN_FACTION_SPRITES = 50  # smaller factions (transport, ogres) are too few to learn as a class
 CONTEXTS = ("actions", "apps", "categories", "devices", "emblems", "emotes", "mimetypes", "places", "status")
 
 
@@ -101,16 +106,32 @@ def app_logo_pictures(size: int):
                 yield "logo", square(picture, size)
 
 
+def sprite_pictures(size: int):
+    """(faction, picture, unit) for every unit frame: `units/<faction>/<unit>-<pose>.png` or
+    `units/<faction>/<unit>/<pose>.png`."""
+    for faction in sorted(WESNOTH_UNITS.iterdir()):
+        paths = sorted(faction.rglob("*.png")) if faction.is_dir() else []
+        if len(paths) < MIN_FACTION_SPRITES:
+            continue
+        for path in paths:
+            unit = path.parent.name if path.parent != faction else path.stem.split("-")[0]
+            picture = read_picture(path, size)
+            if picture is not None and picture.convert("RGBA").getbbox():
+                yield faction.name, square(picture, size), f"{faction.name}/{unit}"
+
+
 def write_set(root: Path, pictures, test_every: int = 10) -> dict:
-    """Each distinct picture once, every `test_every`-th of its class (in a hashed order) held out."""
+    """Each distinct picture once, every `test_every`-th of its class (in a hashed order) held out;
+    a picture that comes with a group (a unit's frames) is held out with its whole group."""
     shutil.rmtree(root, ignore_errors=True)
     written, counts = set(), {}
-    for label, picture in pictures:
+    for label, picture, *group in pictures:
         digest = hashlib.sha1(picture.tobytes()).hexdigest()
         if digest in written:
             continue
         written.add(digest)
-        split = "test" if int(digest[:8], 16) % test_every == 0 else "train"
+        held_out_by = hashlib.sha1(group[0].encode()).hexdigest() if group else digest
+        split = "test" if int(held_out_by[:8], 16) % test_every == 0 else "train"
         folder = root / split / label
         folder.mkdir(parents=True, exist_ok=True)
         picture.save(folder / f"{digest[:12]}.png")
@@ -122,9 +143,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path)
     parser.add_argument("--size", type=int, default=64, help="side of the written PNGs")
-    parser.add_argument("--sets", default="emoji,icons,applogos")
+    parser.add_argument("--sets", default="emoji,icons,applogos,sprites")
     args = parser.parse_args()
-    makers = {"emoji": emoji_pictures, "icons": theme_pictures, "applogos": app_logo_pictures}
+    makers = {"emoji": emoji_pictures, "icons": theme_pictures, "applogos": app_logo_pictures, "sprites": sprite_pictures}
     for name in args.sets.split(","):
         counts = write_set(args.out / name, makers[name](args.size))
         print(f"{args.out / name}: {counts.get('train', 0)} train, {counts.get('test', 0)} test images")
