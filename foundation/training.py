@@ -323,7 +323,7 @@ def check_can_start(checkpoints: Checkpoints, config: LoopConfig, what: str) -> 
 # Flags that change what is logged, kept or evaluated, but not the weights a run trains.
 BOOKKEEPING_FLAGS = {"run_dir", "resume", "overwrite", "allow_changes", "log_every", "eval_every", "patience", "checkpoint_every",
                      "keep_checkpoints", "dump", "grid_images", "grid_samples", "guidance_scales", "guidance_samples",
-                     "num_workers", "cuda_graph"}  # how images are decoded or computed, not which
+                     "num_workers", "cuda_graph", "map_transforms"}  # how images are decoded or computed, not which
 
 
 def changed_flags(saved: dict, config) -> dict:

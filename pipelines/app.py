@@ -61,9 +61,9 @@ def build_page(pipe: VQPipeline, run_dir: Path | None = None):
     def on_error(message: str) -> str:
         return f"**Could not do that:** {message}"
 
-    def draw(label, n, guidance, temperature, top_k, seed, passes):
+    def draw(label, n, guidance, temperature, top_k, seed, passes, transform):
         try:
-            grid, text = actions.draw(pipe, label, n, guidance, temperature, top_k, seed, passes)
+            grid, text = actions.draw(pipe, label, n, guidance, temperature, top_k, seed, passes, transform)
         except UserError as error:
             return gr.update(), on_error(str(error))
         return grid, text
@@ -106,13 +106,16 @@ def build_page(pipe: VQPipeline, run_dir: Path | None = None):
                     top_k = gr.Number(value=0, precision=0, minimum=0, label="Top-k (0: every code)")
                     passes = gr.Slider(1, 32, value=getattr(pipe.prior, "default_steps", 8), step=1,
                                        label="MaskGIT passes", visible=parallel)
+                    transforms = pipe.prior.transforms or ["identity"]
+                    transform = gr.Dropdown(transforms, value=transforms[0], visible=len(transforms) > 1, elem_id="draw-transform",
+                                            label="Drawn as (identity: the images as they are; the prior also learned these transforms)")
                     seed = gr.Number(value=0, precision=0, label="Seed (same seed, same images)", elem_id="draw-seed")
                     button = gr.Button("Draw", variant="primary", elem_id="draw-button")
                 with gr.Column(scale=2):
                     grid = gr.Image(label="Drawn images", format="png", type="pil", interactive=False, height=600,
                                     elem_id="draw-grid", elem_classes="pixels")
                     status = gr.Markdown(elem_id="draw-status")
-            button.click(draw, [label, n, scale, temperature, top_k, seed, passes], [grid, status])
+            button.click(draw, [label, n, scale, temperature, top_k, seed, passes, transform], [grid, status])
         with gr.Tab("Complete"):
             picked = gr.State(None)  # this tab's image, uint8 [C, S, S]; one per browser tab
             gr.Markdown("**1. Choose an image**: click a test image of the run, or upload one of your own (any size: "

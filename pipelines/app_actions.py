@@ -78,15 +78,17 @@ def timed(function, *args, **kwargs):
 
 
 def draw(pipe: VQPipeline, label: str | None, n: int, guidance: float | None, temperature: float, top_k: int | None,
-         seed: int, passes: int | None = None) -> tuple[Image.Image, str]:
+         seed: int, passes: int | None = None, transform: str = "identity") -> tuple[Image.Image, str]:
     """New images, as `pipelines.sample --n N --seed S` draws them (same seed, same grid)."""
     passes = passes if pipe.prior.prior in PARALLEL_PRIORS else None
     if not pipe.class_names or label == NO_CLASS:
         guidance = None  # guidance steers towards a class; without one it has nothing to do
     samples, seconds = timed(pipe, n=int(n), labels=as_label(label), guidance=guidance, temperature=temperature,
                              top_k=int(top_k) if top_k else None, passes=int(passes) if passes else None, seed=int(seed),
-                             output_type="pt")
+                             output_type="pt", transform=transform or "identity")
     what = "unconditional" if samples.labels is None else f"guidance {samples.guidance:g}"
+    if transform and transform != "identity":
+        what += f", as {transform} makes them"
     return to_pil(sample_grid(samples.images, samples.labels)), f"{len(samples.codes)} images ({what}, seed {int(seed)}) in {seconds:.2f} s on {pipe.device}"
 
 

@@ -45,6 +45,8 @@ class CompleteConfig:
     top_k: int | None = field(default=None, metadata={"help": "sample among the k likeliest codes"})
     top_p: float | None = field(default=None, metadata={"help": "sample among the likeliest codes of total probability p"})
     passes: int | None = field(default=None, metadata={"help": "MaskGIT only: sampling passes (default: the prior's own)"})
+    transform: str = field(default="identity", metadata={"help": "complete the images as one of the transforms the prior "
+                                                                 "learned makes them (stage one's --map-transforms, e.g. flip)"})
     seed: int = field(default=0, metadata={"help": "same seed, same device: same completions"})
     device: str = field(default="auto", metadata={"help": "where to run", "choices": ["auto", "cuda", "mps", "cpu"]})
     out: str | None = field(default=None, metadata={"help": "output folder (default: <run>/completions)"})
@@ -84,7 +86,7 @@ def main(argv=None):
     started = time.time()
     result = pipe.complete(images, config.redraw, config.samples, labels=labels, guidance=config.guidance,
                            temperature=config.temperature, top_k=config.top_k, top_p=config.top_p,
-                           passes=config.passes, seed=config.seed, output_type="pt")
+                           passes=config.passes, seed=config.seed, output_type="pt", transform=config.transform)
     seconds = time.time() - started
     out = Path(config.out) if config.out else run_dir / "completions"
     out.mkdir(parents=True, exist_ok=True)

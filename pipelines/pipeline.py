@@ -28,6 +28,7 @@ from foundation.errors import UserError
 from pipelines.model_card import write_model_card
 from pipelines.region import check_region, code_region
 from stage1_vqvae.codes import weights_hash
+from stage1_vqvae.map_transforms import IDENTITY, apply_transform
 from stage1_vqvae.model import VQVAE, load_vqvae
 from stage2_prior.priors import PARALLEL_PRIORS, load_prior
 from stage2_prior.quality import autocast_for, generate_images
@@ -187,6 +188,21 @@ def resolve_guidance(guidance: float | None, labels, prior) -> float:
     return guidance
 
 
+def resolve_transform(transform: int | str | None, prior) -> int:
+    """A transform's name or id among those the prior learned (stage one's --map-transforms) -> its
+    id; None or "identity": 0, the images as they are."""
+    names = prior.transforms or [IDENTITY]
+    if transform is None or transform == IDENTITY:
+        return 0
+    if isinstance(transform, str) and transform in names:
+        return names.index(transform)
+    if str(transform).isdigit() and int(transform) < len(names):
+        return int(transform)
+    learned = f"it learned {', '.join(names)}" if prior.transforms else \
+        "it learned the images as they are only (stage one's --map-transforms gives it more)"
+    raise UserError(f"transform {transform!r} is not one this prior learned; {learned}")
+
+
 def sampling_passes(passes: int | None, prior) -> dict:
     """`passes` as generate's keyword: only a parallel prior (MaskGIT) has passes to choose."""
     if passes is None:
@@ -279,24 +295,27 @@ class VQPipeline:
 
     def __call__(self, n: int | None = None, labels=None, guidance: float | None = None, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, passes: int | None = None, seed: int = 0,
-                 batch_size: int = 64, output_type: str = "pil", progress: bool = False) -> Samples:
+                 batch_size: int = 64, output_type: str = "pil", progress: bool = False,
+                 transform: int | str = IDENTITY) -> Samples:
         """Draw `n` new images (default 64, or one per label of a list).
 
         labels: None or "all" (every class, balanced within n, sorted by class), "none", a class
         name or index, or a list of them (one per image). guidance: None uses the scale stage two
-        measured best and stored with the prior. passes: MaskGIT's sampling passes. The same
-        seed, batch size and device give the same images."""
+        measured best and stored with the prior. passes: MaskGIT's sampling passes. transform:
+        draw images as one of the transforms the prior learned makes them (`pipe.prior.transforms`;
+        default: the images as they are). The same seed, batch size and device give the same images."""
         if n is not None and n < 1 or batch_size < 1:
             raise UserError(f"n ({n}) and batch_size ({batch_size}) must be at least 1")
         check_sampling_args(temperature, top_k, top_p)
         check_output_type(output_type)
         steps = sampling_passes(passes, self.prior)
+        transform_id = resolve_transform(transform, self.prior)
         label_indices = resolve_labels(labels, n, self.prior)
         guidance = resolve_guidance(guidance, label_indices, self.prior)
         count = len(label_indices) if label_indices is not None else (64 if n is None else n)
         codes, images = generate_images(
             self.prior, self.vqvae, label_indices, count, self.device, batch_size, seed, progress=progress,
-            temperature=temperature, top_k=top_k, top_p=top_p, guidance=guidance, **steps,
+            temperature=temperature, top_k=top_k, top_p=top_p, guidance=guidance, transform=transform_id, **steps,
         )
         return Samples(as_output(images, output_type), codes, label_indices, guidance)
 
@@ -323,19 +342,22 @@ class VQPipeline:
     @torch.inference_mode()
     def complete(self, images, mask="bottom", samples: int = 4, labels=None, guidance: float | None = None,
                  temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                 passes: int | None = None, seed: int = 0, output_type: str = "pil") -> Completions:
+                 passes: int | None = None, seed: int = 0, output_type: str = "pil",
+                 transform: int | str = IDENTITY) -> Completions:
         """Keep part of each image's code map and let the prior redraw the rest.
 
         mask: "bottom", "top", "left", "right", "center", or a mask (a PIL image, a path, or a
         tensor [H, W] over pixels or [h, w] over codes) whose white/True part is redrawn. The
         transformer and PixelCNN can redraw only a raster-order tail (e.g. "bottom"); MaskGIT
         any region. labels: None (no class), a class name or index, one per image, or "all":
-        every image completed as every class (inputs then repeat, image by image)."""
+        every image completed as every class (inputs then repeat, image by image). transform:
+        one the prior learned (default: the identity); the images are first transformed by it."""
         if samples < 1:
             raise UserError(f"samples {samples} must be at least 1 (completions per image)")
         check_sampling_args(temperature, top_k, top_p)
         check_output_type(output_type)
         steps = sampling_passes(passes, self.prior)
+        transform_id = resolve_transform(transform, self.prior)
         region = code_region(mask, *self.vqvae.map_shape)
         check_region(region, self.prior, mask)
         pixels = self.prepare_images(images)
@@ -349,13 +371,16 @@ class VQPipeline:
         device = self.device
         generator = torch.Generator(device=device).manual_seed(seed)
         with autocast_for(device):
-            codes = self.vqvae.encode(pixels.to(device).float() / 255)  # each input once, however many rows it gets
+            inputs = pixels.to(device).float() / 255
+            if transform_id:
+                inputs = apply_transform(self.prior.transforms[transform_id], inputs)
+            codes = self.vqvae.encode(inputs)  # each input once, however many rows it gets
             reconstructions = self.vqvae.decode(codes).float().cpu().repeat_interleave(copies, 0)
             codes = codes.repeat_interleave(copies, 0)
             known = repeat(codes, "n h w -> (n s) h w", s=samples)
             keep = repeat(~region.to(device), "h w -> m h w", m=len(known))
             sample_labels = repeat(label_indices.to(device), "n -> (n s)", s=samples) if label_indices is not None else None
-            completed = self.prior.generate(len(known), sample_labels, generator=generator, known=known, keep=keep,
+            completed = self.prior.generate(len(known), sample_labels, generator=generator, known=known, keep=keep, transform=transform_id,
                                             temperature=temperature, top_k=top_k, top_p=top_p, guidance=guidance, **steps)
             decoded = self.vqvae.decode(completed).float().cpu()
         completions = rearrange(decoded, "(n s) c h w -> n s c h w", s=samples)

@@ -40,6 +40,8 @@ class SampleConfig:
     top_p: float | None = field(default=None, metadata={"help": "sample among the likeliest codes of total probability p"})
     guidance: float | None = field(default=None, metadata={"help": "classifier-free guidance scale (1: none; default: the prior's measured best)"})
     passes: int | None = field(default=None, metadata={"help": "MaskGIT only: sampling passes (default: the prior's own)"})
+    transform: str = field(default="identity", metadata={"help": "draw images as one of the transforms the prior learned "
+                                                                 "makes them (stage one's --map-transforms, e.g. flip)"})
     seed: int = field(default=0, metadata={"help": "same seed, same device: same images"})
     device: str = field(default="auto", metadata={"help": "where to sample", "choices": ["auto", "cuda", "mps", "cpu"]})
     out: str | None = field(default=None, metadata={"help": "output folder (default: <run>/samples, or <run>/samples/<prior-dir>)"})
@@ -64,7 +66,7 @@ def main(argv=None):
     use_all_cores(pipe.device)
     started = time.time()
     samples = pipe(n=config.n, labels=config.label, guidance=config.guidance, temperature=config.temperature,
-                   top_k=config.top_k, top_p=config.top_p, passes=config.passes, seed=config.seed,
+                   top_k=config.top_k, top_p=config.top_p, passes=config.passes, seed=config.seed, transform=config.transform,
                    batch_size=config.batch_size, output_type="pt", progress=True)
     if pipe.device.type == "cuda":
         torch.cuda.synchronize()
@@ -83,6 +85,8 @@ def main(argv=None):
         what = "unconditional" if samples.labels is None else "one class"
     if pipe.prior.prior in PARALLEL_PRIORS:
         what += f", {config.passes or pipe.prior.default_steps} passes"
+    if config.transform != "identity":
+        what += f", as {config.transform} makes them"
     print(f"Wrote {n} samples ({what}, guidance {samples.guidance:g}) to {out} (grid.png, 0000.png..., codes.npy) in "
           f"{seconds:.2f}s: {n / seconds:.1f} images/s on {pipe.device}")
 

@@ -48,6 +48,7 @@ SMALL_SET_MIN_STEPS_MAX_SIZE = 32
 WARMUP_STEPS, SMALL_SET_WARMUP_STEPS = 200, 100
 SMALL_SET_GAN_LR_WARMUP = 100
 SMALL_SET_DEAD_CODE_SHARE = 0.25
+SMALL_SET_MAP_TRANSFORMS = "none"  # which copies a small set's prior learns from: being measured
 
 
 def preset_downsample(image_size: int) -> int:
@@ -135,3 +136,11 @@ def preset_dead_code_share(train_images: int | None, image_size: int) -> tuple[f
                                            f"at most {SMALL_SET_MIN_STEPS_MAX_SIZE} pixels: codes the moving encoder is leaving "
                                            f"are restarted before they are quite unused)")
     return 0.0, "--dead-code-share 0 (only unused codes are restarted)"
+
+
+def preset_map_transforms(train_images: int | None, channels: int) -> tuple[str, str]:
+    """--map-transforms for a train split of this many images (None: a stream) of this many channels, and why."""
+    if is_small_set(train_images) and SMALL_SET_MAP_TRANSFORMS != "none":
+        return SMALL_SET_MAP_TRANSFORMS, (f"--map-transforms {SMALL_SET_MAP_TRANSFORMS} (fewer than {SMALL_SET:,} train images: "
+                                          f"stage two also learns from transformed copies, each told its transform)")
+    return "none", f"--map-transforms none (at least {SMALL_SET:,} train images: enough distinct maps for stage two)"

@@ -20,7 +20,7 @@ from foundation.estimate import format_duration
 from foundation.judge import JUDGE_DIR
 from foundation.training import LoopConfig, batches_per_epoch, cuda_graphs_apply, describe_graphs, describe_length, open_stage, run_training_loop, set_up_training
 from stage1_vqvae.discriminator import load_lpips
-from stage1_vqvae.dump_codes import dump
+from stage1_vqvae.dump_codes import describe_dump, dump, parse_map_transforms
 from stage1_vqvae.gan_health import diagnose
 from stage1_vqvae.gan_loss import GANLoss, LossConfig, build_discriminator
 from stage1_vqvae.metrics import reconstruction_metrics, to_unit_range
@@ -30,6 +30,7 @@ from stage1_vqvae.size_presets import (
     preset_dead_code_share,
     preset_disc_head_start,
     preset_gan_lr_warmup,
+    preset_map_transforms,
     preset_min_steps,
     preset_warmup_steps,
 )
@@ -45,7 +46,8 @@ class TrainConfig(LoopConfig, DataConfig, ModelConfig, LossConfig):
                                          "architecture": "conv", "disc_lr_decay": False, "gan_lr_warmup": 0,
                                          "dead_code_share": 0.0}
     # left out (None), chosen from the train split's size once it is loaded (size_presets.py)
-    CHOSEN_FROM_DATA: ClassVar[tuple] = ("min_steps", "disc_head_start", "warmup_steps", "gan_lr_warmup", "dead_code_share")
+    CHOSEN_FROM_DATA: ClassVar[tuple] = ("min_steps", "disc_head_start", "warmup_steps", "gan_lr_warmup", "dead_code_share",
+                                         "map_transforms")
     batch_size: int | None = field(default=None, metadata={"help": "images per process per step (default: 128 up to 64x64 "
                                                                     "images, fewer for larger ones)"})
     min_steps: int | None = field(default=None, metadata={"help": "at least this many optimizer steps, however few --epochs make on a "
@@ -71,6 +73,10 @@ class TrainConfig(LoopConfig, DataConfig, ModelConfig, LossConfig):
                                                                         "pixels, else 0)"})
     ema_decay: float = field(default=0.0, metadata={"help": "keep an EMA of the weights with this decay and export it (0: the trained weights)"})
     dump: bool = field(default=True, metadata={"help": "write the code maps at the end"})
+    map_transforms: str | None = field(default=None, metadata={"help": "the dump also encodes the train images as these transforms "
+                                                                       "make them, for stage two (none, or a comma-separated list "
+                                                                       "of flip, rotations, dihedral, colours, zooms or single "
+                                                                       "transforms such as rot90; default: chosen from the data)"})
     grid_images: int = field(default=16, metadata={"help": "test images in each reconstruction grid"})
 
 
@@ -163,6 +169,12 @@ def main(argv=None):
         warmup_steps, why = preset_warmup_steps(train_images)
         config = replace(config, warmup_steps=warmup_steps)
         size_choices.append(why)
+    if config.map_transforms is None:
+        chosen, why = preset_map_transforms(train_images, data.channels)
+        config = replace(config, map_transforms=chosen)
+        if chosen != "none":
+            size_choices.append(why)
+    transforms = parse_map_transforms(config.map_transforms, data.channels)
     if config.min_steps is None:
         min_steps, why = preset_min_steps(train_images, config.image_size)
         config = replace(config, min_steps=min_steps)
@@ -231,7 +243,7 @@ def main(argv=None):
     summary += describe_graphs(captured)
     if config.dump:
         best = type(kept).from_pretrained(str(stage_dir)).to(accelerator.device)
-        summary += f", code maps in {dump(accelerator, best, data, run_dir)}"
+        summary += f", {describe_dump(dump(accelerator, best, data, run_dir, transforms=transforms))}"
     accelerator.end_training()
     warnings = diagnose(stage_dir / "log.jsonl", config.disc_start) if accelerator.is_main_process else []
     accelerator.print(f"Stage one done in {format_duration(time.time() - started)}: {summary}" + "".join(f"; but {w}" for w in warnings))

@@ -17,7 +17,7 @@ LOG2 = math.log(2)
 
 @torch.no_grad()
 def test_nll(accelerator, model, loader, autocast=None, masked: bool = False) -> float:
-    """Mean NLL in bits per code over a prepared loader of {"codes", "labels"?} batches, under
+    """Mean NLL in bits per code over a prepared loader of {"codes", "labels"?, "transforms"?} batches, under
     the accelerator's autocast unless another context factory is given; `masked`: MaskGIT's
     bits per hidden code instead, under seeded masks."""
     model.eval()
@@ -27,7 +27,8 @@ def test_nll(accelerator, model, loader, autocast=None, masked: bool = False) ->
         codes = batch["codes"]
         mask = random_mask(len(codes), codes[0].numel(), "cpu", generator).view_as(codes).to(codes.device) if masked else None
         with (autocast or accelerator.autocast)():
-            logits = model(codes, batch.get("labels"), mask) if masked else model(codes, batch.get("labels"))
+            logits = model(codes, batch.get("labels"), mask, transforms=batch.get("transforms")) if masked \
+                else model(codes, batch.get("labels"), batch.get("transforms"))
         losses = F.cross_entropy(logits.float(), codes, reduction="none")
         scored = mask if masked else torch.ones_like(codes, dtype=torch.bool)
         per_map = accelerator.gather_for_metrics(torch.stack([(losses * scored).flatten(1).sum(1), scored.flatten(1).sum(1).float()], 1))

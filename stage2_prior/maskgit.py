@@ -16,6 +16,7 @@ from huggingface_hub import PyTorchModelHubMixin
 from tqdm.auto import tqdm
 
 from stage2_prior.prior_config import PRIOR_DEFAULTS
+from stage2_prior.prior_metadata import prepare_transforms
 from stage2_prior.sampling import filter_logits, guide, prepare_labels, sample_logits, with_null_labels
 from stage2_prior.transformer import CodeTransformer
 
@@ -69,12 +70,14 @@ class MaskGITPrior(CodeTransformer, PyTorchModelHubMixin):
         default_guidance: float = 1.0,
         label_dropout: float | None = None,
         default_steps: int | None = None,
+        transforms: list[str] | None = None,
     ):
         super().__init__()
         if default_steps is not None and default_steps < 1:
             raise ValueError(f"default_steps {default_steps} must be at least 1")
         self._build(codebook_size, map_height, map_width, num_classes, width, layers, heads, dropout, prior,
-                    codes_source, class_names, default_guidance, label_dropout, causal=False, extra_tokens=1)
+                    codes_source, class_names, default_guidance, label_dropout, causal=False, extra_tokens=1,
+                    transforms=transforms)
         # sampling passes when none are asked for (None: the map size's, `passes_for_map`)
         self.default_steps = default_steps or passes_for_map(map_height * map_width)
 
@@ -82,27 +85,32 @@ class MaskGITPrior(CodeTransformer, PyTorchModelHubMixin):
     def mask_token(self) -> int:
         return self.codebook_size
 
-    def _logits(self, codes: torch.Tensor, masked: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """codes, masked [B, h*w], labels [B] -> logits [B, h*w, K] for every position."""
+    def _logits(self, codes: torch.Tensor, masked: torch.Tensor, labels: torch.Tensor, transforms: torch.Tensor | None) -> torch.Tensor:
+        """codes, masked [B, h*w], labels [B], transforms [B] or None -> logits [B, h*w, K] for every position."""
         tokens = self.code_embed(torch.where(masked, self.mask_token, codes)) + self._positions()
-        x = self.dropout(torch.cat([self.label_embed(labels)[:, None], tokens], dim=1))
+        tokens = torch.cat([self.label_embed(labels)[:, None], tokens], dim=1) + self._transform_bias(transforms)
+        x = self.dropout(tokens)
         for block in self.blocks:
             x = block(x)
         return self.head(self.norm(x[:, 1:]))
 
-    def forward(self, codes: torch.Tensor, labels: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, codes: torch.Tensor, labels: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                transforms: torch.Tensor | None = None) -> torch.Tensor:
         """codes [B, h, w], mask [B, h, w] (True = hidden; None: nothing hidden) -> logits [B, K, h, w].
-        Training scores only the hidden positions (`masked_code_loss`)."""
+        Training scores only the hidden positions (`masked_code_loss`). `transforms` [B]: the id of
+        the transform that made each map (None: the identity)."""
         batch, height, width = codes.shape
         labels = prepare_labels(batch, labels, self.num_classes, codes.device)
+        transforms = prepare_transforms(batch, transforms, self.num_transforms, codes.device)
         flat = rearrange(codes, "b h w -> b (h w)")
         masked = torch.zeros_like(flat, dtype=torch.bool) if mask is None else rearrange(mask, "b h w -> b (h w)")
-        return rearrange(self._logits(flat, masked, labels), "b (h w) k -> b k h w", h=height, w=width)
+        return rearrange(self._logits(flat, masked, labels, transforms), "b (h w) k -> b k h w", h=height, w=width)
 
     @torch.no_grad()
     def generate(self, n, labels=None, temperature=1.0, top_k=None, top_p=None, generator=None, guidance=1.0,
-                 steps=None, known=None, keep=None, choice_temperature=4.5, progress=False) -> torch.Tensor:
-        """Sample n code maps [n, h, w] in `steps` passes (default: the prior's `default_steps`).
+                 steps=None, known=None, keep=None, choice_temperature=4.5, progress=False, transform=0) -> torch.Tensor:
+        """Sample n code maps [n, h, w] in `steps` passes (default: the prior's `default_steps`),
+        as transform `transform` makes them (0: the images as they are).
 
         `known` [n, h, w] and `keep` [n, h, w] (bool) fix codes that are never changed: only the
         others are drawn, along the schedule of their own count. `choice_temperature` scales
@@ -114,6 +122,7 @@ class MaskGITPrior(CodeTransformer, PyTorchModelHubMixin):
         device = self.code_embed.weight.device
         labels = with_null_labels(prepare_labels(n, labels, self.num_classes, device), self.null_label, guidance)
         copies = len(labels) // n  # 2 under guidance: the conditional and the unconditional half
+        transforms = prepare_transforms(len(labels), transform, self.num_transforms, device)
         length = self.map_shape[0] * self.map_shape[1]
         codes = torch.zeros(n, length, dtype=torch.long, device=device)
         masked = torch.ones(n, length, dtype=torch.bool, device=device)
@@ -123,7 +132,7 @@ class MaskGITPrior(CodeTransformer, PyTorchModelHubMixin):
             masked = ~keep
         unknown = masked.sum(1)
         for step in tqdm(range(steps), desc="sampling passes", disable=not progress, leave=False):
-            logits = self._logits(repeat(codes, "n l -> (c n) l", c=copies), repeat(masked, "n l -> (c n) l", c=copies), labels)
+            logits = self._logits(repeat(codes, "n l -> (c n) l", c=copies), repeat(masked, "n l -> (c n) l", c=copies), labels, transforms)
             logits = filter_logits(guide(logits, guidance).flatten(0, 1) / temperature, top_k, top_p)
             drawn = sample_logits(logits, generator=generator)
             log_probability = logits.log_softmax(-1).gather(-1, drawn[:, None]).view(n, length)
@@ -138,11 +147,13 @@ class MaskGITPrior(CodeTransformer, PyTorchModelHubMixin):
 
 
 def masked_code_loss(model, codes: torch.Tensor, labels: torch.Tensor | None, generator=None,
-                     label_smoothing: float = 0.1) -> torch.Tensor:
+                     label_smoothing: float = 0.1, transforms: torch.Tensor | None = None,
+                     inputs: torch.Tensor | None = None) -> torch.Tensor:
     """Cross-entropy (nats) of the hidden codes under a random cosine-scheduled mask, one value
     per hidden code; `model` may be wrapped (DDP), so it is called, not unwrapped. Label
     smoothing 0.1, as MaskGIT trains: on the demo's maps one run's samples judged 10.7x the
-    floor against 11.9x without (docs/maskgit.md)."""
+    floor against 11.9x without (docs/maskgit.md). `inputs`: the codes the model reads where
+    they differ from the targets `codes` (corrupted while training)."""
     mask = random_mask(len(codes), codes[0].numel(), codes.device, generator).view_as(codes)
-    logits = model(codes, labels, mask)
+    logits = model(codes if inputs is None else inputs, labels, mask, transforms=transforms)
     return F.cross_entropy(logits.float(), codes, reduction="none", label_smoothing=label_smoothing)[mask]

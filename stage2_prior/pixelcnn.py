@@ -3,7 +3,8 @@ Generation with PixelCNN Decoders").
 
 A vertical stack sees the rows above, a horizontal stack the codes to the left in the
 current row; joining them at every layer leaves no blind spot. Each layer is a gated unit
-tanh(a) * sigmoid(b) with the class embedding added inside the gate.
+tanh(a) * sigmoid(b) with the class embedding (and, where the train maps hold transformed
+copies of the images, the transform's) added inside the gate.
 
 Each layer widens the view by kernel_size // 2 codes up, left and right; construction
 checks that the layers see the whole map before the current code, so no code is blind to
@@ -23,7 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from stage2_prior.prior_config import PRIOR_DEFAULTS
-from stage2_prior.prior_metadata import PriorMetadata
+from stage2_prior.prior_metadata import PriorMetadata, prepare_transforms
 from stage2_prior.sampling import guide, prepare_labels, sample_logits, with_null_labels
 
 
@@ -42,7 +43,7 @@ def shift_right(x: torch.Tensor) -> torch.Tensor:
 
 
 class GatedLayer(nn.Module):
-    def __init__(self, channels: int, kernel: int, num_labels: int, first: bool):
+    def __init__(self, channels: int, kernel: int, num_labels: int, first: bool, num_transforms: int = 0):
         super().__init__()
         self.half, self.first = kernel // 2, first
         self.vertical_conv = nn.Conv2d(channels, 2 * channels, (self.half + 1, kernel))
@@ -51,6 +52,8 @@ class GatedLayer(nn.Module):
         self.horizontal_out = nn.Conv2d(channels, channels, 1)
         self.skip = nn.Conv2d(channels, channels, 1)
         self.label_bias = nn.Embedding(num_labels, 4 * channels)
+        if num_transforms:
+            self.transform_bias = nn.Embedding(num_transforms, 4 * channels)
 
     def vertical(self, v, label_bias):
         """v [B, C, H, W] -> (next v, the shifted-down contribution to the horizontal stack)."""
@@ -81,6 +84,7 @@ class GatedPixelCNN(PriorMetadata, PyTorchModelHubMixin):
         class_names: list[str] | None = None,
         default_guidance: float = 1.0,
         label_dropout: float | None = None,
+        transforms: list[str] | None = None,
     ):
         super().__init__()
         if kernel_size % 2 == 0:
@@ -93,15 +97,17 @@ class GatedPixelCNN(PriorMetadata, PyTorchModelHubMixin):
                 f"{-(-needed // (kernel_size // 2))} layers or a larger kernel"
             )
         self._record(codebook_size, map_height, map_width, num_classes, prior, codes_source, class_names,
-                     default_guidance, label_dropout)
+                     default_guidance, label_dropout, transforms)
         self.embed = nn.Embedding(codebook_size, channels)
         self.layers = nn.ModuleList(
-            GatedLayer(channels, kernel_size, num_classes + 1, first=i == 0) for i in range(layers)
+            GatedLayer(channels, kernel_size, num_classes + 1, first=i == 0, num_transforms=self.num_transforms) for i in range(layers)
         )
         self.head = nn.Sequential(nn.ReLU(), nn.Conv2d(channels, channels, 1), nn.ReLU(), nn.Conv2d(channels, codebook_size, 1))
 
-    def _label_biases(self, labels):
-        return [rearrange(layer.label_bias(labels), "b c -> b c 1 1") for layer in self.layers]
+    def _condition_biases(self, labels, transforms):
+        """Per layer [B, 4C, 1, 1]: the class's bias, plus the transform's where there is one."""
+        biases = [layer.label_bias(labels) + (layer.transform_bias(transforms) if transforms is not None else 0) for layer in self.layers]
+        return [rearrange(bias, "b c -> b c 1 1") for bias in biases]
 
     def vertical_stack(self, codes, biases):
         """Per layer, what the horizontal stack receives from above, for the rows in `codes`."""
@@ -120,16 +126,18 @@ class GatedPixelCNN(PriorMetadata, PyTorchModelHubMixin):
             skip = skip + layer_skip
         return self.head(skip)
 
-    def forward(self, codes: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        """codes [B, h, w] -> logits [B, K, h, w]; position (i, j) sees only codes before it."""
+    def forward(self, codes: torch.Tensor, labels: torch.Tensor | None = None, transforms: torch.Tensor | None = None) -> torch.Tensor:
+        """codes [B, h, w] -> logits [B, K, h, w]; position (i, j) sees only codes before it.
+        `transforms` [B]: the id of the transform that made each map (None: the identity)."""
         labels = prepare_labels(len(codes), labels, self.num_classes, codes.device)
-        biases = self._label_biases(labels)
+        biases = self._condition_biases(labels, prepare_transforms(len(codes), transforms, self.num_transforms, codes.device))
         return self.horizontal_stack(codes, self.vertical_stack(codes, biases), biases)
 
     @torch.no_grad()
     def generate(self, n, labels=None, temperature=1.0, top_k=None, top_p=None, generator=None,
-                 guidance=1.0, decoding="auto", progress=False, known=None, keep=None) -> torch.Tensor:
-        """Sample n code maps [n, h, w]. `decoding`: "cache" ("auto") runs each layer once per
+                 guidance=1.0, decoding="auto", progress=False, known=None, keep=None, transform=0) -> torch.Tensor:
+        """Sample n code maps [n, h, w], as transform `transform` makes them (0: the images as
+        they are). `decoding`: "cache" ("auto") runs each layer once per
         code through per-layer caches, "naive" reruns the whole network per code.
         `known` and `keep` [n, h, w]: codes written as given instead of drawn (see the transformer)."""
         if decoding not in ("auto", "cache", "naive"):
@@ -138,7 +146,7 @@ class GatedPixelCNN(PriorMetadata, PyTorchModelHubMixin):
         device = self.embed.weight.device
         labels = prepare_labels(n, labels, self.num_classes, device)
         labels = with_null_labels(labels, self.null_label, guidance)
-        biases = self._label_biases(labels)
+        biases = self._condition_biases(labels, prepare_transforms(len(labels), transform, self.num_transforms, device))
         height, width = self.map_shape
         codes = torch.zeros(len(labels), height, width, dtype=torch.long, device=device)
         cache = LayerCache(self, len(labels), width, device) if cached else None

@@ -16,13 +16,27 @@ PRIORS = {"transformer": TransformerPrior, "pixelcnn": GatedPixelCNN, "maskgit":
 PARALLEL_PRIORS = ("maskgit",)
 
 
-def training_loss(model, codes: torch.Tensor, labels: torch.Tensor | None, kind: str) -> torch.Tensor:
+def corrupt_codes(codes: torch.Tensor, share: float, codebook_size: int) -> torch.Tensor:
+    """`codes` with a random `share` of them replaced by codes drawn uniformly from the codebook
+    (taming's pkeep is 1 - share): a prior that reads a few wrong codes and must still predict the
+    right next ones cannot lean on copying a train map it has recognised, and at sampling time
+    it recovers from a code it drew badly instead of compounding it."""
+    if share <= 0:
+        return codes
+    replaced = torch.rand(codes.shape, device=codes.device) < share
+    return torch.where(replaced, torch.randint_like(codes, codebook_size), codes)
+
+
+def training_loss(model, codes: torch.Tensor, labels: torch.Tensor | None, kind: str, transforms: torch.Tensor | None = None,
+                  inputs: torch.Tensor | None = None) -> torch.Tensor:
     """The loss a prior of this kind trains on (nats): the NLL of every code for the raster
     priors, the label-smoothed cross-entropy of the hidden codes for a parallel one (MaskGIT).
-    `model` may be wrapped (DDP), so it is called, not unwrapped."""
+    `model` may be wrapped (DDP), so it is called, not unwrapped. `inputs`: what the prior reads
+    where it differs from the targets `codes` (`corrupt_codes`)."""
+    inputs = codes if inputs is None else inputs
     if kind in PARALLEL_PRIORS:
-        return masked_code_loss(model, codes, labels).mean()
-    return F.cross_entropy(model(codes, labels).float(), codes)
+        return masked_code_loss(model, codes, labels, transforms=transforms, inputs=inputs).mean()
+    return F.cross_entropy(model(inputs, labels, transforms).float(), codes)
 
 
 def load_prior(directory: Path):

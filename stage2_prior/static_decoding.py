@@ -45,7 +45,7 @@ class StaticDecoder:
         self.graph: torch.cuda.CUDAGraph | None = None
         self.capture_failed = False
 
-    def load(self, prior, labels, uniforms, known, keep, guidance, temperature) -> None:
+    def load(self, prior, labels, transforms, uniforms, known, keep, guidance, temperature) -> None:
         """Copy one call's inputs into the buffers and rewind to the first code."""
         self.labels.copy_(labels)
         self.uniforms.copy_(uniforms)
@@ -56,7 +56,7 @@ class StaticDecoder:
         self.guidance.fill_(guidance)
         self.temperature.fill_(temperature)
         self.positions.copy_(prior._positions())
-        self.bias.copy_(torch.as_tensor(prior._label_bias(labels)).expand_as(self.bias))  # 0.0 for a prior without it
+        self.bias.copy_(torch.as_tensor(prior._condition_bias(labels, transforms)).expand_as(self.bias))  # 0.0 for a prior without it
         self.tokens.copy_(prior._first_input(labels, self.positions, self.bias))
         self.codes.zero_()
         self.cache.reset()
@@ -110,7 +110,7 @@ class StaticDecoder:
         return self.codes
 
 
-def decode_static(prior, labels, n, uniforms, temperature, top_k, top_p, guidance, known, keep,
+def decode_static(prior, labels, transforms, n, uniforms, temperature, top_k, top_p, guidance, known, keep,
                   captured: bool, progress_bar) -> torch.Tensor:
     """Codes [len(labels), h*w] through the static cache; `captured`: as CUDA graph replays,
     captured on the first call for this batch size and top-k/top-p and kept for the next."""
@@ -127,7 +127,7 @@ def decode_static(prior, labels, n, uniforms, temperature, top_k, top_p, guidanc
             held = key, StaticDecoder(prior, len(labels), n, top_k, top_p, guidance != 1.0, device, dtype)
             _decoders[prior] = held
         decoder = held[1]
-        inputs = (labels, uniforms, known, keep, guidance, temperature)
+        inputs = (labels, transforms, uniforms, known, keep, guidance, temperature)
         decoder.load(prior, *inputs)
         if captured and decoder.graph is None:
             captured = decoder.capture_once(prior)

@@ -25,7 +25,7 @@ from stage1_vqvae.codes import open_codes, weights_hash
 from stage1_vqvae.model import load_vqvae
 from stage2_prior.evaluation import LOG2, prior_bits_per_dim, test_nll
 from stage2_prior.prior_config import PriorConfig
-from stage2_prior.priors import PARALLEL_PRIORS, PRIORS, load_prior, set_default_guidance, training_loss
+from stage2_prior.priors import PARALLEL_PRIORS, PRIORS, corrupt_codes, load_prior, set_default_guidance, training_loss
 from stage2_prior.quality import balanced_labels, best_guidance, guidance_sweep, parse_scales
 from stage2_prior.size_presets import apply_prior_presets
 
@@ -33,7 +33,8 @@ from stage2_prior.size_presets import apply_prior_presets
 @dataclass
 class TrainConfig(LoopConfig, PriorConfig):
     # how runs saved before these flags existed trained, so that --resume of one refuses the new default
-    FLAGS_ADDED_SINCE: ClassVar[dict] = {"label_every_code": False, "codebook_inputs": False}
+    FLAGS_ADDED_SINCE: ClassVar[dict] = {"label_every_code": False, "codebook_inputs": False, "transformed_maps": True,
+                                         "token_corruption": 0.0}
     # one flag name, one meaning: --steps counted optimizer steps elsewhere, --channels image channels in stage one
     RENAMED_FLAGS: ClassVar[dict] = {"--steps": "--passes", "--channels": "--pixelcnn-channels"}
     epochs: float = field(default=2.25, metadata={"help": "passes over the train maps (ignored with --max-steps)"})
@@ -47,6 +48,11 @@ class TrainConfig(LoopConfig, PriorConfig):
                                                                     "fewer of larger maps; small batches: more updates in the same time)"})
     dropout: float | None = field(default=None, metadata={"help": "transformer (and MaskGIT) dropout (default: 0.1 where the run "
                                                                    "passes over the train maps more than 12 times, else 0)"})
+    transformed_maps: bool = field(default=True, metadata={"help": "train on the transformed copies of the train images where "
+                                                                   "stage one's dump wrote them, each told its transform "
+                                                                   "(--no-transformed-maps: the images' own maps only)"})
+    token_corruption: float = field(default=0.0, metadata={"help": "share of the input codes replaced by random codes while "
+                                                                   "training, the targets unchanged"})
     lr: float = field(default=2e-3, metadata={"help": "peak learning rate of AdamW"})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
     grid_samples: int = field(default=32, metadata={"help": "samples in each evaluation grid"})
@@ -123,11 +129,12 @@ def check_prior_dir(name: str) -> None:
 
 
 def build_prior(config: TrainConfig, codebook_size: int, map_shape, class_names: list[str] | None, source: str,
-                codebook: torch.Tensor | None = None):
-    """The prior `config` asks for; `codebook` [K, D] (the VQ-VAE's) feeds the transformer's codebook inputs."""
+                codebook: torch.Tensor | None = None, transforms: list[str] | None = None):
+    """The prior `config` asks for; `codebook` [K, D] (the VQ-VAE's) feeds the transformer's codebook
+    inputs; `transforms` names the transform ids of the train maps (None: the images' own maps only)."""
     common = dict(codebook_size=codebook_size, map_height=map_shape[0], map_width=map_shape[1],
                   num_classes=len(class_names or []), codes_source=source, class_names=class_names,
-                  label_dropout=config.label_dropout if class_names else None)
+                  label_dropout=config.label_dropout if class_names else None, transforms=transforms)
     try:
         if config.prior == "transformer":
             vectors = codebook if config.codebook_inputs else None
@@ -172,25 +179,30 @@ def main(argv=None):
     check_prior_dir(config.prior_dir)
     if config.patience < 0:
         raise UserError(f"--patience {config.patience} must not be negative (0: train every step, however the test NLL moves)")
+    if not 0 <= config.token_corruption < 1:
+        raise UserError(f"--token-corruption {config.token_corruption} must be at least 0 (0: the prior reads the true codes) "
+                        f"and below 1, e.g. 0.1")
     if config.passes is not None and config.passes < 1:
         raise UserError(f"--passes {config.passes} must be at least 1 (MaskGIT's sampling passes; leave it out for the map size's default, 4 on 8x8 maps)")
     masked = config.prior in PARALLEL_PRIORS
     started = time.time()
     run_dir = Path(config.run_dir)
     vqvae = load_vqvae(run_dir).eval()  # before the stage opens: its batch follows the maps' size
-    train_maps = open_codes(run_dir / "codes", "train", vqvae=vqvae)
+    train_maps = open_codes(run_dir / "codes", "train", vqvae=vqvae, transforms=config.transformed_maps)
     metadata = train_maps.metadata
+    transforms = metadata.transforms if train_maps.transformed else None
     config, size_choices = apply_prior_presets(config, metadata.map_height, metadata.map_width, len(train_maps))
     stage_dir = run_dir / config.prior_dir
     accelerator, checkpoints = open_stage(config, stage_dir, "stage two", (run_dir / JUDGE_DIR,))
     vqvae = vqvae.to(accelerator.device)
     conditional = train_maps.labelled and not config.unconditional and bool(metadata.class_names)
     # memory-mapped, or uint16 in memory: int64 one batch at a time
-    train_maps, test_maps = (open_codes(run_dir / "codes", split, labels=conditional) for split in ("train", "test"))
+    train_maps, test_maps = (open_codes(run_dir / "codes", split, labels=conditional, transforms=config.transformed_maps)
+                             for split in ("train", "test"))
     class_names = metadata.class_names if conditional else None
     num_classes = len(class_names or [])
     prior = build_prior(config, metadata.codebook_size, (metadata.map_height, metadata.map_width), class_names, weights_hash(vqvae),
-                        codebook=vqvae.quantizer.codebook.cpu())
+                        codebook=vqvae.quantizer.codebook.cpu(), transforms=transforms)
     if conditional and not test_maps.labelled:
         accelerator.print("The test split has no labels: its NLL is scored without a class (the null label), the train split's with one.")
 
@@ -204,7 +216,8 @@ def main(argv=None):
     unwrapped = accelerator.unwrap_model(model)
     accelerator.print(
         f"Stage two: {config.prior} prior of {sum(p.numel() for p in unwrapped.parameters()) / 1e6:.2f}M parameters, "
-        f"{len(train_maps)} train maps of {metadata.map_height}x{metadata.map_width} codes (K={metadata.codebook_size}), "
+        f"{len(train_maps)} train maps of {metadata.map_height}x{metadata.map_width} codes (K={metadata.codebook_size})"
+        f"{f' ({len(train_maps) // len(transforms)} images as they are and as {len(transforms) - 1} transforms make them)' if transforms else ''}, "
         f"{'conditional on ' + str(num_classes) + ' classes' if num_classes else 'unconditional'}, "
         f"{describe_length(config, setup.steps, len(setup.train_loader))} of {config.batch_size * accelerator.num_processes} maps"
         + (f"; chosen for these maps: {', '.join(size_choices)}" if size_choices else "")
@@ -214,7 +227,9 @@ def main(argv=None):
         labels = batch.get("labels")
         if labels is not None:
             labels = drop_labels(labels, unwrapped.null_label, config.label_dropout)
-        loss = training_loss(model, batch["codes"], labels, config.prior)
+        codes = batch["codes"]
+        inputs = corrupt_codes(codes, config.token_corruption, metadata.codebook_size)
+        loss = training_loss(model, codes, labels, config.prior, batch.get("transforms"), inputs)
         name = "masked_loss_bits_per_code" if masked else "nll_bits_per_code"  # MaskGIT's is label-smoothed
         return loss, {name: loss.detach() / LOG2}, len(batch["codes"])
 

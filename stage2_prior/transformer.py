@@ -4,7 +4,9 @@ The sequence is [class-or-null token, code 0, ..., code n-2]; output t predicts 
 Input t also carries the learned row and column embedding of the code it predicts, so
 the model always knows where it is writing, and (`label_every_code`, as stage two builds it)
 an embedding of the class, so that no position has to find the class through attention
-alone: the samples are recognised as their class more often. With `code_vector_dim` (as
+alone: the samples are recognised as their class more often. Where the train maps hold
+transformed copies of the images (stage one's dump), every input also carries the embedding of
+the transform that made its map, and sampling asks for the identity's. With `code_vector_dim` (as
 stage two builds it) a code's input also carries its VQ-VAE codebook vector, projected:
 codes the decoder draws alike start alike, so a code seen rarely borrows from its
 neighbours (test NLL 0.04-0.06 bits/code lower in the same steps). Blocks are pre-norm and use
@@ -28,7 +30,7 @@ from tqdm.auto import tqdm
 
 from stage1_vqvae.model import MODEL_DEFAULTS
 from stage2_prior.prior_config import PRIOR_DEFAULTS
-from stage2_prior.prior_metadata import PriorMetadata
+from stage2_prior.prior_metadata import PriorMetadata, prepare_transforms
 from stage2_prior.sampling import draw_uniforms, guide, prepare_labels, sample_logits, with_null_labels
 from stage2_prior.static_decoding import decode_static
 
@@ -140,14 +142,17 @@ class CodeTransformer(PriorMetadata):
     class and row/column embeddings, pre-norm blocks (causal or not) and a head over the K codes."""
 
     def _build(self, codebook_size, map_height, map_width, num_classes, width, layers, heads, dropout, prior,
-               codes_source, class_names, default_guidance, label_dropout, causal: bool, extra_tokens: int = 0):
+               codes_source, class_names, default_guidance, label_dropout, causal: bool, extra_tokens: int = 0,
+               transforms: list[str] | None = None):
         if width % heads:
             raise ValueError(f"width {width} must be a multiple of heads {heads}")
         self._record(codebook_size, map_height, map_width, num_classes, prior, codes_source, class_names,
-                     default_guidance, label_dropout)
+                     default_guidance, label_dropout, transforms)
         self.heads, self.num_layers, self.width = heads, layers, width
         self.code_embed = nn.Embedding(codebook_size + extra_tokens, width)  # extra: MaskGIT's mask token
         self.label_embed = nn.Embedding(num_classes + 1, width)  # the last one is "no class"
+        if self.num_transforms:  # added to every input, as the class is
+            self.transform_embed = nn.Embedding(self.num_transforms, width)
         self.row_embed = nn.Parameter(torch.zeros(map_height, width))
         self.col_embed = nn.Parameter(torch.zeros(map_width, width))
         self.dropout = nn.Dropout(dropout)
@@ -177,6 +182,10 @@ class CodeTransformer(PriorMetadata):
         """[h*w, width]: the row plus column embedding of each code, in raster order."""
         return rearrange(self.row_embed[:, None] + self.col_embed[None], "h w c -> (h w) c")
 
+    def _transform_bias(self, transforms: torch.Tensor | None) -> torch.Tensor | float:
+        """[B, 1, width]: the transform's embedding, added to every input; 0 where there is none."""
+        return self.transform_embed(transforms)[:, None] if transforms is not None else 0.0
+
 
 class TransformerPrior(CodeTransformer, PyTorchModelHubMixin):
     def __init__(
@@ -196,10 +205,11 @@ class TransformerPrior(CodeTransformer, PyTorchModelHubMixin):
         label_dropout: float | None = None,
         label_every_code: bool = PRIOR_DEFAULTS.label_every_code,
         code_vector_dim: int = MODEL_DEFAULTS.code_dim if PRIOR_DEFAULTS.codebook_inputs else 0,
+        transforms: list[str] | None = None,
     ):
         super().__init__()
         self._build(codebook_size, map_height, map_width, num_classes, width, layers, heads, dropout, prior,
-                    codes_source, class_names, default_guidance, label_dropout, causal=True)
+                    codes_source, class_names, default_guidance, label_dropout, causal=True, transforms=transforms)
         # (`load_prior` passes False and 0 where config.json predates these two: such a prior loads as it was trained.)
         self.label_every_code = label_every_code
         if label_every_code:
@@ -232,9 +242,11 @@ class TransformerPrior(CodeTransformer, PyTorchModelHubMixin):
         """[B, 1, width]: what it reads after drawing `codes` [B], at `position`'s embedding."""
         return (self.embed_codes(codes) + position)[:, None] + bias
 
-    def _label_bias(self, labels: torch.Tensor) -> torch.Tensor | float:
-        """[B, 1, width]: the class added to every input token, or 0 when the prior has none."""
-        return self.label_bias(labels)[:, None] if self.label_every_code else 0.0
+    def _condition_bias(self, labels: torch.Tensor, transforms: torch.Tensor | None) -> torch.Tensor | float:
+        """[B, 1, width]: the class and the transform added to every input token, or 0 when the
+        prior has neither."""
+        label = self.label_bias(labels)[:, None] if self.label_every_code else 0.0
+        return label + self._transform_bias(transforms)
 
     def _run(self, tokens, cache=None):
         x = self.dropout(tokens)
@@ -244,19 +256,23 @@ class TransformerPrior(CodeTransformer, PyTorchModelHubMixin):
             cache.advance(tokens.shape[1])
         return self.head(self.norm(x))
 
-    def forward(self, codes: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        """codes [B, h, w] -> logits [B, K, h, w]; the logits of a code see only codes before it."""
+    def forward(self, codes: torch.Tensor, labels: torch.Tensor | None = None, transforms: torch.Tensor | None = None) -> torch.Tensor:
+        """codes [B, h, w] -> logits [B, K, h, w]; the logits of a code see only codes before it.
+        `transforms` [B]: the id of the transform that made each map (None: the identity)."""
         batch, height, width = codes.shape
         labels = prepare_labels(batch, labels, self.num_classes, codes.device)
+        transforms = prepare_transforms(batch, transforms, self.num_transforms, codes.device)
         previous = self.embed_codes(rearrange(codes, "b h w -> b (h w)")[:, :-1])
-        tokens = torch.cat([self.label_embed(labels)[:, None], previous], dim=1) + self._positions() + self._label_bias(labels)
+        tokens = (torch.cat([self.label_embed(labels)[:, None], previous], dim=1) + self._positions()
+                  + self._condition_bias(labels, transforms))
         logits = self._run(tokens)
         return rearrange(logits, "b (h w) k -> b k h w", h=height, w=width)
 
     @torch.no_grad()
     def generate(self, n, labels=None, temperature=1.0, top_k=None, top_p=None, generator=None,
-                 guidance=1.0, decoding="auto", progress=False, known=None, keep=None) -> torch.Tensor:
-        """Sample n code maps [n, h, w]; `guidance` > 1 applies classifier-free guidance.
+                 guidance=1.0, decoding="auto", progress=False, known=None, keep=None, transform=0) -> torch.Tensor:
+        """Sample n code maps [n, h, w]; `guidance` > 1 applies classifier-free guidance;
+        `transform`: draw maps as that transform's id makes them (0: the images as they are).
 
         `decoding` says how each code is computed; every way draws the same codes for a seed:
         "cache" keeps a key/value cache that grows by one position a code, "static" a cache of
@@ -270,16 +286,17 @@ class TransformerPrior(CodeTransformer, PyTorchModelHubMixin):
         decoding = resolve_decoding(decoding, device)
         labels = with_null_labels(prepare_labels(n, labels, self.num_classes, device), self.null_label, guidance)
         batch, length = len(labels), self.map_shape[0] * self.map_shape[1]
+        transforms = prepare_transforms(batch, transform, self.num_transforms, device)
         uniforms = draw_uniforms(length, n, generator, device)
         if keep is not None:
             keep, known = (rearrange(x.to(device), "n h w -> n (h w)") for x in (keep.bool(), known))
         bar = partial(tqdm, desc="sampling codes", disable=not progress, leave=False)
         if decoding in ("static", "graph"):
-            codes = decode_static(self, labels, n, uniforms, temperature, top_k, top_p, guidance, known, keep,
+            codes = decode_static(self, labels, transforms, n, uniforms, temperature, top_k, top_p, guidance, known, keep,
                                   captured=decoding == "graph", progress_bar=bar)
             return rearrange(codes[:n], "b (h w) -> b h w", h=self.map_shape[0])
         positions = self._positions()
-        bias = self._label_bias(labels)
+        bias = self._condition_bias(labels, transforms)
         tokens = self._first_input(labels, positions, bias)  # the cached path keeps only the newest
         cache = None
         if decoding == "cache":

@@ -37,9 +37,9 @@ def test_each_pass_leaves_the_cosine_share_masked_and_the_last_none(steps, monke
     seen = []
     run = model._logits
 
-    def recording(codes, masked, labels):
+    def recording(codes, masked, labels, transforms):
         seen.append(masked.sum(1).tolist())
-        return run(codes, masked, labels)
+        return run(codes, masked, labels, transforms)
 
     monkeypatch.setattr(model, "_logits", recording)
     length = H * W
@@ -118,7 +118,7 @@ def test_guidance_uses_the_conditional_half_as_conditional(monkeypatch):
     conditional = torch.tensor([1.0, 1.0] + [-10.0] * (K - 2))
     unconditional = torch.tensor([0.0, 2.0] + [-10.0] * (K - 2))
 
-    def by_hand(codes, masked, labels):
+    def by_hand(codes, masked, labels, transforms):
         rows = torch.where((labels == model.null_label)[:, None], unconditional, conditional)
         return rows[:, None, :].expand(len(labels), H * W, K)
 

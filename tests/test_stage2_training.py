@@ -24,7 +24,7 @@ def stage_one_run(tmp_path_factory, tiny_fashion_dir):
     run_dir = tmp_path_factory.mktemp("run")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("VQ_DATA_DIR", str(tiny_fashion_dir))
-        stage_one.main(["--run-dir", str(run_dir), *TINY_MODEL, "--max-steps", "20"])
+        stage_one.main(["--run-dir", str(run_dir), *TINY_MODEL, "--max-steps", "20", "--map-transforms", "none"])
     reset_accelerate_state()
     return run_dir
 

@@ -129,7 +129,7 @@ def test_decoding_the_stored_codes_equals_the_models_reconstruction(tiny_fashion
 
 def test_two_process_training_with_the_discriminator_and_dump_write_every_image_exactly_once(tiny_fashion, tmp_path):
     command = accelerate_command(2) + [
-        str(REPO / "stage1_vqvae" / "train.py"), "--run-dir", str(tmp_path), *TINY_MODEL,
+        str(REPO / "stage1_vqvae" / "train.py"), "--run-dir", str(tmp_path), *TINY_MODEL, "--map-transforms", "rot90",
         "--max-steps", "4", "--batch-size", "5", "--disc-start", "2", "--disc-channels", "8", "--log-every", "1",
     ]
     completed = subprocess.run(command, env=cpu_env(VQ_DATA_DIR=str(tiny_fashion)), capture_output=True, text=True, timeout=240)
@@ -139,8 +139,15 @@ def test_two_process_training_with_the_discriminator_and_dump_write_every_image_
     data = load_image_data(DataConfig())
     for split, dataset in (("train", data.train), ("test", data.test)):
         stored = read_codes(tmp_path / "codes", split, vqvae=model)
+        images = dataset.images.float() / 255
+        if split == "train":  # each image as it is and a quarter turned, each once
+            assert len(stored.codes) == 2 * len(dataset) and torch.equal(stored.transforms.bincount(), torch.tensor([64, 64]))
+            turned = stored.transforms == 1
+            assert torch.equal(stored.codes[turned], model.encode(images.rot90(1, (-2, -1))))
+            assert torch.equal(stored.labels[turned], dataset.labels)
+            stored = read_codes(tmp_path / "codes", split, vqvae=model, transforms=False)
         assert len(stored.codes) == len(dataset)  # 64 and 37: none lost, none repeated
-        assert torch.equal(stored.codes, model.encode(dataset.images.float() / 255))
+        assert torch.equal(stored.codes, model.encode(images))
         assert torch.equal(stored.labels, dataset.labels)
 
 
@@ -149,10 +156,10 @@ def test_the_dump_writes_batch_by_batch_and_two_processes_write_every_map_once_i
     processes, many batches each, the joined maps are the splits' own, in order."""
     from stage1_vqvae import codes, dump_codes
 
-    run_stage_one(tmp_path, "--max-steps", "2", "--no-dump")
+    run_stage_one(tmp_path, "--max-steps", "2", "--no-dump", "--map-transforms", "none")
     written = []
     write = codes.ShardWriter.write
-    monkeypatch.setattr(codes.ShardWriter, "write", lambda self, maps, labels: written.append(len(maps)) or write(self, maps, labels))
+    monkeypatch.setattr(codes.ShardWriter, "write", lambda self, maps, labels, transform=0: written.append(len(maps)) or write(self, maps, labels))
     dump_codes.main(["--run-dir", str(tmp_path), "--batch-size", "5"])
     assert written == [5] * 12 + [4] + [5] * 7 + [2]  # 64 train and 37 test images, in batches of 5
     reset_accelerate_state()
