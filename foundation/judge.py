@@ -4,9 +4,13 @@ Frechet distance, and whose predictions say whether a sample shows the class ask
 Inception weights cannot be fetched on every machine, and Inception features of 32x32
 grayscale clothing say little anyway; a classifier trained once on the run's own labelled
 train split gives features that separate its classes. It is cached in `<run>/eval_classifier`.
+Images without classes get a judge trained without them: it learns which of the square's eight
+turns and mirror images was applied to a train image (Gidaris et al. 2018, "Unsupervised
+Representation Learning by Predicting Image Rotations"), which it can only tell from what the
+upright image shows, so its features too separate images by their content.
 
-It sits in stage one, beside the images it is trained on, because both stage two (which
-picks its guidance scale by it) and the pipelines use it, and imports only run downstream.
+It sits in foundation, below both stages, because stage two (which picks its guidance scale by
+it) and the pipelines use it, and imports only run downstream.
 """
 
 import math
@@ -51,6 +55,20 @@ class FeatureClassifier(nn.Module, PyTorchModelHubMixin):
 
 JUDGE_DIR = "eval_classifier"
 JUDGE_SIDE = 64
+ORIENTATIONS = 8  # the unlabelled judge's classes: four quarter turns, of the image and of its mirror image
+
+
+def orient(images: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Square images [B, C, S, S], each as orientation `ids` [B] makes it: k % 4 quarter turns,
+    of the mirror image from 4 on."""
+    turned = images.clone()
+    for k in range(ORIENTATIONS):
+        chosen = ids == k
+        if chosen.any():
+            picked = images[chosen].flip(-1) if k >= 4 else images[chosen]
+            turned[chosen] = picked.rot90(k % 4, (-2, -1))
+    return turned
+
 # Three epochs are 702 steps of Fashion-MNIST but 15 of 1,429 icons, which left a judge at chance
 # (22% on 9 classes; 69% after 500 steps): a small set gets more epochs, up to a hundred.
 MIN_JUDGE_STEPS = 600
@@ -66,14 +84,16 @@ def judge_epochs(epochs: int, batches_per_epoch: int) -> int:
 def judge_key(data, epochs: int) -> dict:
     """What a judge depends on: a cached judge trained on anything else is the wrong yardstick
     (another image size or channel count would not even run)."""
-    return {"source": data.source, "image_size": data.image_size, "channels": data.channels,
-            "class_names": data.class_names, "epochs": epochs,
-            "min_steps": MIN_JUDGE_STEPS, "max_epochs": MAX_JUDGE_EPOCHS}
+    key = {"source": data.source, "image_size": data.image_size, "channels": data.channels,
+           "class_names": data.class_names, "epochs": epochs,
+           "min_steps": MIN_JUDGE_STEPS, "max_epochs": MAX_JUDGE_EPOCHS}
+    return key if data.num_classes else {**key, "task": "orientation"}
 
 
 def load_or_train_judge(run_dir: Path, data, device, epochs: int = 3) -> "FeatureClassifier":
     """The run's cached judge where it was trained on this data with these epochs; else a new
-    one, trained on the labelled train split and cached in its place."""
+    one, trained on the train split (on its classes, or without labels on the orientations of
+    its images) and cached in its place."""
     directory = Path(run_dir) / JUDGE_DIR
     key = judge_key(data, epochs)
     if (directory / "model.safetensors").exists():
@@ -82,18 +102,20 @@ def load_or_train_judge(run_dir: Path, data, device, epochs: int = 3) -> "Featur
             return cached.to(device).eval()
     with torch.random.fork_rng(devices=[]):  # the same judge whatever ran before: figures stay comparable
         torch.manual_seed(0)
-        model = FeatureClassifier(in_channels=data.channels, num_classes=data.num_classes, source=data.source, trained_on=key)
+        model = FeatureClassifier(in_channels=data.channels, num_classes=data.num_classes or ORIENTATIONS, source=data.source,
+                                  trained_on=key)
     # a split decoded as it is read lends a sample, at most 60,000 images (Fashion-MNIST's count) and 128 MB,
     # so the memory a run needs does not grow with its data set (60,000 32x32 grayscale images are 61 MB)
     train = held_in_memory(data.train, limit=60000, max_bytes=2**27)
-    model = train_classifier(model, train.images, train.labels, epochs, device)
+    model = train_classifier(model, train.images, train.labels if data.num_classes else None, epochs, device)
     save_pretrained_atomic(model, directory)
     return model
 
 
 def train_classifier(model, images, labels, epochs: int, device, batch_size: int = 256, seed: int = 0):
     """Plain supervised training on uint8 images [N, C, H, W]; a few epochs suffice for features
-    on a large set, a small one gets more (`judge_epochs`).
+    on a large set, a small one gets more (`judge_epochs`). `labels` None: each image is shown in
+    one of its eight orientations, drawn anew each time, and the orientation is the label.
 
     It trains in bf16 and channels_last where the hardware has bf16 (2.5x faster on this
     project's CPU); its features are always computed in fp32.
@@ -112,10 +134,15 @@ def train_classifier(model, images, labels, epochs: int, device, batch_size: int
             order = torch.randperm(len(images), generator=generator)
             for start in range(0, len(images) - batch_size + 1, batch_size):
                 index = order[start: start + batch_size]
-                batch = (images[index].to(device).float() / 255).contiguous(memory_format=torch.channels_last)
+                batch = images[index].to(device).float() / 255
+                if labels is None:
+                    targets = torch.randint(ORIENTATIONS, (len(index),), generator=generator).to(device)
+                    batch = orient(batch, targets)
+                else:
+                    targets = labels[index].to(device)
                 with autocast:
-                    logits = model(batch)
-                loss = F.cross_entropy(logits.float(), labels[index].to(device))
+                    logits = model(batch.contiguous(memory_format=torch.channels_last))
+                loss = F.cross_entropy(logits.float(), targets)
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()

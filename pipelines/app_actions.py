@@ -152,6 +152,10 @@ FIGURES = {
     "samples.classifier_accuracy": "New images a classifier puts in the class they were drawn for",
     "samples.guidance": "Guidance they were drawn at",
     "samples.fid_ratio": "New images: Inception FID, as a multiple of real images' own",
+    "samples.memorisation.features.near_copy_share": "New images that are near-copies of a train image (about 0.05 for unseen real images)",
+    "samples.memorisation.features.nearest_train_ratio": "New images' distance to their nearest train image, as a multiple of "
+                                                         "real test images' (1: as near; above: blends; below: copies)",
+    "samples.memorisation.pixels.nearest_train_ratio": "The same distance in pixels",
 }
 
 

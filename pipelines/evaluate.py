@@ -4,13 +4,18 @@
 - stage2: nll_bits_per_code on the test split; bits_per_dim, the VQ-VAE paper's bound
   (decoder term + prior term per image dimension).
 - samples: the Frechet distance between generated and test images in the feature space of
-  a small classifier (the judge) trained once on the labelled train split (`fd`), drawn with
-  the sampler's defaults; the same distance for held-out real images (`fd_floor`, what a
-  perfect generator would score) and for their reconstructions (`stage1.rfd`, the ceiling
-  stage one sets); how often the judge recognises the class a sample was asked for
-  (`classifier_accuracy`), and a reconstruction's (`stage1.classifier_accuracy`, its
+  a small classifier (the judge) trained once on the train split (`fd`; on its classes, or,
+  without labels, on its images' orientations), drawn with the sampler's defaults; the same
+  distance for held-out real images (`fd_floor`, what a perfect generator would score) and for
+  their reconstructions (`stage1.rfd`, the ceiling stage one sets); how often the judge
+  recognises the class a sample was asked for (`classifier_accuracy`, over all `--n` samples
+  where the test split holds fewer), and a reconstruction's (`stage1.classifier_accuracy`, its
   ceiling). Every distance is also given as a ratio to `fd_floor`.
   `--guidance 1,1.5,2,3` adds one row per scale (`samples.guidance_sweep`).
+- memorisation: for the same samples, the share that are near-copies of a train image and
+  their median distance to the nearest train image as a multiple of real test images' (1: as
+  near as unseen real images; above: blends; below: copies), in the judge's features and in
+  pixels (foundation/memorisation.py).
 - with `--inception on` (or `auto` on a GPU), the standard Inception FID of the same samples
   and its real-vs-real floor (`samples.fid`, `samples.fid_floor`), through torchmetrics.
 """
@@ -28,7 +33,8 @@ from accelerate import Accelerator
 from foundation.cli import parse_config
 from foundation.data import data_config_of_run, eval_loader, held_in_memory, load_image_data
 from foundation.errors import UserError, run_cli
-from foundation.judge import hold_out, judge_images, judge_reconstructions, load_or_train_judge
+from foundation.judge import features_and_predictions, hold_out, judge_images, judge_reconstructions, load_or_train_judge
+from foundation.memorisation import memorisation
 from foundation.training import bf16_is_fast, use_all_cores
 from pipelines.inception import load_fid_metric, standard_fid
 from pipelines.pipeline import check_null_label_was_trained, load_run, pick_device, resolve_guidance
@@ -43,7 +49,7 @@ from stage2_prior.quality import balanced_labels, generate_images, guidance_swee
 class EvaluateConfig:
     run_dir: str = field(default="runs/default", metadata={"help": "run to evaluate"})
     prior_dir: str = field(default="prior", metadata={"help": "folder of the prior inside the run (stage two's --prior-dir)"})
-    n: int = field(default=2000, metadata={"help": "generated (and held-out real) images for the Frechet distance"})
+    n: int = field(default=2000, metadata={"help": "generated images (the Frechet distance uses as many as it has held-out real ones)"})
     batch_size: int = field(default=500, metadata={"help": "code maps sampled at once"})
     classifier_epochs: int = field(default=3, metadata={"help": "epochs of the feature classifier (trained once per run; a small set gets more, up to 600 steps)"})
     guidance: str = field(default="", metadata={"help": "also one row per guidance scale, e.g. 1,1.5,2,3"})
@@ -65,6 +71,22 @@ def with_ratio(metrics: dict, key: str, floor: float) -> None:
     metrics[f"{key}_ratio"] = metrics[key] / floor if floor > 0 else None
 
 
+# The train images the samples are compared with: all of a set held in memory, else a bounded sample.
+MEMORISATION_TRAIN_IMAGES, MEMORISATION_TRAIN_BYTES = 60_000, 2**30
+
+
+def memorisation_metrics(judge, samples: torch.Tensor, test_images: torch.Tensor, data, device) -> dict:
+    """Near-copies and the nearest-train ratio of `samples` ([0, 1] floats) against the real test
+    images (uint8), in the judge's features and in pixels."""
+    train = held_in_memory(data.train, MEMORISATION_TRAIN_IMAGES, MEMORISATION_TRAIN_BYTES).images
+    vectors = [features_and_predictions(judge, images, device)[0] for images in (samples, test_images, train)]
+    pixels = [images.float() / 255 if images.dtype == torch.uint8 else images for images in (samples, test_images, train)]
+    return {"features": memorisation(*vectors), "pixels": memorisation(*pixels), "train_images": len(train),
+            "note": "near-copies: nearer their nearest train image than 95% of real test images are to theirs; "
+                    "ratio: the samples' median distance to their nearest train image over the test images' "
+                    "(1: as near as unseen real images, above 1: blends, below 1: copies)"}
+
+
 def sample_metrics(vqvae, prior, data, judge, config: EvaluateConfig, device) -> tuple[dict, dict]:
     """(the stage-one figures rfd and its ratio, the sample figures) on the same features and n."""
     # the whole test split when it is held in memory; else a bounded sample of it: 4n images
@@ -76,17 +98,23 @@ def sample_metrics(vqvae, prior, data, judge, config: EvaluateConfig, device) ->
     n, reference, floor = len(held_out.images), held_out.reference_features, held_out.floor
     stage1 = judge_reconstructions(vqvae, judge, held_out, device)
 
-    labels = balanced_labels(n, prior.num_classes)
+    # --n samples, of which the Frechet distance takes as many as it has held-out real images
+    labels = balanced_labels(config.n, prior.num_classes)
     guidance = resolve_guidance(None, labels, prior)  # what `pipelines.sample` uses with no flags
-    _, generated = generate_images(prior, vqvae, labels, n, device, config.batch_size, config.seed, guidance=guidance)
-    metrics = {"guidance": guidance, **judge_images(judge, generated, reference, device, labels), "fd_floor": floor}
+    _, generated = generate_images(prior, vqvae, labels, config.n, device, config.batch_size, config.seed, guidance=guidance)
+    metrics = {"guidance": guidance, **judge_images(judge, generated[:n], reference, device), "fd_floor": floor}
+    if labels is not None:
+        metrics["classifier_accuracy"] = judge_images(judge, generated, reference, device, labels)["classifier_accuracy"]
     with_ratio(metrics, "fd", floor)
     metrics.update({
         # None where the test split has no labels (ImageNet's test split): the FDs need none
         "classifier_test_accuracy": held_out.accuracy,
-        "n": n,
-        "features": "penultimate layer of a small CNN classifier trained on the run's train split",
+        "n": config.n,
+        "fd_n": n,
+        "features": "penultimate layer of a small CNN trained on the run's train split"
+                    + (" to tell its classes" if data.num_classes else " to tell its images' orientations (no labels)"),
         "sampling": "balanced classes, the prior's default guidance" if labels is not None else "unconditional",
+        "memorisation": memorisation_metrics(judge, generated, test.images, data, device),
     })
     scales = parse_scales(config.guidance, "--guidance")
     if scales and labels is not None:
@@ -144,17 +172,24 @@ def evaluate_run(config: EvaluateConfig) -> dict:
         stage2["prior_bits_per_dim"] = prior_bits_per_dim(nll, vqvae)
         stage2["bits_per_dim"] = stage2["prior_bits_per_dim"] + stage2["decoder_bits_per_dim"]
 
-    if data.num_classes:
-        judge = load_or_train_judge(run_dir, data, device, config.classifier_epochs)
-        rfd, samples = sample_metrics(vqvae, prior, data, judge, config, device)
-        stage1.update(rfd)
-    else:
-        samples = {"fd": None, "note": "the images have no labels to train the feature classifier on"}
+    judge = load_or_train_judge(run_dir, data, device, config.classifier_epochs)
+    rfd, samples = sample_metrics(vqvae, prior, data, judge, config, device)
+    stage1.update(rfd)
     return {"stage1": stage1, "stage2": stage2, "samples": samples, "device": str(device)}
 
 
 def format_table(metrics: dict) -> str:
     rows = []
+
+    def add(section: str, key: str, value) -> None:
+        if isinstance(value, dict):  # memorisation's two spaces: one row per figure
+            for inner, inner_value in value.items():
+                if inner != "note":
+                    add(section, f"{key}.{inner}", inner_value)
+            return
+        shown = f"{value:.5g}" if isinstance(value, float) else str(value)
+        rows.append(f"{section:<8} {key:<26} {shown}")
+
     for section in ("stage1", "stage2", "samples"):
         for key, value in metrics[section].items():
             if key == "guidance_sweep":
@@ -162,8 +197,7 @@ def format_table(metrics: dict) -> str:
                     shown = ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "guidance")
                     rows.append(f"{section:<8} {'guidance ' + format(row['guidance'], 'g'):<26} {shown}")
                 continue
-            shown = f"{value:.5g}" if isinstance(value, float) else str(value)
-            rows.append(f"{section:<8} {key:<26} {shown}")
+            add(section, key, value)
     return "\n".join(rows)
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData
 
-# (section of metrics.json, key, what it is, format)
+# (section of metrics.json, key (dotted where nested), what it is, format)
 FIGURES = [
     ("stage1", "mse", "stage one: test MSE of the reconstructions", "{:.5f}"),
     ("stage1", "ssim", "stage one: test SSIM", "{:.3f}"),
@@ -15,12 +15,25 @@ FIGURES = [
     ("stage2", "nll_bits_per_code", "stage two: test NLL (bits per code)", "{:.3f}"),
     ("samples", "fd_ratio", "samples: Frechet distance / real-vs-real floor", "{:.2f}x"),
     ("samples", "classifier_accuracy", "samples: share the run's judge recognises as their class", "{:.3f}"),
+    ("samples", "memorisation.features.near_copy_share",
+     "samples: near-copies of a train image (nearer it than 95% of real test images are to theirs)", "{:.1%}"),
+    ("samples", "memorisation.features.nearest_train_ratio",
+     "samples: distance to the nearest train image / real test images' (1: as near; above: blends; below: copies)", "{:.2f}x"),
+    ("samples", "memorisation.pixels.nearest_train_ratio", "samples: the same distance in pixels", "{:.2f}x"),
 ]
 
 
+def figure(metrics: dict, section: str, key: str):
+    """metrics[section][k1][k2]... for key "k1.k2", or None where it was not measured."""
+    value = metrics.get(section, {})
+    for part in key.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
+
+
 def figures_table(metrics: dict) -> str:
-    rows = [f"| {what} | {form.format(metrics[section][key])} |" for section, key, what, form in FIGURES
-            if isinstance(metrics.get(section, {}).get(key), (int, float))]
+    rows = [f"| {what} | {form.format(figure(metrics, section, key))} |" for section, key, what, form in FIGURES
+            if isinstance(figure(metrics, section, key), (int, float))]
     if not rows:
         return "No figures were measured for this run (`python -m pipelines.evaluate` writes them)."
     return "\n".join(["| figure | value |", "| --- | --- |", *rows,
