@@ -102,7 +102,7 @@ def sample_metrics(vqvae, prior, data, judge, config: EvaluateConfig, device) ->
     labels = balanced_labels(config.n, prior.num_classes)
     guidance = resolve_guidance(None, labels, prior)  # what `pipelines.sample` uses with no flags
     _, generated = generate_images(prior, vqvae, labels, config.n, device, config.batch_size, config.seed, guidance=guidance)
-    metrics = {"guidance": guidance, **judge_images(judge, generated[:n], reference, device), "fd_floor": floor}
+    metrics = {"guidance": guidance, **judge_images(judge, generated[:n], reference, device, spread=True), "fd_floor": floor}
     if labels is not None:
         metrics["classifier_accuracy"] = judge_images(judge, generated, reference, device, labels)["classifier_accuracy"]
     with_ratio(metrics, "fd", floor)

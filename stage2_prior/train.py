@@ -23,6 +23,7 @@ from foundation.judge import JUDGE_DIR, class_accuracy, features_and_predictions
 from foundation.training import LoopConfig, cuda_graphs_apply, describe_graphs, describe_length, open_stage, run_training_loop, set_up_training
 from stage1_vqvae.codes import open_codes, weights_hash
 from stage1_vqvae.model import load_vqvae
+from stage1_vqvae.weight_average import update_average, weight_average
 from stage2_prior.evaluation import LOG2, prior_bits_per_dim, test_nll
 from stage2_prior.prior_config import PriorConfig
 from stage2_prior.priors import PARALLEL_PRIORS, PRIORS, corrupt_codes, load_prior, set_default_guidance, training_loss
@@ -34,7 +35,7 @@ from stage2_prior.size_presets import apply_prior_presets
 class TrainConfig(LoopConfig, PriorConfig):
     # how runs saved before these flags existed trained, so that --resume of one refuses the new default
     FLAGS_ADDED_SINCE: ClassVar[dict] = {"label_every_code": False, "codebook_inputs": False, "transformed_maps": True,
-                                         "token_corruption": 0.0}
+                                         "token_corruption": 0.0, "ema_decay": 0.0}
     # one flag name, one meaning: --steps counted optimizer steps elsewhere, --channels image channels in stage one
     RENAMED_FLAGS: ClassVar[dict] = {"--steps": "--passes", "--channels": "--pixelcnn-channels"}
     epochs: float = field(default=2.25, metadata={"help": "passes over the train maps (ignored with --max-steps)"})
@@ -53,6 +54,8 @@ class TrainConfig(LoopConfig, PriorConfig):
                                                                    "(--no-transformed-maps: the images' own maps only)"})
     token_corruption: float = field(default=0.0, metadata={"help": "share of the input codes replaced by random codes while "
                                                                    "training, the targets unchanged"})
+    ema_decay: float = field(default=0.0, metadata={"help": "evaluate, keep and save an EMA of the prior's weights with this decay "
+                                                            "(0: the trained weights)"})
     lr: float = field(default=2e-3, metadata={"help": "peak learning rate of AdamW"})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
     grid_samples: int = field(default=32, metadata={"help": "samples in each evaluation grid"})
@@ -92,7 +95,7 @@ def choose_guidance(accelerator, run_dir: Path, stage_dir: Path, vqvae, scales: 
     best = best_guidance(rows)
     set_default_guidance(prior, best)
     save_pretrained_atomic(prior, stage_dir)
-    table = ", ".join(f"{row['guidance']:g}: fd {row['fd']:.3g} acc {row['classifier_accuracy']:.2f}" for row in rows)
+    table = ", ".join(f"{row['guidance']:g}: fd {row['fd']:.3g}±{row['fd_spread']:.2g} acc {row['classifier_accuracy']:.2f}" for row in rows)
     return f"guidance {best:g} became the default ({table})"
 
 
@@ -206,9 +209,10 @@ def main(argv=None):
     if conditional and not test_maps.labelled:
         accelerator.print("The test split has no labels: its NLL is scored without a class (the null label), the train split's with one.")
 
+    average = weight_average(prior.to(accelerator.device), config.ema_decay) if config.ema_decay > 0 else None
     setup = set_up_training(
         accelerator, config, stage_dir, checkpoints, prior, train_maps, test_maps,
-        "stage two", {"best_nll": float("inf"), "evaluations_since_best": 0},
+        "stage two", {"best_nll": float("inf"), "evaluations_since_best": 0}, checkpointed=[average] if average is not None else [],
     )
     model, state, log = setup.model, setup.state, setup.log
     if "stopped" in state and not 0 < config.patience <= state["evaluations_since_best"]:
@@ -233,8 +237,10 @@ def main(argv=None):
         name = "masked_loss_bits_per_code" if masked else "nll_bits_per_code"  # MaskGIT's is label-smoothed
         return loss, {name: loss.detach() / LOG2}, len(batch["codes"])
 
+    kept = average.module if average is not None else unwrapped  # what is evaluated and saved
+
     def evaluate(step):
-        nll = test_nll(accelerator, model, setup.test_loader, masked=masked)
+        nll = test_nll(accelerator, model if average is None else kept, setup.test_loader, masked=masked)
         if masked:  # not a likelihood: no bits/dim bound to go with it
             log.log({"test/masked_nll_bits_per_code": nll}, step)
         else:
@@ -246,9 +252,9 @@ def main(argv=None):
         if config.patience and state["evaluations_since_best"] >= config.patience:
             state["stopped"] = f"the test NLL has not improved for {config.patience} evaluations"
         if accelerator.is_main_process:
-            save_sample_grid(unwrapped.eval(), vqvae, config.grid_samples, stage_dir / "samples" / f"step_{step:07d}.png", config.seed)
+            save_sample_grid(kept.eval(), vqvae, config.grid_samples, stage_dir / "samples" / f"step_{step:07d}.png", config.seed)
             if improved:
-                save_pretrained_atomic(unwrapped, stage_dir)
+                save_pretrained_atomic(kept, stage_dir)
         accelerator.wait_for_everyone()
         if masked:
             return f"test masked-code nll {nll:.4f} bits/code"
@@ -257,7 +263,8 @@ def main(argv=None):
     sooner = "; sooner if the test NLL stops improving (--patience)" if config.patience else ""
     # MaskGIT's loss picks its masked codes by boolean indexing, which reads back to the host: not graphed
     graphed = cuda_graphs_apply(accelerator, config) and not masked
-    captured = run_training_loop(accelerator, config, setup, checkpoints, train_step, evaluate, "stage two",
+    after_step = (lambda step: update_average(average, unwrapped)) if average is not None else None
+    captured = run_training_loop(accelerator, config, setup, checkpoints, train_step, evaluate, "stage two", after_step,
                                  hint=f"--max-steps {setup.steps // 2} halves it{sooner}", graph_key=(lambda step: None) if graphed else None)
     guidance = "unconditional prior: no guidance" if not num_classes else "guidance not measured (--guidance-scales '')"
     if accelerator.is_main_process:

@@ -45,6 +45,10 @@ def test_end_to_end_sample_and_evaluate_write_every_file(trained_run, tiny_fashi
         metrics["stage2"]["decoder_bits_per_dim"] + metrics["stage2"]["prior_bits_per_dim"])
     assert metrics["samples"]["n"] == 8 and metrics["samples"]["fd"] >= 0 and metrics["samples"]["fd_floor"] >= 0
     assert 0 <= metrics["samples"]["classifier_accuracy"] <= 1
+    memorised = metrics["samples"]["memorisation"]
+    assert memorised["train_images"] == 64 and set(memorised) == {"features", "pixels", "train_images", "note"}
+    for space in ("features", "pixels"):
+        assert 0 <= memorised[space]["near_copy_share"] <= 1 and memorised[space]["nearest_train_ratio"] > 0
     assert (trained_run / "eval_classifier" / "model.safetensors").exists()
     assert "stage2   nll_bits_per_code" in capsys.readouterr().out
 
@@ -327,3 +331,20 @@ def test_the_sweep_keeps_the_lowest_fd_and_breaks_ties_within_noise_by_judge_acc
     assert best_guidance([row(1.0, 6.23, 0.79), row(1.35, 6.29, 0.86), row(1.5, 8.31, 0.88)]) == 1.35
     # 4.5 is 12.5% above 4.0: no tie, so the more recognisable 1.5 does not win
     assert best_guidance([row(1.0, 5.0, 0.79), row(1.25, 4.0, 0.85), row(1.5, 4.5, 0.90)]) == 1.25
+
+
+def test_where_the_fd_is_noisy_scales_within_twice_its_spread_are_a_tie():
+    row = lambda guidance, fd, spread, accuracy: {"guidance": guidance, "fd": fd, "fd_spread": spread, "classifier_accuracy": accuracy}
+    # a few hundred test images: 893 lies within twice 176 of 675, 1082 does not
+    rows = [row(1.0, 675, 176, 0.44), row(1.5, 893, 216, 0.56), row(2.0, 1082, 232, 0.58)]
+    assert best_guidance(rows) == 1.5
+    # the same distances measured steadily (thousands of images): the lowest wins
+    assert best_guidance([{**r, "fd_spread": 10} for r in rows]) == 1.0
+
+
+def test_the_frechet_spread_shrinks_with_more_images():
+    from foundation.judge import frechet_spread
+
+    torch.manual_seed(0)
+    few, many = frechet_spread(torch.randn(100, 4), torch.randn(100, 4)), frechet_spread(torch.randn(4000, 4), torch.randn(4000, 4))
+    assert few > 5 * many > 0
