@@ -18,13 +18,19 @@ from torchvision.transforms.v2 import functional as tv
 IDENTITY = "identity"
 
 
-def shifted(image: torch.Tensor, top: int, left: int) -> torch.Tensor:
-    """The image enlarged by an eighth and cropped back to its size at (`top`, `left`), in
-    eighths of the margin (0 or 1): a small zoom with a shift, as a photographer's recrop."""
+def zoomed(image: torch.Tensor, top: int, left: int) -> torch.Tensor:
+    """The image enlarged by an eighth and cropped back to its size, `top` and `left` halves of the
+    margin from the corner (0, 1 or 2): a small zoom with a shift, as a photographer's recrop. A
+    shift by half a code's pixels gives the VQ-VAE other codes for the same picture."""
     size = image.shape[-1]
-    margin = max(1, size // 8)
+    margin = 2 * max(1, size // 16)
     enlarged = tv.resize(image, [size + margin] * 2, antialias=True)
-    return enlarged[..., top * margin: top * margin + size, left * margin: left * margin + size]
+    top, left = top * margin // 2, left * margin // 2
+    return enlarged[..., top: top + size, left: left + size]
+
+
+# where a zoom crops, in halves of the margin: (top, left) for each compass point and the centre
+ZOOMS = {"nw": (0, 0), "n": (0, 1), "ne": (0, 2), "w": (1, 0), "c": (1, 1), "e": (1, 2), "sw": (2, 0), "s": (2, 1), "se": (2, 2)}
 
 
 # name -> what it does to float images [B, C, H, W]; each changes which codes the VQ-VAE writes
@@ -43,10 +49,8 @@ TRANSFORMS = {
     "colours_gbr": lambda x: x[:, [1, 2, 0]],
     "colours_brg": lambda x: x[:, [2, 0, 1]],
     "colours_bgr": lambda x: x[:, [2, 1, 0]],
-    "zoom_nw": lambda x: shifted(x, 0, 0),
-    "zoom_ne": lambda x: shifted(x, 0, 1),
-    "zoom_sw": lambda x: shifted(x, 1, 0),
-    "zoom_se": lambda x: shifted(x, 1, 1),
+    **{f"zoom_{where}": (lambda x, at=at: zoomed(x, *at)) for where, at in ZOOMS.items()},
+    **{f"flip_zoom_{where}": (lambda x, at=at: zoomed(x.flip(-1), *at)) for where, at in ZOOMS.items()},
 }
 # names that stand for several transforms on the command line
 GROUPS = {
@@ -54,6 +58,7 @@ GROUPS = {
     "dihedral": ["flip", "rot90", "rot180", "rot270", "flip_rot90", "flip_rot180", "flip_rot270"],
     "colours": [name for name in TRANSFORMS if name.startswith("colours_")],
     "zooms": [name for name in TRANSFORMS if name.startswith("zoom_")],
+    "flipped_zooms": [name for name in TRANSFORMS if name.startswith("flip_zoom_")],
 }
 COLOUR_ONLY = tuple(GROUPS["colours"])
 

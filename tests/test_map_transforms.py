@@ -168,6 +168,10 @@ def test_the_prior_learns_the_dumps_transforms_and_the_pipeline_draws_by_name(tr
     assert completed.images.shape == (1, 2, 1, 32, 32)
     sample.main(["--run-dir", str(transformed_run), "--n", "4", "--transform", "flip", "--out", str(tmp_path / "flip")])
     assert (tmp_path / "flip" / "grid.png").exists()
+    from pipelines import app_actions
+
+    grid, text = app_actions.draw(pipe, None, 4, None, 1.0, None, 3, transform="rot90")
+    assert "as rot90 makes them" in text and grid.size[0] > 0
 
 
 def test_stage_two_can_leave_the_copies_out(transformed_run, tmp_path, capsys):
