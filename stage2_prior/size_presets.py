@@ -1,5 +1,6 @@
-"""Stage two's batch follows the code map's size, its dropout and how often it is evaluated
-follow the passes over the maps, unless --batch-size, --dropout and --eval-every set them.
+"""Stage two's batch follows the code map's size; whether it learns from the dump's transformed
+copies of the train images, its dropout and how often it is evaluated follow the passes over the
+maps, unless --batch-size, --(no-)transformed-maps, --dropout and --eval-every set them.
 
 The prior reads every code of a map in one step, so a step's time grows with the map's area:
 on two cores 32 maps of 16x16 codes (a 64-pixel image at downsample 4) took 0.21 s a step, five
@@ -26,6 +27,29 @@ def preset_prior_batch(map_height: int, map_width: int) -> int:
 def describe_prior_batch(batch: int, map_height: int, map_width: int) -> str:
     return (f"--batch-size {batch} (maps of {map_height}x{map_width} codes: about {CODES_PER_STEP:,} codes a step, "
             f"so that a step's cost grows little with the map)")
+
+
+# Transformed copies (stage one's --map-transforms) give a prior more distinct maps, each told its
+# transform, but every copy takes a share of the steps from the maps of the images as they are,
+# which are what it is asked to draw. On the 1,429 icons, whose maps the demo's 4,219 steps of 32
+# pass over 94 times, the mirror images (47 passes over each map) made the prior's samples more
+# recognisable and nearer the data; on the 3,283 emoji (41 passes, 21 with the mirror images)
+# they made them less so than the maps alone (docs/small-sets.md).
+COPIES_NEED_PASSES = 40
+
+
+def preset_transformed_maps(config, own_maps: int, copies: int) -> tuple[bool, str]:
+    """Whether to train on the copies: only where the steps still pass over every map, copies
+    included, COPIES_NEED_PASSES times. `own_maps`: the maps of the images as they are; `copies`:
+    how many maps the dump wrote of each (1 + its transforms)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    batches = max(1, own_maps * copies // (config.batch_size * world))
+    passes = total_steps(config, batches) * config.gradient_accumulation_steps * config.batch_size * world / (own_maps * copies)
+    if passes >= COPIES_NEED_PASSES:
+        return True, (f"--transformed-maps (each image also as the dump's {copies - 1} transform(s): "
+                      f"the steps still pass over every map {passes:.3g} times)")
+    return False, (f"--no-transformed-maps (with the dump's transformed copies the steps would pass over each map "
+                   f"only {passes:.3g} times, fewer than the {COPIES_NEED_PASSES} the images as they are need)")
 
 
 # A prior that passes over the same maps many times learns them by heart. In the demo's 4,219
@@ -65,15 +89,23 @@ def describe_prior_eval_every(eval_every: int) -> str:
     return f"--eval-every {eval_every} (about every {EVAL_EVERY_EPOCHS} passes over the maps: the best of the evaluations is kept)"
 
 
-def apply_prior_presets(config, map_height: int, map_width: int, train_maps: int):
+def apply_prior_presets(config, map_height: int, map_width: int, own_maps: int, copies: int = 1):
     """(config with every choice left to the presets made, what was chosen and why) for stage two's
-    summary line; a flag the user gave is kept as given."""
+    summary line; a flag the user gave is kept as given. `own_maps`: the train maps of the images
+    as they are; `copies`: how many maps the dump wrote of each image (1: no transformed copies)."""
     choices = []
     if config.batch_size is None:
         config = replace(config, batch_size=preset_prior_batch(map_height, map_width))
         choices.append(describe_prior_batch(config.batch_size, map_height, map_width))
     elif config.batch_size < 1:
         raise UserError(f"--batch-size {config.batch_size} must be at least 1 (leave it out for the map size's default)")
+    if copies == 1:
+        config = replace(config, transformed_maps=config.transformed_maps if config.transformed_maps is not None else False)
+    elif config.transformed_maps is None:
+        used, why = preset_transformed_maps(config, own_maps, copies)
+        config = replace(config, transformed_maps=used)
+        choices.append(why)
+    train_maps = own_maps * (copies if config.transformed_maps else 1)
     # each process's batches in a pass, as the loader deals them (it drops a last, incomplete batch)
     batches = max(1, train_maps // (config.batch_size * int(os.environ.get("WORLD_SIZE", "1"))))
     steps_per_pass = batches / config.gradient_accumulation_steps

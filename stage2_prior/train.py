@@ -34,7 +34,7 @@ from stage2_prior.size_presets import apply_prior_presets
 @dataclass
 class TrainConfig(LoopConfig, PriorConfig):
     # how runs saved before these flags existed trained, so that --resume of one refuses the new default
-    FLAGS_ADDED_SINCE: ClassVar[dict] = {"label_every_code": False, "codebook_inputs": False, "transformed_maps": True,
+    FLAGS_ADDED_SINCE: ClassVar[dict] = {"label_every_code": False, "codebook_inputs": False,
                                          "token_corruption": 0.0, "ema_decay": 0.0}
     # one flag name, one meaning: --steps counted optimizer steps elsewhere, --channels image channels in stage one
     RENAMED_FLAGS: ClassVar[dict] = {"--steps": "--passes", "--channels": "--pixelcnn-channels"}
@@ -49,9 +49,10 @@ class TrainConfig(LoopConfig, PriorConfig):
                                                                     "fewer of larger maps; small batches: more updates in the same time)"})
     dropout: float | None = field(default=None, metadata={"help": "transformer (and MaskGIT) dropout (default: 0.1 where the run "
                                                                    "passes over the train maps more than 12 times, else 0)"})
-    transformed_maps: bool = field(default=True, metadata={"help": "train on the transformed copies of the train images where "
-                                                                   "stage one's dump wrote them, each told its transform "
-                                                                   "(--no-transformed-maps: the images' own maps only)"})
+    transformed_maps: bool | None = field(default=None, metadata={"help": "train on the transformed copies of the train images "
+                                                                          "that stage one's dump wrote, each told its transform "
+                                                                          "(default: where the steps still pass over every map "
+                                                                          "40 times; --no-transformed-maps: the images' own maps only)"})
     token_corruption: float = field(default=0.0, metadata={"help": "share of the input codes replaced by random codes while "
                                                                    "training, the targets unchanged"})
     ema_decay: float = field(default=0.0, metadata={"help": "evaluate, keep and save an EMA of the prior's weights with this decay "
@@ -191,14 +192,15 @@ def main(argv=None):
     started = time.time()
     run_dir = Path(config.run_dir)
     vqvae = load_vqvae(run_dir).eval()  # before the stage opens: its batch follows the maps' size
-    train_maps = open_codes(run_dir / "codes", "train", vqvae=vqvae, transforms=config.transformed_maps)
-    metadata = train_maps.metadata
-    transforms = metadata.transforms if train_maps.transformed else None
-    config, size_choices = apply_prior_presets(config, metadata.map_height, metadata.map_width, len(train_maps))
+    own_maps = open_codes(run_dir / "codes", "train", vqvae=vqvae, transforms=False)  # the images as they are
+    metadata = own_maps.metadata
+    copies = len(metadata.transforms or [None])
+    config, size_choices = apply_prior_presets(config, metadata.map_height, metadata.map_width, len(own_maps), copies)
+    transforms = metadata.transforms if config.transformed_maps and copies > 1 else None
     stage_dir = run_dir / config.prior_dir
     accelerator, checkpoints = open_stage(config, stage_dir, "stage two", (run_dir / JUDGE_DIR,))
     vqvae = vqvae.to(accelerator.device)
-    conditional = train_maps.labelled and not config.unconditional and bool(metadata.class_names)
+    conditional = own_maps.labelled and not config.unconditional and bool(metadata.class_names)
     # memory-mapped, or uint16 in memory: int64 one batch at a time
     train_maps, test_maps = (open_codes(run_dir / "codes", split, labels=conditional, transforms=config.transformed_maps)
                              for split in ("train", "test"))

@@ -125,7 +125,7 @@ def transformed_run(tmp_path_factory, tiny_fashion_dir):
         patch.setenv("VQ_DATA_DIR", str(tiny_fashion_dir))
         stage_one.main(["--run-dir", str(run), *TINY_MODEL, "--max-steps", "4", "--map-transforms", "flip,rot90"])
         reset_accelerate_state()
-        stage_two.main(["--run-dir", str(run), *TINY_PRIOR, "--max-steps", "4", "--token-corruption", "0.1"])
+        stage_two.main(["--run-dir", str(run), *TINY_PRIOR, "--max-steps", "4", "--token-corruption", "0.1", "--transformed-maps"])
         reset_accelerate_state()
     return run
 
@@ -187,6 +187,26 @@ def test_stage_two_can_leave_the_copies_out(transformed_run, tmp_path, capsys):
     from stage2_prior.priors import load_prior
 
     assert load_prior(run / "prior").transforms is None
+
+
+def test_stage_two_learns_from_the_copies_only_where_its_steps_still_pass_over_every_map_often(transformed_run, tmp_path, capsys):
+    """64 images and their two copies, 16 maps a step: 480 steps pass over each of the 192 maps 40
+    times, 479 steps fewer."""
+    import shutil
+
+    from stage2_prior import train as stage_two
+    from stage2_prior.priors import load_prior
+    from tests.test_stage2_training import TINY_PRIOR
+
+    for steps, used in ((480, True), (479, False)):
+        run = tmp_path / str(steps)
+        shutil.copytree(transformed_run, run, ignore=shutil.ignore_patterns("prior"))
+        stage_two.main(["--run-dir", str(run), *TINY_PRIOR, "--max-steps", str(steps), "--eval-every", "1000",
+                        "--checkpoint-every", "1000"])
+        out = capsys.readouterr().out
+        assert ("--transformed-maps (each image also as the dump's 2 transform(s): the steps still pass over every map 40 times)"
+                if used else "--no-transformed-maps (with the dump's transformed copies the steps would pass over each map only 39.9") in out
+        assert load_prior(run / "prior").num_transforms == (3 if used else 0)
 
 
 def test_a_bad_transform_or_corruption_flag_is_one_sentence(transformed_run, tmp_path, tiny_fashion):
