@@ -170,7 +170,7 @@ def main(argv=None):
         config = replace(config, warmup_steps=warmup_steps)
         size_choices.append(why)
     if config.map_transforms is None:
-        chosen, why = preset_map_transforms(train_images, data.channels)
+        chosen, why = preset_map_transforms(train_images)
         config = replace(config, map_transforms=chosen)
         if chosen != "none":
             size_choices.append(why)

@@ -13,6 +13,7 @@ from stage1_vqvae.size_presets import (
     preset_dead_code_share,
     preset_disc_head_start,
     preset_gan_lr_warmup,
+    preset_map_transforms,
     preset_min_steps,
     preset_warmup_steps,
 )
@@ -66,6 +67,12 @@ def test_the_learning_rate_warms_up_again_for_the_discriminator_on_small_sets_of
 def test_rarely_used_codes_are_restarted_on_small_sets_of_small_images_only(images, size, share):
     chosen, why = preset_dead_code_share(images, size)
     assert chosen == share and why.startswith(f"--dead-code-share {share:g} (")
+
+
+@pytest.mark.parametrize("images, transforms", [(1_429, "flip"), (9_999, "flip"), (10_000, "none"), (60_000, "none"), (None, "none")])
+def test_the_dump_writes_mirror_images_of_small_sets_only(images, transforms):
+    chosen, why = preset_map_transforms(images)
+    assert chosen == transforms and why.startswith(f"--map-transforms {transforms} (")
 
 
 def test_stage_one_gives_the_discriminator_a_head_start_on_a_small_set_and_says_so(tiny_fashion, tmp_path, capsys):
