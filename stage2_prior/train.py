@@ -53,8 +53,10 @@ class TrainConfig(LoopConfig, PriorConfig):
                                                                           "that stage one's dump wrote, each told its transform "
                                                                           "(default: where the steps still pass over every map "
                                                                           "40 times; --no-transformed-maps: the images' own maps only)"})
-    token_corruption: float = field(default=0.0, metadata={"help": "share of the input codes replaced by random codes while "
-                                                                   "training, the targets unchanged"})
+    token_corruption: float | None = field(default=None, metadata={"help": "share of the input codes replaced by random codes "
+                                                                          "while training, the targets unchanged (default: 0.2 "
+                                                                          "where the run passes over the train maps more than 12 "
+                                                                          "times, else 0)"})
     ema_decay: float = field(default=0.0, metadata={"help": "evaluate, keep and save an EMA of the prior's weights with this decay "
                                                             "(0: the trained weights)"})
     lr: float = field(default=2e-3, metadata={"help": "peak learning rate of AdamW"})
@@ -96,7 +98,7 @@ def choose_guidance(accelerator, run_dir: Path, stage_dir: Path, vqvae, scales: 
     best = best_guidance(rows)
     set_default_guidance(prior, best)
     save_pretrained_atomic(prior, stage_dir)
-    table = ", ".join(f"{row['guidance']:g}: fd {row['fd']:.3g}±{row['fd_spread']:.2g} acc {row['classifier_accuracy']:.2f}" for row in rows)
+    table = ", ".join(f"{row['guidance']:g}: fd {row['fd']:.3g} (gap ±{row['gap_spread']:.2g}) acc {row['classifier_accuracy']:.2f}" for row in rows)
     return f"guidance {best:g} became the default ({table})"
 
 
@@ -183,9 +185,9 @@ def main(argv=None):
     check_prior_dir(config.prior_dir)
     if config.patience < 0:
         raise UserError(f"--patience {config.patience} must not be negative (0: train every step, however the test NLL moves)")
-    if not 0 <= config.token_corruption < 1:
-        raise UserError(f"--token-corruption {config.token_corruption} must be at least 0 (0: the prior reads the true codes) "
-                        f"and below 1, e.g. 0.1")
+    if config.token_corruption is not None and not 0 <= config.token_corruption < 1:
+        raise UserError(f"--token-corruption {config.token_corruption:g} must be at least 0 (0: the prior reads the true codes) "
+                        f"and below 1, e.g. 0.2 (leave it out for the default chosen from the passes over the maps)")
     if config.passes is not None and config.passes < 1:
         raise UserError(f"--passes {config.passes} must be at least 1 (MaskGIT's sampling passes; leave it out for the map size's default, 4 on 8x8 maps)")
     masked = config.prior in PARALLEL_PRIORS
