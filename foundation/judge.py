@@ -192,24 +192,6 @@ def frechet_spread(a: torch.Tensor, b: torch.Tensor, draws: int = 20, seed: int 
     return torch.tensor([frechet_distance(resample(a), resample(b)) for _ in range(draws)]).std().item()
 
 
-def frechet_gap_spreads(features: list[torch.Tensor], reference: torch.Tensor, against: int,
-                        draws: int = 20, seed: int = 0) -> list[float]:
-    """For each set of sample features, how much its Frechet distance's difference from that of
-    `features[against]` moves with the images drawn: the standard deviation of the difference over
-    bootstrap resamples that draw the same sample indices (the sets are drawn with the same seed and
-    labels) and the same reference images for both. Most of one distance's noise is the reference's
-    and cancels in the difference, so two scales are told apart where their distances alone could not."""
-    generator = torch.Generator().manual_seed(seed)
-    gaps = [[] for _ in features]
-    for _ in range(draws):
-        samples = torch.randint(len(features[against]), (len(features[against]),), generator=generator)
-        real = reference[torch.randint(len(reference), (len(reference),), generator=generator)]
-        base = frechet_distance(features[against][samples], real)
-        for gap, own in zip(gaps, features):
-            gap.append(frechet_distance(own[samples], real) - base)
-    return [torch.tensor(gap).std().item() for gap in gaps]
-
-
 def judge_images(judge, images: torch.Tensor, reference_features: torch.Tensor, device, labels=None, spread: bool = False) -> dict:
     """Frechet distance of `images` to the reference features (with `spread`, also its bootstrap
     spread, `fd_spread`), and the judge's accuracy on the classes they were asked to show (when given)."""

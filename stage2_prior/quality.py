@@ -9,7 +9,7 @@ import torch
 from tqdm.auto import tqdm
 
 from foundation.errors import UserError
-from foundation.judge import class_accuracy, features_and_predictions, frechet_distance, frechet_gap_spreads
+from foundation.judge import judge_images
 from foundation.training import bf16_is_fast
 
 
@@ -59,33 +59,27 @@ def generate_images(prior, vqvae, labels, n: int, device, batch_size: int = 500,
 
 def guidance_sweep(prior, vqvae, judge, reference_features, n: int, device, scales,
                    batch_size: int = 500, seed: int = 0) -> list[dict]:
-    """One row per guidance scale: {guidance, fd, gap_spread, classifier_accuracy}, on balanced
-    classes; `gap_spread` is the bootstrap spread of the row's FD minus the lowest FD of the sweep."""
+    """One row per guidance scale: {guidance, fd, classifier_accuracy}, on balanced classes."""
     labels = balanced_labels(n, prior.num_classes)
-    rows, features = [], []
+    rows = []
     for scale in scales:
         _, images = generate_images(prior, vqvae, labels, n, device, batch_size, seed, guidance=scale)
-        scale_features, predictions = features_and_predictions(judge, images, device)
-        features.append(scale_features)
-        rows.append({"guidance": scale, "fd": frechet_distance(scale_features, reference_features),
-                     "classifier_accuracy": class_accuracy(predictions, labels)})
-    lowest = min(range(len(rows)), key=lambda index: rows[index]["fd"])
-    for row, spread in zip(rows, frechet_gap_spreads(features, reference_features, lowest)):
-        row["gap_spread"] = spread
+        rows.append({"guidance": scale, **judge_images(judge, images, reference_features, device, labels)})
     return rows
 
 
-# On Fashion-MNIST (2000 samples against 8000 test images) the FD moves by a few percent between
-# sampling seeds: scales closer than this are a tie however steady the bootstrap says they are.
+# FD on 2000 samples moves by up to 20% between sampling seeds: scales closer than this are a tie.
+# A wider, measured window was tried: twice the bootstrap spread of each scale's FD difference
+# from the lowest. On Fashion-MNIST that spread (0.45-0.49) matched how the gap moved between
+# sampling seeds (1.5 minus 1.35: 0.91, 0.45, 0.21), and twice it tied 1.5 with 1.35, whose FD is
+# lower on every seed; the window stays the fixed one, and the sweep draws its samples to suit.
 FD_TIE = 0.05
 
 
 def best_guidance(rows: list[dict]) -> float:
     """The scale of lowest Frechet distance (the best balance of fidelity and variety); among
-    scales the FD cannot tell apart from it (within FD_TIE, or within twice the bootstrap spread
-    of their difference, which on a test split of a few hundred images can be a fifth of the
-    distance), the one whose samples the judge recognises as their class most often."""
-    best = min(rows, key=lambda row: row["fd"])
-    tied = [row for row in rows
-            if row["fd"] - best["fd"] <= max(FD_TIE * best["fd"], 2 * row.get("gap_spread", 0.0))]
+    scales within FD_TIE of it, which the FD cannot tell apart, the one whose samples the judge
+    recognises as their class most often."""
+    lowest = min(row["fd"] for row in rows)
+    tied = [row for row in rows if row["fd"] <= lowest * (1 + FD_TIE)]
     return max(tied, key=lambda row: row["classifier_accuracy"])["guidance"]
