@@ -27,7 +27,7 @@ from stage1_vqvae.weight_average import update_average, weight_average
 from stage2_prior.evaluation import LOG2, prior_bits_per_dim, test_nll
 from stage2_prior.prior_config import PriorConfig
 from stage2_prior.priors import PARALLEL_PRIORS, PRIORS, corrupt_codes, load_prior, set_default_guidance, training_loss
-from stage2_prior.quality import balanced_labels, best_guidance, guidance_sweep, parse_scales
+from stage2_prior.quality import balanced_labels, best_guidance, guidance_sweep, parse_scales, sweep_samples
 from stage2_prior.size_presets import apply_prior_presets
 
 
@@ -91,11 +91,9 @@ def choose_guidance(accelerator, run_dir: Path, stage_dir: Path, vqvae, scales: 
                 f"({data.num_classes} classes, chance {chance:.0%}), too few to rank guidance scales by")
     prior = load_prior(stage_dir).to(accelerator.device).eval()
     # Samples of another seed than `pipelines.evaluate` draws (0), so that the figure it reports
-    # is a fresh measurement, not the lowest of the noisy ones this choice was made on. All n of
-    # them however few the test images: the scales are compared with each other, against one
-    # reference, and on the icons' 197 test images 2,000 samples a scale rather than 197 cut the
-    # bootstrap spread of the FD's differences between scales from 65-130 to 32-50 (on 600-900).
-    rows = guidance_sweep(prior, vqvae, judge, reference, n, accelerator.device, scales, seed=1)
+    # is a fresh measurement, not the lowest of the noisy ones this choice was made on.
+    samples = sweep_samples(n, len(test.images), prior.map_shape)
+    rows = guidance_sweep(prior, vqvae, judge, reference, samples, accelerator.device, scales, seed=1)
     for row in rows:
         log.log({f"guidance/{key}": value for key, value in row.items()}, step)
     best = best_guidance(rows)
