@@ -33,7 +33,7 @@ def describe_prior_batch(batch: int, map_height: int, map_width: int) -> str:
 # Transformed copies (stage one's --map-transforms) give a prior more distinct maps, each told its
 # transform, but every copy takes a share of the steps from the maps of the images as they are,
 # which are what it is asked to draw. On the 1,429 icons, whose maps the demo's 4,219 steps of 32
-# pass over 94 times, the mirror images (47 passes over each map) made the prior's samples more
+# pass over 96 times, the mirror images (47 passes over each map) made the prior's samples more
 # recognisable and nearer the data; on the 3,283 emoji (41 passes, 21 with the mirror images)
 # they made them less so than the maps alone (docs/small-sets.md).
 COPIES_NEED_PASSES = 40
@@ -76,9 +76,12 @@ def describe_prior_dropout(dropout: float, epochs: float) -> str:
 # A prior that reads every code of a map it has seen many times can tell which train map it is in
 # after two codes, and copy the rest. Replacing a share of its input codes by random ones (the
 # targets unchanged) makes the map's own codes a less sure guide than what codes follow what. On
-# the 1,429 icons and 3,283 emoji (41-94 passes) a fifth raised the share of samples the judge
-# recognises and brought them nearer the data, without copies (docs/small-sets.md); a third or
-# more drew the same few icons again and again. Where dropout is not needed, neither is this.
+# the 1,429 icons and 3,283 emoji (41-96 passes) a fifth raised the share of samples the judge
+# recognises and brought them nearer the data, without copies, at some cost in variety (the FD
+# rose on the icons); 0.3 and 0.4 lost more (0.4 drew the same few icons again and again). On
+# Fashion-MNIST (2.25 passes) a fifth cost 0.13 bits/code and a third on the FD, and on the emoji
+# at 64 pixels (10.3 passes, still learning) 0.31 bits/code (docs/small-sets.md): where dropout
+# is not needed, neither is this.
 CORRUPTION_ABOVE_EPOCHS = DROPOUT_ABOVE_EPOCHS
 SMALL_SET_CORRUPTION = 0.2
 

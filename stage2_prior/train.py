@@ -36,6 +36,8 @@ class TrainConfig(LoopConfig, PriorConfig):
     # how runs saved before these flags existed trained, so that --resume of one refuses the new default
     FLAGS_ADDED_SINCE: ClassVar[dict] = {"label_every_code": False, "codebook_inputs": False,
                                          "token_corruption": 0.0, "ema_decay": 0.0}
+    # left out, each is chosen from the data (size_presets.py): the same data makes the same choice
+    CHOSEN_FROM_DATA: ClassVar[tuple] = ("batch_size", "eval_every", "dropout", "transformed_maps", "token_corruption")
     # one flag name, one meaning: --steps counted optimizer steps elsewhere, --channels image channels in stage one
     RENAMED_FLAGS: ClassVar[dict] = {"--steps": "--passes", "--channels": "--pixelcnn-channels"}
     epochs: float = field(default=2.25, metadata={"help": "passes over the train maps (ignored with --max-steps)"})

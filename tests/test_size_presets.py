@@ -114,15 +114,17 @@ def test_a_prior_that_passes_over_its_maps_many_times_gets_dropout(epochs, dropo
 
 
 @pytest.mark.parametrize("epochs, corruption", [(2.25, 0.0), (10.3, 0.0), (41.4, 0.2), (95.9, 0.2)])
-def test_a_prior_that_passes_over_its_maps_many_times_reads_some_random_codes(epochs, corruption):
+def test_a_prior_that_passes_over_its_maps_many_times_reads_some_random_codes(epochs, corruption, monkeypatch):
     """Fashion-MNIST's 2.25 passes read the true codes; the small sets' 41 or 96 read a fifth at random."""
     from stage2_prior.size_presets import apply_prior_presets, preset_token_corruption
     from stage2_prior.train import TrainConfig
 
+    monkeypatch.delenv("WORLD_SIZE", raising=False)  # one process, as a plain launch has
+
     assert preset_token_corruption(epochs) == corruption
-    # and stage two's presets hand it on, and keep a flag as given: 1,429 maps, 32 a step, 4,219 steps (94 passes)
+    # and stage two's presets hand it on, and keep a flag as given: 1,429 maps, 44 full batches of 32, 4,219 steps
     config, choices = apply_prior_presets(TrainConfig(), 8, 8, 1429)
-    assert config.token_corruption == 0.2 and any(choice.startswith("--token-corruption 0.2 (94") for choice in choices)
+    assert config.token_corruption == 0.2 and any(choice.startswith("--token-corruption 0.2 (95.9 passes") for choice in choices)
     config, choices = apply_prior_presets(TrainConfig(token_corruption=0.0), 8, 8, 1429)
     assert config.token_corruption == 0.0 and not any("corruption" in choice for choice in choices)
 
