@@ -38,7 +38,7 @@ def test_the_orientations_are_the_eight_turns_and_mirrors_of_the_square():
     assert torch.equal(orient(batch, torch.tensor([2, 0]))[1], batch[1])  # each image its own orientation
 
 
-def test_an_unlabelled_folder_gets_a_judge_of_orientations_and_every_sample_figure(tmp_path):
+def test_an_unlabelled_folder_gets_a_judge_of_orientations_and_every_sample_figure(tmp_path, monkeypatch):
     from pipelines import evaluate
     from stage1_vqvae import train as stage_one
     from stage2_prior import train as stage_two
@@ -67,3 +67,7 @@ def test_an_unlabelled_folder_gets_a_judge_of_orientations_and_every_sample_figu
         figures = samples["memorisation"][space]
         assert 0 <= figures["near_copy_share"] <= 1 and figures["nearest_train_ratio"] > 0
     assert samples["memorisation"]["train_images"] == 42 and samples["n"] == 12
+    # a larger set is compared with a seeded sample of its train images, not all of them
+    monkeypatch.setattr(evaluate, "MEMORISATION_TRAIN_IMAGES", 20)
+    evaluate.main(["--run-dir", str(run), "--n", "12", "--classifier-epochs", "1", "--batch-size", "8"])
+    assert json.loads((run / "metrics.json").read_text())["samples"]["memorisation"]["train_images"] == 20
