@@ -192,13 +192,11 @@ def frechet_spread(a: torch.Tensor, b: torch.Tensor, draws: int = 20, seed: int 
     return torch.tensor([frechet_distance(resample(a), resample(b)) for _ in range(draws)]).std().item()
 
 
-def judge_images(judge, images: torch.Tensor, reference_features: torch.Tensor, device, labels=None, spread: bool = False) -> dict:
-    """Frechet distance of `images` to the reference features (with `spread`, also its bootstrap
-    spread, `fd_spread`), and the judge's accuracy on the classes they were asked to show (when given)."""
+def judge_images(judge, images: torch.Tensor, reference_features: torch.Tensor, device, labels=None) -> dict:
+    """Frechet distance of `images` to the reference features, and the judge's accuracy on the
+    classes they were asked to show (when given)."""
     features, predictions = features_and_predictions(judge, images, device)
     result = {"fd": frechet_distance(features, reference_features)}
-    if spread:
-        result["fd_spread"] = frechet_spread(features, reference_features)
     if labels is not None:
         result["classifier_accuracy"] = class_accuracy(predictions, labels)
     return result

@@ -33,7 +33,8 @@ from accelerate import Accelerator
 from foundation.cli import parse_config
 from foundation.data import data_config_of_run, eval_loader, held_in_memory, load_image_data
 from foundation.errors import UserError, run_cli
-from foundation.judge import features_and_predictions, hold_out, judge_images, judge_reconstructions, load_or_train_judge
+from foundation.judge import (class_accuracy, features_and_predictions, frechet_distance, frechet_spread, hold_out,
+                              judge_reconstructions, load_or_train_judge)
 from foundation.memorisation import memorisation
 from foundation.training import bf16_is_fast, use_all_cores
 from pipelines.inception import load_fid_metric, standard_fid
@@ -78,13 +79,14 @@ def with_ratio(metrics: dict, key: str, floor: float) -> None:
 MEMORISATION_TRAIN_IMAGES, MEMORISATION_TRAIN_BYTES = 10_000, 2**30
 
 
-def memorisation_metrics(judge, samples: torch.Tensor, test_images: torch.Tensor, data, device) -> dict:
-    """Near-copies and the nearest-train ratio of `samples` ([0, 1] floats) against the real test
-    images (uint8), in the judge's features and in pixels."""
+def memorisation_metrics(judge, samples: torch.Tensor, sample_features: torch.Tensor, test_images: torch.Tensor,
+                         data, device) -> dict:
+    """Near-copies and the nearest-train ratio of `samples` ([0, 1] floats, whose judge features are
+    `sample_features`) against the real test images (uint8), in the judge's features and in pixels."""
     train = held_in_memory(data.train, MEMORISATION_TRAIN_IMAGES, MEMORISATION_TRAIN_BYTES).images
     if len(train) > MEMORISATION_TRAIN_IMAGES:  # a split held in memory comes whole
         train = train[torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:MEMORISATION_TRAIN_IMAGES]]
-    vectors = [features_and_predictions(judge, images, device)[0] for images in (samples, test_images, train)]
+    vectors = [sample_features, *(features_and_predictions(judge, images, device)[0] for images in (test_images, train))]
     pixels = [images.float() / 255 if images.dtype == torch.uint8 else images for images in (samples, test_images, train)]
     return {"features": memorisation(*vectors), "pixels": memorisation(*pixels), "train_images": len(train),
             "note": "near-copies: nearer their nearest train image than 95% of real test images are to theirs; "
@@ -107,9 +109,11 @@ def sample_metrics(vqvae, prior, data, judge, config: EvaluateConfig, device) ->
     labels = balanced_labels(config.n, prior.num_classes)
     guidance = resolve_guidance(None, labels, prior)  # what `pipelines.sample` uses with no flags
     _, generated = generate_images(prior, vqvae, labels, config.n, device, config.batch_size, config.seed, guidance=guidance)
-    metrics = {"guidance": guidance, **judge_images(judge, generated[:n], reference, device, spread=True), "fd_floor": floor}
+    features, predictions = features_and_predictions(judge, generated, device)
+    metrics = {"guidance": guidance, "fd": frechet_distance(features[:n], reference),
+               "fd_spread": frechet_spread(features[:n], reference), "fd_floor": floor}
     if labels is not None:
-        metrics["classifier_accuracy"] = judge_images(judge, generated, reference, device, labels)["classifier_accuracy"]
+        metrics["classifier_accuracy"] = class_accuracy(predictions, labels)
     with_ratio(metrics, "fd", floor)
     metrics.update({
         # None where the test split has no labels (ImageNet's test split): the FDs need none
@@ -119,7 +123,7 @@ def sample_metrics(vqvae, prior, data, judge, config: EvaluateConfig, device) ->
         "features": "penultimate layer of a small CNN trained on the run's train split"
                     + (" to tell its classes" if data.num_classes else " to tell its images' orientations (no labels)"),
         "sampling": "balanced classes, the prior's default guidance" if labels is not None else "unconditional",
-        "memorisation": memorisation_metrics(judge, generated, test.images, data, device),
+        "memorisation": memorisation_metrics(judge, generated, features, test.images, data, device),
     })
     scales = parse_scales(config.guidance, "--guidance")
     if scales and labels is not None:
