@@ -39,13 +39,18 @@ def describe_prior_batch(batch: int, map_height: int, map_width: int) -> str:
 COPIES_NEED_PASSES = 40
 
 
+def batches_and_passes(config, train_maps: int) -> tuple[int, float]:
+    """Each process's batches in a pass over `train_maps`, as the loader deals them (it drops a
+    last, incomplete batch), and how many passes the run's steps make."""
+    batches = max(1, train_maps // (config.batch_size * int(os.environ.get("WORLD_SIZE", "1"))))
+    return batches, total_steps(config, batches) * config.gradient_accumulation_steps / batches
+
+
 def preset_transformed_maps(config, own_maps: int, copies: int) -> tuple[bool, str]:
     """Whether to train on the copies: only where the steps still pass over every map, copies
     included, COPIES_NEED_PASSES times. `own_maps`: the maps of the images as they are; `copies`:
     how many maps the dump wrote of each (1 + its transforms)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    batches = max(1, own_maps * copies // (config.batch_size * world))
-    passes = total_steps(config, batches) * config.gradient_accumulation_steps * config.batch_size * world / (own_maps * copies)
+    _, passes = batches_and_passes(config, own_maps * copies)
     if passes >= COPIES_NEED_PASSES:
         return True, (f"--transformed-maps (each image also as the dump's {copies - 1} transform(s): "
                       f"the steps still pass over every map {passes:.3g} times)")
@@ -130,16 +135,13 @@ def apply_prior_presets(config, map_height: int, map_width: int, own_maps: int, 
         used, why = preset_transformed_maps(config, own_maps, copies)
         config = replace(config, transformed_maps=used)
         choices.append(why)
-    train_maps = own_maps * (copies if config.transformed_maps else 1)
-    # each process's batches in a pass, as the loader deals them (it drops a last, incomplete batch)
-    batches = max(1, train_maps // (config.batch_size * int(os.environ.get("WORLD_SIZE", "1"))))
+    batches, passes = batches_and_passes(config, own_maps * (copies if config.transformed_maps else 1))
     steps_per_pass = batches / config.gradient_accumulation_steps
     if config.eval_every is None:
         config = replace(config, eval_every=preset_prior_eval_every(steps_per_pass))
         choices.append(describe_prior_eval_every(config.eval_every))
     elif config.eval_every < 1:
         raise UserError(f"--eval-every {config.eval_every} must be at least 1 (leave it out to evaluate about every 2 passes over the maps)")
-    passes = total_steps(config, batches) / steps_per_pass
     if config.dropout is None and config.prior == "pixelcnn":  # which has no dropout
         config = replace(config, dropout=0.0)
     elif config.dropout is None:
