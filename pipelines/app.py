@@ -26,6 +26,11 @@ PAGE_CSS = """
 """
 CANVAS = 256  # the chosen image is painted on at this size, whatever the run's
 MAX_UPLOAD = "20mb"
+# Every event that runs a model shares one slot: the models' buffers (a captured decoding graph
+# on a GPU) serve one call at a time. Beyond QUEUE_SIZE waiting requests a visitor is told the
+# page is busy rather than left waiting behind an hour of others' work.
+MODEL = dict(concurrency_id="model", concurrency_limit=1)
+QUEUE_SIZE = 16
 
 
 @dataclass
@@ -98,13 +103,14 @@ def build_page(pipe: VQPipeline, run_dir: Path | None = None):
                 with gr.Column(scale=1):
                     label = gr.Dropdown(draw_labels, value=draw_labels[0] if draw_labels else None, label="Class",
                                         visible=bool(draw_labels), elem_id="draw-class")
-                    n = gr.Slider(1, 128, value=min(128, 8 * len(pipe.class_names)) if pipe.class_names else 64, step=1,
+                    n = gr.Slider(1, actions.MOST_IMAGES, step=1,
+                                  value=min(actions.MOST_IMAGES, 8 * len(pipe.class_names)) if pipe.class_names else 64,
                                   label="How many images", elem_id="draw-n")
                     scale = gr.Slider(1.0, 5.0, value=guidance, step=0.05, label="Guidance (1: none; higher: more like the class)",
                                       visible=bool(pipe.class_names), elem_id="draw-guidance")
                     temperature = gr.Slider(0.5, 1.5, value=1.0, step=0.05, label="Temperature (lower: safer, less varied)")
                     top_k = gr.Number(value=0, precision=0, minimum=0, label="Top-k (0: every code)")
-                    passes = gr.Slider(1, 32, value=getattr(pipe.prior, "default_steps", 8), step=1,
+                    passes = gr.Slider(1, actions.MOST_PASSES, value=getattr(pipe.prior, "default_steps", 8), step=1,
                                        label="MaskGIT passes", visible=parallel)
                     transforms = pipe.prior.transforms or ["identity"]
                     transform = gr.Dropdown(transforms, value=transforms[0], visible=len(transforms) > 1, elem_id="draw-transform",
@@ -115,7 +121,7 @@ def build_page(pipe: VQPipeline, run_dir: Path | None = None):
                     grid = gr.Image(label="Drawn images", format="png", type="pil", interactive=False, height=600,
                                     elem_id="draw-grid", elem_classes="pixels")
                     status = gr.Markdown(elem_id="draw-status")
-            button.click(draw, [label, n, scale, temperature, top_k, seed, passes, transform], [grid, status])
+            button.click(draw, [label, n, scale, temperature, top_k, seed, passes, transform], [grid, status], **MODEL)
         with gr.Tab("Complete"):
             picked = gr.State(None)  # this tab's image, uint8 [C, S, S]; one per browser tab
             gr.Markdown("**1. Choose an image**: click a test image of the run, or upload one of your own (any size: "
@@ -123,7 +129,8 @@ def build_page(pipe: VQPipeline, run_dir: Path | None = None):
             gallery = gr.Gallery(actions.to_pil_images([image for image, _ in examples]) if examples else None,
                                  label="Test images", columns=16, height=120, allow_preview=False, show_label=False,
                                  visible=bool(examples), elem_id="complete-examples", elem_classes="pixels")
-            upload_button = gr.UploadButton("Upload an image", type="filepath", size="sm", elem_id="complete-upload")
+            upload_button = gr.UploadButton("Upload an image", type="filepath", size="sm", elem_id="complete-upload",
+                                            file_types=actions.UPLOAD_SUFFIXES)
             with gr.Row():
                 with gr.Column(scale=1):
                     canvas = gr.ImageEditor(label="The chosen image (paint on it to choose what to redraw yourself)",
@@ -136,7 +143,7 @@ def build_page(pipe: VQPipeline, run_dir: Path | None = None):
                     gr.Markdown(regions_note)
                     class_choice = gr.Dropdown(complete_labels, value=None, label="Class to steer towards (empty: none)",
                                                visible=bool(complete_labels), elem_id="complete-class")
-                    samples = gr.Slider(1, 8, value=4, step=1, label="Completions")
+                    samples = gr.Slider(1, actions.MOST_COMPLETIONS, value=4, step=1, label="Completions")
                     complete_seed = gr.Number(value=0, precision=0, label="Seed", elem_id="complete-seed")
                     complete_button = gr.Button("3. Complete", variant="primary", elem_id="complete-button")
                 with gr.Column(scale=2):
@@ -144,9 +151,9 @@ def build_page(pipe: VQPipeline, run_dir: Path | None = None):
                                       type="pil", interactive=False, height=260, elem_id="complete-result", elem_classes="pixels")
                     complete_status = gr.Markdown(elem_id="complete-status")
             gallery.select(choose_example, None, [picked, canvas, complete_status, class_choice])
-            upload_button.upload(upload, upload_button, [picked, canvas, complete_status])
+            upload_button.upload(upload, upload_button, [picked, canvas, complete_status], **MODEL)
             complete_button.click(complete, [picked, redraw, canvas, samples, class_choice, complete_seed],
-                                  [result, complete_status])
+                                  [result, complete_status], **MODEL)
         with gr.Tab("Inspect"):
             described, every_figure = actions.overview(pipe, run_dir)
             gr.Markdown(described, elem_id="inspect-overview")
@@ -166,7 +173,7 @@ def launch(page, port: int, network: bool, block: bool = True):
     if network:
         print("warning: serving to the whole network: anyone who can reach this machine's port "
               f"{port} can use the model and its processor")
-    page.queue(default_concurrency_limit=1)  # one model, one request at a time; each tab gets its own answer
+    page.queue(default_concurrency_limit=1, max_size=QUEUE_SIZE)  # each tab gets its own answer
     try:
         return page.launch(server_name=host, server_port=port, css=PAGE_CSS, ssr_mode=False, max_file_size=MAX_UPLOAD,
                            prevent_thread_lock=not block, quiet=True, footer_links=[])

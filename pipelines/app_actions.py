@@ -23,6 +23,13 @@ EVERY_CLASS = "every class (a row each)"
 NO_CLASS = "no class"
 PAINTED = "what I paint"
 MAX_UPLOAD_PIXELS = 40_000_000  # about 6300x6300: beyond this decoding alone takes seconds and gigabytes
+UPLOAD_FORMATS = ("PNG", "JPEG", "WEBP", "GIF")  # and no other reader of PIL's (EPS would start Ghostscript)
+UPLOAD_SUFFIXES = [".png", ".jpg", ".jpeg", ".webp", ".gif"]
+# What one request may ask, held here and not only in the sliders: a client can send any value
+# to Gradio's API, and one request holds the model for every other visitor.
+MOST_IMAGES = 128
+MOST_COMPLETIONS = 8
+MOST_PASSES = 32
 
 
 def draw_labels(pipe: VQPipeline) -> list[str]:
@@ -80,6 +87,9 @@ def timed(function, *args, **kwargs):
 def draw(pipe: VQPipeline, label: str | None, n: int, guidance: float | None, temperature: float, top_k: int | None,
          seed: int, passes: int | None = None, transform: str = "identity") -> tuple[Image.Image, str]:
     """New images, as `pipelines.sample --n N --seed S` draws them (same seed, same grid)."""
+    check_at_most(n, MOST_IMAGES, "images", "draw them in several clicks, or with `python -m pipelines.sample`")
+    if passes is not None:
+        check_at_most(passes, MOST_PASSES, "MaskGIT passes", "more passes change little beyond a dozen")
     passes = passes if pipe.prior.prior in PARALLEL_PRIORS else None
     if not pipe.class_names or label == NO_CLASS:
         guidance = None  # guidance steers towards a class; without one it has nothing to do
@@ -92,11 +102,17 @@ def draw(pipe: VQPipeline, label: str | None, n: int, guidance: float | None, te
     return to_pil(sample_grid(samples.images, samples.labels)), f"{len(samples.codes)} images ({what}, seed {int(seed)}) in {seconds:.2f} s on {pipe.device}"
 
 
+def check_at_most(value, most: int, what: str, instead: str) -> None:
+    """A request's count, refused outside 1..most with the page's own limit in the sentence."""
+    if not isinstance(value, (int, float)) or not 1 <= value <= most:
+        raise UserError(f"{value!r} {what} were asked; the page draws 1 to {most} at a time ({instead})")
+
+
 def read_upload(pipe: VQPipeline, path: str | Path) -> torch.Tensor:
     """An uploaded file -> uint8 [C, S, S] at the run's size, resized as training resized."""
     name = Path(path).name
     try:
-        with Image.open(path) as image:
+        with Image.open(path, formats=UPLOAD_FORMATS) as image:
             width, height = image.size
     except Image.DecompressionBombError:  # PIL refuses to open it at all
         raise UserError(f"{name} is too large to read here; upload a copy of at most a few thousand pixels a side") from None
@@ -113,6 +129,10 @@ def complete(pipe: VQPipeline, image: torch.Tensor | None, redraw: str, painted:
     """Completions of one image: original | kept (the redrawn part grey) | the completions, in a row."""
     if image is None:
         raise UserError("no image yet: pick one of the test images or upload one first")
+    check_at_most(samples, MOST_COMPLETIONS, "completions", "ask again with another seed for more")
+    if painted is not None and painted.width * painted.height > MAX_UPLOAD_PIXELS:
+        raise UserError(f"the painted layer is {painted.width}x{painted.height} pixels, more than the page reads; "
+                        f"paint on the page's canvas")
     mask = redraw
     if redraw == PAINTED:
         if painted is None or not painted.getchannel("A").getbbox():

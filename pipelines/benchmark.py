@@ -338,7 +338,7 @@ def sampling_rows(name, sizes, device, timer, naive: bool, kinds) -> tuple[list[
                     vqvae.decode(prior.generate(n, labels, **options))
 
             if loop == "graph":  # a fresh capture, timed once: what the first call of a session pays
-                static_decoding._decoders.pop(prior, None)
+                static_decoding.forget_decoders(prior)
                 rows.append(row(name, "sampling", f"{n} images, {kind}, graph, first call", "images/s", n,
                                 Timer(device, repeats=1, warmup=0)(sample_and_decode)))
             what = f"{prior.default_steps} passes" if kind == "maskgit" else loop

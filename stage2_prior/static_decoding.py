@@ -11,16 +11,24 @@ size and top-k/top-p. Both paths draw the codes of the growing cache for a seed.
 """
 
 import itertools
+import threading
 import warnings
 import weakref
+from collections import OrderedDict
 
 import torch
 
 from stage2_prior.sampling import guide, sample_logits
 
-# One decoder per prior, kept between calls (the capture is the slow part); no reference back
-# to the prior, so that a prior that is dropped frees its decoder and graph.
-_decoders: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
+# A few decoders per prior, kept between calls by what they were built for (the capture is the
+# slow part; drawing 80 images decodes a batch of 64 then one of 16, and a page alternates draws
+# and completions); no reference back to the prior, so that a prior that is dropped frees its
+# decoders and graphs. Each holds a KV cache and a graph's memory, hence the bound.
+_decoders: "weakref.WeakKeyDictionary[torch.nn.Module, OrderedDict]" = weakref.WeakKeyDictionary()
+KEPT_PER_PRIOR = 4
+# A decoder's buffers serve one call at a time: two threads (two visitors of the page) replaying
+# one graph would write into each other's codes.
+_lock = threading.Lock()
 
 
 class StaticDecoder:
@@ -120,17 +128,39 @@ def decode_static(prior, labels, transforms, n, uniforms, temperature, top_k, to
     # The weights' addresses: a prior moved to another device, or loaded anew, needs a new capture.
     weights = tuple(t.data_ptr() for t in itertools.chain(prior.parameters(), prior.buffers()))
     key = (len(labels), n, top_k, top_p, guidance != 1.0, device, dtype, prior.training, weights)  # training: dropout
-    with torch.inference_mode():  # the buffers outlive this call; they are only ever used in here
-        held = _decoders.get(prior)
-        if held is None or held[0] != key:
-            _decoders.pop(prior, None)  # frees the old graph before the new one is built
-            held = key, StaticDecoder(prior, len(labels), n, top_k, top_p, guidance != 1.0, device, dtype)
-            _decoders[prior] = held
-        decoder = held[1]
-        inputs = (labels, transforms, uniforms, known, keep, guidance, temperature)
-        decoder.load(prior, *inputs)
-        if captured and decoder.graph is None:
-            captured = decoder.capture_once(prior)
-            decoder.load(prior, *inputs)  # the warm-up steps moved the buffers on
-        codes = decoder.run(prior, captured and decoder.graph is not None, progress_bar)
-    return codes.clone()  # out of inference mode: the caller gets a normal tensor
+    with _lock:
+        # inference mode: the buffers outlive this call; they are only ever used in here
+        with torch.inference_mode():
+            decoder = kept_decoder(prior, key, lambda: StaticDecoder(prior, len(labels), n, top_k, top_p, guidance != 1.0,
+                                                                     device, dtype))
+            inputs = (labels, transforms, uniforms, known, keep, guidance, temperature)
+            decoder.load(prior, *inputs)
+            if captured and decoder.graph is None:
+                captured = decoder.capture_once(prior)
+                decoder.load(prior, *inputs)  # the warm-up steps moved the buffers on
+            codes = decoder.run(prior, captured and decoder.graph is not None, progress_bar)
+        return codes.clone()  # out of inference mode (the caller gets a normal tensor), before the next call's draws
+
+
+def kept_decoder(prior, key: tuple, build) -> StaticDecoder:
+    """The prior's decoder for `key`, built on first use; the least recently used one is dropped
+    (with its graph) beyond KEPT_PER_PRIOR, and every one where the weights moved."""
+    held = _decoders.setdefault(prior, OrderedDict())
+    if any(kept[-1] != key[-1] for kept in held):  # other weights: those graphs read freed memory
+        held.clear()
+    if key not in held:
+        while len(held) >= KEPT_PER_PRIOR:
+            held.popitem(last=False)  # frees the old graph before the new one is built
+        held[key] = build()
+    held.move_to_end(key)
+    return held[key]
+
+
+def kept_decoders(prior) -> list[StaticDecoder]:
+    """The prior's kept decoders, the most recently used last."""
+    return list(_decoders.get(prior, {}).values())
+
+
+def forget_decoders(prior) -> None:
+    """Drop the prior's decoders and graphs (the benchmark times a first call's capture)."""
+    _decoders.pop(prior, None)

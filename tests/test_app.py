@@ -188,11 +188,11 @@ def test_the_page_draws_completes_and_survives_a_bad_upload(browser, served, pip
     assert np.array_equal(shown, pixels(expected))
     first.screenshot(path=SCREENSHOTS / "2_complete.png", full_page=True)
 
-    # A text file as an upload: a sentence on the page, and Draw still works afterwards.
-    (tmp_path / "notes.txt").write_text("not an image")
+    # A text file named as a PNG as an upload: a sentence on the page, and Draw still works afterwards.
+    (tmp_path / "notes.png").write_text("not an image")
     with first.expect_file_chooser() as chooser:
         first.click("#complete-upload")
-    chooser.value.set_files(tmp_path / "notes.txt")
+    chooser.value.set_files(tmp_path / "notes.png")
     first.wait_for_function("document.querySelector('#complete-status').innerText.includes('not an image')")
     first.screenshot(path=SCREENSHOTS / "3_bad_upload.png", full_page=True)
     first.get_by_role("tab", name="Draw").click()

@@ -53,13 +53,13 @@ def test_the_captured_graph_draws_the_codes_of_the_uncaptured_steps(n, guidance)
     draw = lambda decoding, seed=5, **options: model.generate(
         n, labels, generator=torch.Generator("cuda").manual_seed(seed), guidance=guidance, decoding=decoding, **options)
     graph = draw("graph")
-    decoder = static_decoding._decoders[model][1]
+    decoder = static_decoding.kept_decoders(model)[-1]
     assert decoder.graph is not None and not decoder.capture_failed
     assert torch.equal(graph, draw("static")) and torch.equal(graph, draw("cache"))
     again = draw("graph", seed=6, temperature=0.8, top_k=6)  # top-k is part of the key: a capture of its own
     assert torch.equal(again, draw("static", seed=6, temperature=0.8, top_k=6))
     assert torch.equal(draw("graph", seed=7, temperature=0.5), draw("cache", seed=7, temperature=0.5))  # temperature: read by the graph
-    assert static_decoding._decoders[model][1].graph is not None
+    assert static_decoding.kept_decoders(model)[-1].graph is not None
     with torch.autocast("cuda", dtype=torch.bfloat16):  # as pipelines.sample decodes: the graph and its eager steps agree
         assert torch.equal(draw("graph"), draw("static"))
 
@@ -67,11 +67,15 @@ def test_the_captured_graph_draws_the_codes_of_the_uncaptured_steps(n, guidance)
 def test_the_graph_is_captured_once_and_kept_for_the_next_call():
     model = make_prior("transformer", 2).cuda()
     model.generate(4, decoding="graph")
-    first = static_decoding._decoders[model][1].graph
+    first = static_decoding.kept_decoders(model)[-1].graph
     model.generate(4, 1, decoding="graph", guidance=1.0)
-    assert static_decoding._decoders[model][1].graph is first
-    model.generate(5, decoding="graph")  # another batch size: another capture
-    assert static_decoding._decoders[model][1].graph is not first
+    assert static_decoding.kept_decoders(model)[-1].graph is first
+    model.generate(5, decoding="graph")  # another batch size: another capture, kept beside the first
+    second = static_decoding.kept_decoders(model)[-1].graph
+    assert second is not None and second is not first
+    model.generate(4, decoding="graph")  # as drawing 64 then the rest of 80 images does, click after click
+    model.generate(5, decoding="graph")
+    assert [decoder.graph for decoder in static_decoding.kept_decoders(model)] == [first, second]
 
 
 def test_maskgit_on_the_gpu_is_seeded_and_keeps_the_known_codes():

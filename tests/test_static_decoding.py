@@ -42,7 +42,7 @@ def test_a_kept_decoder_serves_later_calls_as_a_fresh_one_would():
     for call in calls:
         labels, seed = call.pop("labels"), call.pop("seed")
         static = draw(model, 4, labels, "static", seed=seed, **call)
-        decoders.append(static_decoding._decoders[model][1])
+        decoders.append(static_decoding.kept_decoders(model)[-1])
         assert torch.equal(static, draw(model, 4, labels, "cache", seed=seed, **call))
     assert all(decoder is decoders[0] for decoder in decoders)  # the same buffers served all three calls
 
@@ -82,3 +82,41 @@ def test_a_failed_capture_is_said_once_and_decoding_goes_on_without_it(monkeypat
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert decoder.capture_once(model) is False  # said once, not tried again
+
+
+def test_drawing_80_images_again_and_again_builds_each_batch_sizes_decoder_once(monkeypatch):
+    """80 images decode as 64 then 16; keeping one decoder per prior rebuilt (on CUDA recaptured)
+    both on every call."""
+    model = make_prior("transformer", 2)
+    built = []
+    real = static_decoding.StaticDecoder
+    monkeypatch.setattr(static_decoding, "StaticDecoder", lambda *args: built.append(args[1]) or real(*args))
+    for seed in range(3):
+        for n in (64, 16):
+            draw(model, n, None, "static", seed=seed)
+    assert built == [64, 16]
+    for n in range(1, static_decoding.KEPT_PER_PRIOR + 3):  # bounded: the least recently used goes
+        draw(model, n, None, "static")
+    assert len(static_decoding.kept_decoders(model)) == static_decoding.KEPT_PER_PRIOR
+
+
+def test_two_threads_decoding_at_once_each_get_their_own_seeds_codes():
+    """The page serves two visitors from threads; one decoder's buffers must not serve both at once."""
+    import threading
+
+    model = make_prior("transformer+inputs", 2)
+    labels = torch.tensor([0, 1, 2, 0])
+    alone = {seed: draw(model, 4, labels, "static", seed=seed, guidance=2.0) for seed in range(6)}
+    together, barrier = {}, threading.Barrier(2)
+
+    def visitor(seeds):
+        barrier.wait()
+        for seed in seeds:
+            together[seed] = draw(model, 4, labels, "static", seed=seed, guidance=2.0)
+
+    threads = [threading.Thread(target=visitor, args=(seeds,)) for seeds in ((0, 2, 4), (1, 3, 5))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert all(torch.equal(together[seed], alone[seed]) for seed in alone)
