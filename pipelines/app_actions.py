@@ -195,7 +195,9 @@ def overview(pipe: VQPipeline, run_dir: Path | None) -> tuple[str, str]:
     ]
     every = flat(pipe.metrics)
     if not every:
-        return "\n".join([*lines, "", "No figures yet: `python -m pipelines.evaluate` measures the run."]), ""
+        missing = f"Not evaluated: {pipe.metrics_note}." if pipe.metrics_note else \
+            "No figures yet: `python -m pipelines.evaluate` measures the run."
+        return "\n".join([*lines, "", missing]), ""
     lines += ["", "| what was measured | value |", "| --- | --- |"]
     lines += [f"| {words} | {format_value(every[key])} |" for key, words in FIGURES.items() if key in every]
     raw = "\n".join(["| metrics.json | value |", "| --- | --- |", *(f"| `{key}` | {format_value(value)} |" for key, value in every.items())])

@@ -39,7 +39,7 @@ from foundation.memorisation import memorisation
 from foundation.training import bf16_is_fast, use_all_cores
 from pipelines.inception import load_fid_metric, standard_fid
 from pipelines.pipeline import check_null_label_was_trained, load_run, pick_device, resolve_guidance
-from stage1_vqvae.codes import open_codes
+from stage1_vqvae.codes import open_codes, weights_hash
 from stage1_vqvae.metrics import reconstruction_metrics
 from stage2_prior.evaluation import prior_bits_per_dim, test_nll
 from stage2_prior.priors import PARALLEL_PRIORS
@@ -184,7 +184,9 @@ def evaluate_run(config: EvaluateConfig) -> dict:
     judge = load_or_train_judge(run_dir, data, device, config.classifier_epochs)
     rfd, samples = sample_metrics(vqvae, prior, data, judge, config, device)
     stage1.update(rfd)
-    return {"stage1": stage1, "stage2": stage2, "samples": samples, "device": str(device)}
+    # what these figures describe: a run retrained since is shown as not evaluated (VQPipeline.from_run)
+    weights = {"vqvae": weights_hash(vqvae), "prior": weights_hash(prior)}
+    return {"stage1": stage1, "stage2": stage2, "samples": samples, "device": str(device), "weights": weights}
 
 
 def format_table(metrics: dict) -> str:

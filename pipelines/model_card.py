@@ -31,9 +31,12 @@ def figure(metrics: dict, section: str, key: str):
     return value
 
 
-def figures_table(metrics: dict) -> str:
+def figures_table(metrics: dict, note: str | None = None) -> str:
+    """`note`: why there are no figures to show (they describe other weights)."""
     rows = [f"| {what} | {form.format(figure(metrics, section, key))} |" for section, key, what, form in FIGURES
             if isinstance(figure(metrics, section, key), (int, float))]
+    if not rows and note:
+        return f"Not evaluated: {note}."
     if not rows:
         return "No figures were measured for this run (`python -m pipelines.evaluate` writes them)."
     return "\n".join(["| figure | value |", "| --- | --- |", *rows,
@@ -77,7 +80,7 @@ images = pipe(n=64).images  # 64 PIL images{guidance}
 
 ## Figures
 
-{figures_table(pipeline.metrics)}
+{figures_table(pipeline.metrics, pipeline.metrics_note)}
 
 {grid}
 """

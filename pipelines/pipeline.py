@@ -252,8 +252,11 @@ def check_output_type(output_type: str) -> None:
 class VQPipeline:
     """A trained VQ-VAE and a prior over its codes: draw new images, or complete real ones."""
 
-    def __init__(self, vqvae: VQVAE, prior, metrics: dict | None = None, dataset: str | None = None):
+    def __init__(self, vqvae: VQVAE, prior, metrics: dict | None = None, dataset: str | None = None,
+                 metrics_note: str | None = None):
+        """`metrics_note`: why the run's figures are not shown (they describe other weights)."""
         self.vqvae, self.prior, self.metrics, self.dataset = vqvae.eval(), prior.eval(), metrics or {}, dataset
+        self.metrics_note = metrics_note
 
     @classmethod
     def from_pretrained(cls, source: str | Path, prior: str = "prior", device: str | torch.device | None = None,
@@ -276,8 +279,8 @@ class VQPipeline:
         folder = Path(run_dir)
         vqvae, prior_model = load_run(folder, pick_device(device), prior)
         metrics_file = folder / ("metrics.json" if prior == "prior" else f"metrics_{prior}.json")
-        metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else None
-        return cls(vqvae, prior_model, metrics, dataset_of(folder))
+        metrics, note = figures_of_these_weights(metrics_file, vqvae, prior_model)
+        return cls(vqvae, prior_model, metrics, dataset_of(folder), note)
 
     @property
     def device(self) -> torch.device:
@@ -422,6 +425,23 @@ class VQPipeline:
             api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
             commit = api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message, repo_type="model")
         return str(getattr(commit, "commit_url", commit))
+
+
+def figures_of_these_weights(path: Path, vqvae, prior) -> tuple[dict | None, str | None]:
+    """The figures `pipelines.evaluate` wrote, where they describe these weights; else none, and
+    a sentence saying why (a stage retrained since, without evaluating it again)."""
+    if not path.exists():
+        return None, None
+    metrics = json.loads(path.read_text())
+    measured = metrics.get("weights")
+    if measured is None:  # written before evaluate recorded the weights: nothing to check them against
+        return metrics, None
+    retrained = [stage for stage, key, model in (("stage one", "vqvae", vqvae), ("stage two", "prior", prior))
+                 if measured.get(key) != weights_hash(model)]
+    if not retrained:
+        return metrics, None
+    return None, (f"the figures in {path.name} were measured on other weights ({' and '.join(retrained)} trained again "
+                  f"since); `python -m pipelines.evaluate` measures these")
 
 
 def dataset_of(folder: Path) -> str | None:

@@ -11,7 +11,7 @@ from PIL import Image, ImageOps
 from torch.nn.attention import SDPBackend
 
 from foundation.errors import UserError
-from pipelines import evaluate, pipeline, sample
+from pipelines import VQPipeline, evaluate, pipeline, sample
 from stage1_vqvae import train as stage_one
 from stage2_prior import train as stage_two
 from stage2_prior.quality import autocast_for, best_guidance
@@ -346,3 +346,22 @@ def test_the_frechet_spread_shrinks_with_more_images():
     torch.manual_seed(0)
     few, many = frechet_spread(torch.randn(100, 4), torch.randn(100, 4)), frechet_spread(torch.randn(4000, 4), torch.randn(4000, 4))
     assert few > 5 * many > 0
+
+
+def test_figures_of_weights_trained_again_since_are_said_to_be_stale_not_shown(trained_run, tiny_fashion, tmp_path):
+    from pipelines import app_actions
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    evaluate.main(["--run-dir", str(run), "--n", "8", "--classifier-epochs", "1", "--batch-size", "8", "--guidance", ""])
+    evaluated = VQPipeline.from_run(run, device="cpu")
+    assert evaluated.metrics["stage2"]["nll_bits_per_code"] > 0 and evaluated.metrics_note is None
+    reset_accelerate_state()
+    stage_two.main(["--run-dir", str(run), *TINY_PRIOR, "--max-steps", "3", "--overwrite"])  # retrained, not evaluated
+    retrained = VQPipeline.from_run(run, device="cpu")
+    assert retrained.metrics == {} and "stage two trained again since" in retrained.metrics_note
+    described, every = app_actions.overview(retrained, run)
+    assert "Not evaluated: the figures in metrics.json were measured on other weights" in described and every == ""
+    card = (retrained.save_pretrained(tmp_path / "saved", grid=False) / "README.md").read_text()
+    assert "Not evaluated" in card and "test NLL" not in card
+    assert "metrics.json" not in {path.name for path in (tmp_path / "saved").iterdir()}
