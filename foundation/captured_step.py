@@ -8,53 +8,71 @@ fused AdamW is a few kernels, and its learning rate stays the scheduler's plain 
 
 What a graph needs, the step provides: no read back to the host (the steps of both stages have
 none on CUDA; MaskGIT's has, and is not graphed), state changed in place, and a `key` that names
-every choice the step makes in Python (the adversarial phase, the batch's shape): a new key is
-warmed up eagerly for a few steps and captured again. Where capture fails, the step runs eagerly
-from then on, said once.
+every choice the step makes in Python (the adversarial phase, whether R1 is due, the batch's
+shape). Each key gets a graph of its own, captured after a few eager steps with that key and kept
+(a few at most): keys that take turns, as R1's every fourth step does with the others, are each
+replayed. Where capture fails, the step runs eagerly from then on, said once.
 """
 
 import warnings
+from collections import OrderedDict
+from dataclasses import dataclass
 
 import torch
 
 
+@dataclass
+class Graph:
+    """One key's captured step: the graph, the tensors it reads the batch from, what it returns,
+    and the gradients its backward writes."""
+    graph: object
+    inputs: dict
+    outputs: tuple
+    grads: list
+
+
 class CapturedStep:
     """`step(batch, key)` runs `forward_backward(batch)` (which returns what the training step
-    returns, after backward and clipping) as a graph replay once `warmup` steps with that key
-    have run eagerly. Graph or not, the gradients are left in the parameters' `.grad` for the
-    optimizer; the caller may set them to None after it steps (before a replay they are pointed
-    back at the tensors the graph writes)."""
+    returns, after backward and clipping) as a replay of that key's graph once `warmup` steps with
+    the key have run eagerly. Graph or not, the gradients are left in the parameters' `.grad` for
+    the optimizer; the caller may set them to None after it steps (before a replay they are
+    pointed back at the tensors that graph writes)."""
 
-    WARMUP = 3  # eager steps of a new key before it is captured
+    WARMUP_STEPS = 3  # eager steps of a new key before it is captured
+    MOST_GRAPHS = 4  # keys kept captured; the least recently replayed goes first
 
-    def __init__(self, forward_backward, parameters, warmup: int = WARMUP, graph=None, capture=None):
+    def __init__(self, forward_backward, parameters, warmup: int = WARMUP_STEPS, graph=None, capture=None):
         self.forward_backward, self.warmup = forward_backward, warmup
         self.parameters = [p for p in parameters if p.requires_grad]
         # graph and capture: torch.cuda's, or stand-ins where a test runs on a CPU
         self.new_graph = graph or torch.cuda.CUDAGraph
         self.capture_into = capture or (lambda graph: torch.cuda.graph(graph, capture_error_mode="thread_local"))
-        self.key = self.graph = self.inputs = self.outputs = self.grads = self.side_stream = None
-        self.eager_steps, self.failed, self.captures = 0, False, 0
+        self.graphs: OrderedDict = OrderedDict()
+        self.warmed: dict = {}  # key -> eager steps run with it so far
+        self.side_stream = None
+        self.failed, self.captures, self.replays, self.steps = False, 0, 0, 0
 
     def __call__(self, batch: dict, key):
+        self.steps += 1
         key = (key, tuple((name, tuple(value.shape)) for name, value in batch.items() if torch.is_tensor(value)))
         if self.failed:
             return self.forward_backward(batch)
-        if key != self.key:
-            self._release()
-            self.key, self.eager_steps = key, 0
-        if self.graph is None:
-            if self.eager_steps < self.warmup:
-                self.eager_steps += 1
+        captured = self.graphs.get(key)
+        if captured is None:
+            if self.warmed.get(key, 0) < self.warmup:
+                self.warmed[key] = self.warmed.get(key, 0) + 1
                 return self._on_a_side_stream(batch)
-            if not self._capture(batch):
+            captured = self._capture(key, batch)
+            if captured is None:
                 return self.forward_backward(batch)
-        for name, value in self.inputs.items():
+        self.graphs.move_to_end(key)
+        for name, value in captured.inputs.items():
             value.copy_(batch[name])
-        for parameter, grad in zip(self.parameters, self.grads):
-            parameter.grad = grad  # an eager step in between may have replaced or dropped them
-        self.graph.replay()
-        return self.outputs
+        for parameter, grad in zip(self.parameters, captured.grads):
+            parameter.grad = grad  # an eager step or another key's replay in between replaced or dropped them
+        captured.graph.replay()
+        self.replays += 1
+        return captured.outputs
 
     def _on_a_side_stream(self, batch):
         """Warm-up steps run on a side stream, as PyTorch asks before a capture."""
@@ -68,27 +86,24 @@ class CapturedStep:
         torch.cuda.current_stream().wait_stream(self.side_stream)
         return outputs
 
-    def _capture(self, batch) -> bool:
-        self.inputs = {name: value.clone() for name, value in batch.items() if torch.is_tensor(value)}
-        static_batch = {**batch, **self.inputs}
+    def _capture(self, key, batch) -> Graph | None:
+        while len(self.graphs) >= self.MOST_GRAPHS:
+            self.graphs.popitem(last=False)  # its memory goes with it
+        inputs = {name: value.clone() for name, value in batch.items() if torch.is_tensor(value)}
         for parameter in self.parameters:
-            parameter.grad = None  # the captured backward then writes fresh gradients at every replay
+            parameter.grad = None  # the captured backward then writes gradients of its own at every replay
         graph = self.new_graph()
         try:
             with self.capture_into(graph):
-                self.outputs = self.forward_backward(static_batch)
+                outputs = self.forward_backward({**batch, **inputs})
         except RuntimeError as error:
             self.failed = True
-            self._release()
-            warnings.warn(f"the training step could not be captured as a CUDA graph ({str(error).splitlines()[0]}); "
-                          "it runs without one, the same step more slowly", stacklevel=3)
-            return False
-        self.graph, self.grads, self.captures = graph, [p.grad for p in self.parameters], self.captures + 1
-        return True
-
-    def _release(self) -> None:
-        """Drop the graph and the gradients it owns, before another is captured."""
-        if self.grads is not None:
+            self.graphs.clear()
             for parameter in self.parameters:
                 parameter.grad = None
-        self.graph = self.inputs = self.outputs = self.grads = None
+            warnings.warn(f"the training step could not be captured as a CUDA graph ({str(error).splitlines()[0]}); "
+                          "it runs without one, the same step more slowly", stacklevel=3)
+            return None
+        self.graphs[key] = captured = Graph(graph, inputs, outputs, [p.grad for p in self.parameters])
+        self.captures += 1
+        return captured

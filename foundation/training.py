@@ -480,7 +480,8 @@ def describe_graphs(captured: CapturedStep | None) -> str:
         return ""
     if captured.failed:
         return ", steps run without a CUDA graph (its capture failed)"
-    return f", steps replayed as CUDA graphs ({captured.captures} captured)"
+    return (f", {captured.replays} of {captured.steps} steps replayed as CUDA graphs "
+            f"({captured.captures} captured, the others warming them up)")
 
 
 def run_training_loop(

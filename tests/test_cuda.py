@@ -4,6 +4,7 @@ Without a GPU, `test_cuda_paths_as_far_as_a_cpu_allows` and the benchmark's time
 stand in for `torch.cuda` as far as a CPU allows."""
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -123,18 +124,29 @@ def test_stage_one_replayed_as_cuda_graphs_trains_as_the_eager_loop(tiny_fashion
     flags = [*TINY_MODEL, "--disc-start", "-1", "--dead-code-steps", "0", "--max-steps", "12", "--eval-every", "100",
              "--no-dump", "--mixed-precision", "no"]
     out = train_eager_then_graphed(stage_one.main, tmp_path, flags, capsys)
-    assert "steps replayed as CUDA graphs (1 captured)" in out and out.count("CUDA graph") == 1
+    assert "9 of 12 steps replayed as CUDA graphs (1 captured" in out and out.count("CUDA graph") == 1
     assert relative_difference(tmp_path / "eager" / "vqvae", tmp_path / "graph" / "vqvae") < 1e-3
 
 
 def test_stage_one_with_the_discriminator_is_captured_again_when_its_phase_changes(tiny_fashion, tmp_path, capsys):
     stage_one.main(["--run-dir", str(tmp_path), *TINY_MODEL, "--disc-start", "6", "--disc-head-start", "0", "--disc-channels", "8",
                     "--max-steps", "12", "--eval-every", "100", "--no-dump", "--log-every", "1"])
-    assert "steps replayed as CUDA graphs (2 captured)" in capsys.readouterr().out
+    assert "6 of 12 steps replayed as CUDA graphs (2 captured" in capsys.readouterr().out
     log = [json.loads(line) for line in (tmp_path / "vqvae" / "log.jsonl").read_text().splitlines()]
     adversarial = [entry for entry in log if "train/disc_loss" in entry]
     assert len(adversarial) == 6 and all(np.isfinite(entry["train/disc_loss"]) for entry in adversarial)
     assert len({entry["train/disc_loss"] for entry in adversarial}) == 6  # every replay computed its own step
+
+
+def test_stage_one_with_r1_every_fourth_step_replays_both_keys(tiny_fashion, tmp_path, capsys):
+    """R1's steps and the others take turns faster than a key warms up: each keeps its own graph."""
+    stage_one.main(["--run-dir", str(tmp_path), *TINY_MODEL, "--disc-start", "0", "--disc-head-start", "0", "--disc-channels", "8",
+                    "--r1-weight", "1", "--r1-every", "4", "--max-steps", "24", "--eval-every", "100", "--no-dump", "--log-every", "1"])
+    replayed, steps, captured = map(int, re.search(r"(\d+) of (\d+) steps replayed as CUDA graphs \((\d+) captured",
+                                                   capsys.readouterr().out).groups())
+    assert steps == 24 and captured >= 2 and replayed >= 24 - 3 * captured
+    log = [json.loads(line) for line in (tmp_path / "vqvae" / "log.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(entry["train/r1"]) for entry in log if "train/r1" in entry)
 
 
 def test_stage_two_replayed_as_cuda_graphs_trains_as_the_eager_loop(tiny_fashion, tmp_path, capsys):
@@ -144,7 +156,7 @@ def test_stage_two_replayed_as_cuda_graphs_trains_as_the_eager_loop(tiny_fashion
     capsys.readouterr()  # stage one's summary says how its own steps ran
     flags = [*TINY_PRIOR, "--max-steps", "12", "--dropout", "0", "--label-dropout", "0", "--mixed-precision", "no"]
     out = train_eager_then_graphed(stage_two.main, tmp_path, flags, capsys)
-    assert "steps replayed as CUDA graphs (1 captured)" in out and out.count("CUDA graph") == 1
+    assert "9 of 12 steps replayed as CUDA graphs (1 captured" in out and out.count("CUDA graph") == 1
     assert relative_difference(tmp_path / "eager" / "prior", tmp_path / "graph" / "prior") < 1e-3
 
 
