@@ -7,7 +7,8 @@ raster-order priors (transformer, PixelCNN) can only continue a kept top part; a
 prior (stage two's `--prior maskgit`) fills any region: a half, the centre, or a mask image.
 
 The grid has one row per image: original | reconstruction with the redrawn region grey |
-completions. The completions are also written one PNG each.
+completions. The completions are also written one PNG each, named after the image's path inside
+--images (a/x.png -> a/x_0.png, a/x_1.png, ...).
 """
 
 import re
@@ -47,7 +48,8 @@ class CompleteConfig:
     passes: int | None = field(default=None, metadata={"help": "MaskGIT only: sampling passes (default: the prior's own)"})
     transform: str = field(default="identity", metadata={"help": "complete the images as one of the transforms the prior "
                                                                  "learned makes them (stage one's --map-transforms, e.g. flip)"})
-    seed: int = field(default=0, metadata={"help": "same seed, same device: same completions"})
+    seed: int = field(default=0, metadata={"help": "same seed, batch size and device: same completions"})
+    batch_size: int = field(default=64, metadata={"help": "completions drawn at a time (bounds the memory, whatever --images holds)"})
     device: str = field(default="auto", metadata={"help": "where to run", "choices": ["auto", "cuda", "mps", "cpu"]})
     out: str | None = field(default=None, metadata={"help": "output folder (default: <run>/completions)"})
 
@@ -65,16 +67,25 @@ def image_files(spec: str) -> list[Path]:
     raise UserError(f"--images {spec} does not exist; give an image file or a folder of them")
 
 
+def output_names(files: list[Path], spec: str) -> list[str]:
+    """Each file's name for its completions: its path inside the --images folder without the
+    suffix (a/x.png -> a/x), so that a/x.png and b/x.png do not overwrite each other; with the
+    suffix where two files differ only by it (x.png, x.jpg -> x.png, x.jpg)."""
+    root = Path(spec) if Path(spec).is_dir() else Path(spec).parent
+    names = [file.relative_to(root).with_suffix("").as_posix() for file in files]
+    return [file.relative_to(root).as_posix() if names.count(name) > 1 else name for file, name in zip(files, names)]
+
+
 def main(argv=None):
     config = parse_config(CompleteConfig, argv, description=__doc__.splitlines()[0])
-    if config.n < 1 or config.samples < 1:
-        raise UserError("--n and --samples must be at least 1")
+    if config.n < 1 or config.samples < 1 or config.batch_size < 1:
+        raise UserError("--n, --samples and --batch-size must be at least 1")
     run_dir = Path(config.run_dir)
     pipe = VQPipeline.from_run(run_dir, prior=config.prior_dir, device=config.device)
     use_all_cores(pipe.device)
     if config.images:
         files = image_files(config.images)
-        images, names, own_labels = pipe.prepare_images(files), [file.stem for file in files], None
+        images, names, own_labels = pipe.prepare_images(files), output_names(files, config.images), None
     else:
         images, own_labels = run_test_images(run_dir, config.n)
         names = [f"test_{i:04d}" for i in range(len(images))]
@@ -86,7 +97,8 @@ def main(argv=None):
     started = time.time()
     result = pipe.complete(images, config.redraw, config.samples, labels=labels, guidance=config.guidance,
                            temperature=config.temperature, top_k=config.top_k, top_p=config.top_p,
-                           passes=config.passes, seed=config.seed, output_type="pt", transform=config.transform)
+                           passes=config.passes, seed=config.seed, output_type="pt", transform=config.transform,
+                           batch_size=config.batch_size)
     seconds = time.time() - started
     out = Path(config.out) if config.out else run_dir / "completions"
     out.mkdir(parents=True, exist_ok=True)
@@ -100,6 +112,7 @@ def main(argv=None):
         if per_input > 1:
             class_name = class_names[i % per_input] if class_names else str(i % per_input)
             name += "_" + re.sub(r"[^\w.-]+", "-", class_name)  # T-shirt/top -> T-shirt-top
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
         for j, image in enumerate(row):
             save_image(image, out / f"{name}_{j}.png")
     region = result.region

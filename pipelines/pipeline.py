@@ -346,7 +346,7 @@ class VQPipeline:
     def complete(self, images, mask="bottom", samples: int = 4, labels=None, guidance: float | None = None,
                  temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                  passes: int | None = None, seed: int = 0, output_type: str = "pil",
-                 transform: int | str = IDENTITY) -> Completions:
+                 transform: int | str = IDENTITY, batch_size: int = 64) -> Completions:
         """Keep part of each image's code map and let the prior redraw the rest.
 
         mask: "bottom", "top", "left", "right", "center", or a mask (a PIL image, a path, or a
@@ -354,9 +354,11 @@ class VQPipeline:
         transformer and PixelCNN can redraw only a raster-order tail (e.g. "bottom"); MaskGIT
         any region. labels: None (no class), a class name or index, one per image, or "all":
         every image completed as every class (inputs then repeat, image by image). transform:
-        one the prior learned (default: the identity); the images are first transformed by it."""
-        if samples < 1:
-            raise UserError(f"samples {samples} must be at least 1 (completions per image)")
+        one the prior learned (default: the identity); the images are first transformed by it.
+        The completions are drawn `batch_size` at a time (memory stays bounded however many
+        images come); the same seed, batch size and device give the same completions."""
+        if samples < 1 or batch_size < 1:
+            raise UserError(f"samples ({samples}, completions per image) and batch_size ({batch_size}) must be at least 1")
         check_sampling_args(temperature, top_k, top_p)
         check_output_type(output_type)
         steps = sampling_passes(passes, self.prior)
@@ -373,19 +375,26 @@ class VQPipeline:
         guidance = resolve_guidance(guidance, label_indices, self.prior)
         device = self.device
         generator = torch.Generator(device=device).manual_seed(seed)
+        sampling = dict(transform=transform_id, temperature=temperature, top_k=top_k, top_p=top_p, guidance=guidance, **steps)
+        codes, reconstructions = [], []
         with autocast_for(device):
-            inputs = pixels.to(device).float() / 255
-            if transform_id:
-                inputs = apply_transform(self.prior.transforms[transform_id], inputs)
-            codes = self.vqvae.encode(inputs)  # each input once, however many rows it gets
-            reconstructions = self.vqvae.decode(codes).float().cpu().repeat_interleave(copies, 0)
-            codes = codes.repeat_interleave(copies, 0)
-            known = repeat(codes, "n h w -> (n s) h w", s=samples)
-            keep = repeat(~region.to(device), "h w -> m h w", m=len(known))
-            sample_labels = repeat(label_indices.to(device), "n -> (n s)", s=samples) if label_indices is not None else None
-            completed = self.prior.generate(len(known), sample_labels, generator=generator, known=known, keep=keep, transform=transform_id,
-                                            temperature=temperature, top_k=top_k, top_p=top_p, guidance=guidance, **steps)
-            decoded = self.vqvae.decode(completed).float().cpu()
+            for batch in pixels.split(batch_size):  # each input encoded once, however many rows it gets
+                inputs = batch.to(device).float() / 255
+                if transform_id:
+                    inputs = apply_transform(self.prior.transforms[transform_id], inputs)
+                codes.append(self.vqvae.encode(inputs))
+                reconstructions.append(self.vqvae.decode(codes[-1]).float().cpu())
+            reconstructions = torch.cat(reconstructions).repeat_interleave(copies, 0)
+            known = repeat(torch.cat(codes).repeat_interleave(copies, 0), "n h w -> (n s) h w", s=samples)
+            sample_labels = repeat(label_indices, "n -> (n s)", s=samples) if label_indices is not None else None
+            completed, decoded = [], []
+            for start in range(0, len(known), batch_size):
+                rows = known[start: start + batch_size]
+                keep = repeat(~region.to(device), "h w -> m h w", m=len(rows))
+                labels_part = sample_labels[start: start + batch_size].to(device) if sample_labels is not None else None
+                completed.append(self.prior.generate(len(rows), labels_part, generator=generator, known=rows, keep=keep, **sampling))
+                decoded.append(self.vqvae.decode(completed[-1]).float().cpu())
+            completed, decoded = torch.cat(completed), torch.cat(decoded)
         completions = rearrange(decoded, "(n s) c h w -> n s c h w", s=samples)
         return Completions(as_output(completions, output_type), as_output(grey_out(reconstructions, region), output_type),
                            rearrange(completed.cpu(), "(n s) h w -> n s h w", s=samples), region, label_indices, guidance)

@@ -127,11 +127,36 @@ def test_complete_takes_image_files_of_any_mode(two_prior_run, tmp_path):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a_0.png", "b_0.png", "grid.png"]
 
 
+def test_files_of_one_name_in_two_folders_each_keep_their_completions(two_prior_run, tmp_path):
+    folder = tmp_path / "mine"
+    for sub, colour in (("a", 40), ("b", 220)):
+        (folder / sub).mkdir(parents=True)
+        Image.new("L", (32, 32), colour).save(folder / sub / "x.png")
+    Image.new("L", (32, 32), 128).save(folder / "a" / "x.jpg")  # the same name but for its suffix
+    complete.main(["--run-dir", str(two_prior_run), "--images", str(folder), "--samples", "1", "--out", str(tmp_path / "out"),
+                   "--device", "cpu"])
+    written = sorted(p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*.png"))
+    assert written == ["a/x.jpg_0.png", "a/x.png_0.png", "b/x_0.png", "grid.png"]
+
+
+def test_completions_are_drawn_a_batch_at_a_time(two_prior_run, monkeypatch):
+    pipe = VQPipeline.from_run(two_prior_run, device="cpu")
+    images = torch.randint(0, 256, (5, 1, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    rows, generate = [], pipe.prior.generate
+    monkeypatch.setattr(pipe.prior, "generate", lambda n, *args, **kwargs: rows.append(n) or generate(n, *args, **kwargs))
+    first = pipe.complete(images, "bottom", samples=3, seed=2, batch_size=4, output_type="pt")
+    assert rows == [4, 4, 4, 3] and first.images.shape == (5, 3, 1, 32, 32)  # 15 rows, never more than 4 at once
+    again = pipe.complete(images, "bottom", samples=3, seed=2, batch_size=4, output_type="pt")
+    assert torch.equal(first.codes, again.codes)  # same seed and batch size, same completions
+    whole = pipe.complete(images, "bottom", samples=3, seed=2, batch_size=64, output_type="pt")
+    assert torch.equal(whole.codes[:, :, :4], first.codes[:, :, :4])  # the kept top half is the same either way
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--redraw", "center"], "the region center keeps codes after redrawn ones in raster order, which the transformer prior cannot"),
     (["--redraw", "middle"], "mask 'middle' is neither a region"),
     (["--images", "missing.png"], "--images missing.png does not exist"),
-    (["--samples", "0"], "--n and --samples must be at least 1"),
+    (["--samples", "0"], "--n, --samples and --batch-size must be at least 1"),
     (["--label", "Hat"], "label 'Hat' is neither a class name"),
 ])
 def test_bad_completion_flags_are_one_clear_sentence(two_prior_run, tiny_fashion, tmp_path, flags, message):
