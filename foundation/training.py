@@ -255,13 +255,29 @@ class MetricsLog:
                 file.write(json.dumps({"step": step, "time": round(time.time(), 1), **metrics}) + "\n")
 
 
+def read_log(path: Path) -> list[dict]:
+    """The entries of a log.jsonl, in order; a line a kill left half written is not one."""
+    path = Path(path)
+    entries = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(entry, dict) and "step" in entry:
+            entries.append(entry)
+    return entries
+
+
 def truncate_log(path: Path, step: int) -> None:
-    """Keep the lines of steps up to `step`, where this run starts or resumes: a resumed run
-    logs again what followed its checkpoint, and must not repeat it."""
+    """Keep the entries of steps up to `step`, where this run starts or resumes: a resumed run
+    logs again what followed its checkpoint, and must not repeat it (nor append to a line
+    the kill left half written)."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines(keepends=True) if line.strip() and json.loads(line)["step"] <= step]
-    path.write_text("".join(kept))
+    staging = path.with_suffix(".jsonl.tmp")
+    staging.write_text("".join(json.dumps(entry) + "\n" for entry in read_log(path) if entry["step"] <= step))
+    os.replace(staging, path)
 
 
 class Checkpoints:

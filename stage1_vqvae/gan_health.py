@@ -9,18 +9,14 @@ run's summary says so instead of leaving it to a person to spot in the grids.
   started, or few of them at the end.
 """
 
-import json
 from pathlib import Path
+
+from foundation.training import read_log
 
 WON_LOSS = 0.2  # the hinge loss when most real and reconstructed images are past their margins (+1, -1)
 LATE_FRACTION = 0.25  # the part of the adversarial phase judged: its last quarter
 COLLAPSE = 0.5  # codebook use below this fraction of its use before the discriminator started
 FEW_CODES = 0.25  # codebook use at the end below this
-
-
-def read_log(path: Path) -> list[dict]:
-    path = Path(path)
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
 def diagnose(log_path: Path, disc_start: int) -> list[str]:

@@ -29,8 +29,8 @@ from foundation.data import data_config_of_run, eval_loader, held_in_memory, loa
 from foundation.errors import UserError, run_cli
 from foundation.estimate import format_duration
 from foundation.judge import hold_out, judge_reconstructions, load_or_train_judge
-from foundation.training import BOOKKEEPING_FLAGS, Checkpoints, bf16_is_fast, changed_flags, use_all_cores
-from stage1_vqvae.gan_health import diagnose, read_log
+from foundation.training import BOOKKEEPING_FLAGS, Checkpoints, bf16_is_fast, changed_flags, read_log, use_all_cores
+from stage1_vqvae.gan_health import diagnose
 from stage1_vqvae.metrics import reconstruction_metrics
 from stage1_vqvae.model import load_vqvae
 from stage1_vqvae.size_presets import apply_size_presets

@@ -49,6 +49,8 @@ def test_resumed_run_ends_with_exactly_the_weights_of_an_uninterrupted_run(tiny_
     # Forget everything after step 10, as if the run had been killed there.
     shutil.rmtree(checkpoints / "step_0000012")
     assert sorted(p.name for p in checkpoints.iterdir()) == ["step_0000010"]
+    with open(tmp_path / "resumed" / "vqvae" / "log.jsonl", "a") as log:
+        log.write('{"step": 12, "time": 17.5, "train/pixel_lo')  # the kill came mid-line
     run_stage_one(tmp_path / "resumed", *flags, "--resume")
     straight = load_file(tmp_path / "straight" / "vqvae" / "final" / "model.safetensors")
     resumed = load_file(tmp_path / "resumed" / "vqvae" / "final" / "model.safetensors")
