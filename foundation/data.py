@@ -506,10 +506,25 @@ def on_white(image: Image.Image) -> Image.Image:
     return image
 
 
+def as_8_bit(image: Image.Image) -> Image.Image:
+    """A 16-bit, 32-bit or float grayscale image -> mode "L", its range scaled rather than
+    clipped (PIL's convert("L") clips at 255: a 16-bit scan came out all white). Floats in [0, 1]
+    are taken as that range, integers up to 65,535 as 16-bit; anything wider by its own maximum."""
+    if image.mode not in ("I", "F") and not image.mode.startswith("I;16"):
+        return image
+    values = np.asarray(image, dtype=np.float64)
+    top = values.max(initial=0.0)
+    if image.mode == "F" and top <= 1.0:
+        full = 1.0
+    else:
+        full = next((depth for depth in (255.0, 65535.0) if top <= depth), top)
+    return Image.fromarray(np.clip(np.rint(values * (255.0 / full)), 0, 255).astype(np.uint8), mode="L")
+
+
 def to_uint8_tensor(value, image_size: int, channels: int, where: str) -> torch.Tensor:
-    """One image cell of any mode (grayscale, RGB, RGBA, palette) -> uint8 [channels, S, S]:
+    """One image cell of any mode (grayscale of any depth, RGB, RGBA, palette) -> uint8 [channels, S, S]:
     laid on white where it has transparency, converted, resized (short side) and center-cropped."""
-    image = on_white(_open_image(value, where)).convert("L" if channels == 1 else "RGB")
+    image = on_white(as_8_bit(_open_image(value, where))).convert("L" if channels == 1 else "RGB")
     tensor = v2.functional.pil_to_tensor(image)
     tensor = v2.functional.resize(tensor, image_size, antialias=True)
     return v2.functional.center_crop(tensor, [image_size, image_size])

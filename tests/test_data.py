@@ -331,3 +331,17 @@ def test_streaming_refuses_fashion_mnist_and_plain_label_values_in_one_sentence(
         data_module.from_streams(streams, DataConfig(label_column="kind", streaming=True), "someone/dataset")
     with pytest.raises(UserError, match="has no split 'test' .* a stream has no length to hold a fraction out of"):
         data_module.from_streams({"train": streams["train"]}, DataConfig(streaming=True), "someone/dataset")
+
+
+@pytest.mark.parametrize("kind", ["16-bit PNG", "float TIFF in [0, 1]", "32-bit integer TIFF of 16-bit values"])
+def test_deep_grayscale_images_are_scaled_to_8_bits_not_clipped(tmp_path, kind):
+    """A ramp from black to white in each depth comes back as the same ramp in 8 bits."""
+    ramp = np.linspace(0.0, 1.0, 16)[None].repeat(16, 0)
+    if kind == "16-bit PNG":
+        Image.fromarray((ramp * 65535).round().astype(np.uint16)).save(path := tmp_path / "scan.png")
+    elif kind.startswith("float"):
+        Image.fromarray(ramp.astype(np.float32), mode="F").save(path := tmp_path / "scan.tiff")
+    else:
+        Image.fromarray((ramp * 65535).round().astype(np.int32), mode="I").save(path := tmp_path / "scan.tiff")
+    pixels = load_image_file(path, 16, 1)[0].numpy().astype(int)
+    assert np.abs(pixels - (ramp * 255).round()).max() <= 1, pixels[0]
