@@ -490,10 +490,11 @@ def cuda_graphs_apply(accelerator: Accelerator, config: LoopConfig) -> bool:
             and config.gradient_accumulation_steps == 1 and accelerator.mixed_precision != "fp16")
 
 
-def describe_graphs(captured: CapturedStep | None) -> str:
-    """For a stage's summary line: how its steps ran, where they could be graphed."""
+def describe_graphs(captured: CapturedStep | None, why_not: str | None = None) -> str:
+    """For a stage's summary line: how its steps ran, where they could be graphed; `why_not`:
+    why a step that could have been graphed here was not."""
     if captured is None:
-        return ""
+        return f", steps run without CUDA graphs ({why_not})" if why_not else ""
     if captured.failed:
         return ", steps run without a CUDA graph (its capture failed)"
     return (f", {captured.replays} of {captured.steps} steps replayed as CUDA graphs "

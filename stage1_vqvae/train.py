@@ -114,6 +114,14 @@ def check_config(config: TrainConfig) -> None:
     if config.gan_lr_warmup is not None and config.gan_lr_warmup < 0:
         raise UserError(f"--gan-lr-warmup {config.gan_lr_warmup} must not be negative (0: no second warm-up when the decoder "
                         "first reads the discriminator)")
+    if config.gan_lr_warmup is not None and not config.uses_discriminator:
+        raise UserError(f"--gan-lr-warmup {config.gan_lr_warmup} warms the learning rate up again when the discriminator starts, "
+                        f"but this run trains without one (--disc-start {config.disc_start}, --disc-weight {config.disc_weight:g}, "
+                        f"--feature-matching-weight {config.feature_matching_weight:g}); drop --gan-lr-warmup, or train with a discriminator")
+    if config.dead_code_share is not None and config.dead_code_steps <= 0:
+        raise UserError(f"--dead-code-share {config.dead_code_share} says which codes count as idle for restarts, but "
+                        f"--dead-code-steps {config.dead_code_steps} restarts none; drop --dead-code-share, or give "
+                        f"--dead-code-steps a number of steps (e.g. 50)")
     if config.dead_code_share is not None and not 0 <= config.dead_code_share < 1:
         raise UserError(f"--dead-code-share {config.dead_code_share} must be at least 0 (0: restart only unused codes) and below "
                         "1, e.g. 0.25")
@@ -160,7 +168,7 @@ def main(argv=None):
         config = replace(config, gan_lr_warmup=chosen)
         size_choices.append(why)
     if config.dead_code_share is None:
-        chosen, why = preset_dead_code_share(train_images, config.image_size)
+        chosen, why = preset_dead_code_share(train_images, config.image_size) if config.dead_code_steps > 0 else (0.0, "")
         config = replace(config, dead_code_share=chosen)
         if chosen:
             size_choices.append(why)

@@ -268,8 +268,9 @@ def main(argv=None):
         return f"test nll {nll:.4f} bits/code, prior {prior_bits_per_dim(nll, vqvae):.4f} bits/dim"
 
     sooner = "; sooner if the test NLL stops improving (--patience)" if config.patience else ""
-    # MaskGIT's loss picks its masked codes by boolean indexing, which reads back to the host: not graphed
     graphed = cuda_graphs_apply(accelerator, config) and not masked
+    not_graphed = ("MaskGIT's loss picks its masked codes by boolean indexing, which reads back to the host: --cuda-graph "
+                   "does not apply to it" if masked and cuda_graphs_apply(accelerator, config) else None)
     after_step = (lambda step: update_average(average, unwrapped)) if average is not None else None
     captured = run_training_loop(accelerator, config, setup, checkpoints, train_step, evaluate, "stage two", after_step,
                                  hint=f"--max-steps {setup.steps // 2} halves it{sooner}", graph_key=(lambda step: None) if graphed else None)
@@ -285,7 +286,7 @@ def main(argv=None):
     stopped = f" (stopped at step {state['step']} of {setup.steps}: {state['stopped']}; --patience 0 trains every step)" if "stopped" in state else ""
     accelerator.print(
         f"Stage two done in {format_duration(time.time() - started)}: best test {'masked-code ' if masked else ''}nll {state['best_nll']:.4f} bits/code"
-        f"{stopped}{describe_graphs(captured)}, prior in {stage_dir}, sample grids in {stage_dir / 'samples'}; {guidance}"
+        f"{stopped}{describe_graphs(captured, not_graphed)}, prior in {stage_dir}, sample grids in {stage_dir / 'samples'}; {guidance}"
     )
 
 

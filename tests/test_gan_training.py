@@ -165,6 +165,11 @@ def test_a_healthy_run_has_no_warning(tmp_path):
     (["--gan-lr-warmup", "-1"], "--gan-lr-warmup -1 must not be negative"),
     (["--adam-beta2", "1"], "--adam-beta2 1.0 must be at least 0 and below 1"),
     (["--dead-code-share", "1"], "--dead-code-share 1.0 must be at least 0"),
+    # accepted and ignored, before: each now says why it does nothing
+    (["--gan-lr-warmup", "100", "--disc-start", "-1"], "--gan-lr-warmup 100 warms the learning rate up again when the "
+                                                       "discriminator starts, but this run trains without one .--disc-start -1"),
+    (["--dead-code-share", "0.25", "--dead-code-steps", "0"], "--dead-code-share 0.25 says which codes count as idle for "
+                                                              "restarts, but --dead-code-steps 0 restarts none"),
 ])
 def test_bad_gan_flags_are_refused_before_anything_is_written(tiny_fashion, tmp_path, flags, message):
     with pytest.raises(UserError, match=message):

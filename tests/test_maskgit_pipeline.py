@@ -43,6 +43,15 @@ def test_a_maskgit_prior_trains_beside_the_transformer_and_keeps_its_own_figures
     assert len(tests) == 2 and not any("test/prior_bits_per_dim" in row for row in tests)  # no likelihood, no bound
 
 
+def test_maskgit_where_steps_could_be_graphed_says_it_runs_them_without(two_prior_run, tiny_fashion, monkeypatch, capsys):
+    """--cuda-graph (on by default) does not apply to MaskGIT's step: said, not left to be guessed
+    (the CUDA condition stood in for, as no CPU meets it)."""
+    monkeypatch.setattr(stage_two, "cuda_graphs_apply", lambda accelerator, config: True)
+    stage_two.main(["--run-dir", str(two_prior_run), *TINY_PRIOR, *MASKGIT, "--prior-dir", "prior_maskgit_graph",
+                    "--max-steps", "2", "--guidance-scales", ""])
+    assert "steps run without CUDA graphs (MaskGIT's loss picks its masked codes" in capsys.readouterr().out
+
+
 def test_sample_and_evaluate_take_the_prior_dir_and_steps(two_prior_run, tiny_fashion, tmp_path, capsys):
     sample.main(["--run-dir", str(two_prior_run), "--prior-dir", "prior_maskgit", "--passes", "3", "--n", "20",
                  "--out", str(tmp_path / "mg"), "--device", "cpu"])
