@@ -18,7 +18,7 @@ import gzip
 import io
 import json
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -252,9 +252,19 @@ def data_config_of_run(run_dir: Path) -> DataConfig:
 
 
 def run_test_images(run_dir: Path, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The first `n` images of a run's test split (uint8 [n, C, S, S]) and their labels, if any."""
-    test = held_in_memory(load_image_data(data_config_of_run(run_dir)).test, n)
-    return test.images[:n], test.labels[:n] if test.labels is not None else None
+    """The first `n` images of a run's test split (uint8 [n, C, S, S]) and their labels, if any:
+    only those are decoded (the page shows 16 of a folder that may hold a hundred thousand)."""
+    config = data_config_of_run(run_dir)
+    vqvae_config = Path(run_dir) / "vqvae" / "config.json"
+    channels = json.loads(vqvae_config.read_text())["in_channels"] if vqvae_config.exists() else config.channels
+    # every split read row by row, and the run's channels as given: nothing is scanned or held
+    data = load_image_data(replace(config, max_memory_gb=0.0, channels=channels))
+    test = data.test
+    if hasattr(test, "images"):  # Fashion-MNIST's files come whole
+        return test.images[:n], test.labels[:n] if test.labels is not None else None
+    count = min(n, len(test)) if hasattr(test, "__len__") else n
+    held = test.head(count) if isinstance(test, StreamedImages) else test.hold((test[i] for i in range(count)), count)
+    return held.images, held.labels
 
 
 def load_image_data(config: DataConfig) -> ImageData:

@@ -345,3 +345,20 @@ def test_deep_grayscale_images_are_scaled_to_8_bits_not_clipped(tmp_path, kind):
         Image.fromarray((ramp * 65535).round().astype(np.int32), mode="I").save(path := tmp_path / "scan.tiff")
     pixels = load_image_file(path, 16, 1)[0].numpy().astype(int)
     assert np.abs(pixels - (ramp * 255).round()).max() <= 1, pixels[0]
+
+
+def test_a_runs_first_test_images_are_decoded_alone(tmp_path, monkeypatch):
+    """The page and pipelines.complete show a few test images; the rest of the folder stays unread."""
+    import json
+
+    folder = write_image_folder(tmp_path / "images", per_class=30, mode="RGB")
+    config = DataConfig(dataset=str(folder), image_size=16, test_fraction=0.2)
+    everything = load_image_data(config)
+    run = tmp_path / "run" / "vqvae"
+    run.mkdir(parents=True)
+    (run / "train_config.json").write_text(json.dumps(config.__dict__))
+    (run / "config.json").write_text(json.dumps({"in_channels": 3}))
+    decoded, decode = [], data_module.to_uint8_tensor
+    monkeypatch.setattr(data_module, "to_uint8_tensor", lambda *args: decoded.append(args[-1]) or decode(*args))
+    images, labels = data_module.run_test_images(tmp_path / "run", 5)
+    assert len(decoded) == 5 and torch.equal(images, everything.test.images[:5]) and torch.equal(labels, everything.test.labels[:5])
