@@ -28,11 +28,19 @@ def pixels(image: Image.Image) -> np.ndarray:
     return np.asarray(image.convert("RGB"))
 
 
-def test_draw_shows_the_pipelines_grid_for_that_seed(pipe):
-    shown, text = actions.draw(pipe, actions.EVERY_CLASS, 12, None, 1.0, 0, seed=3)
-    samples = pipe(n=12, seed=3, output_type="pt")
-    assert np.array_equal(pixels(shown), pixels(actions.to_pil(sample_grid(samples.images, samples.labels))))
-    assert text.startswith("12 images")
+def test_draw_shows_the_pipelines_images_for_that_seed(pipe):
+    """Each cell of the shown grid against the image the pipeline draws for the seed, cut out by
+    position (8 a row, 2 pixels apart), not rebuilt with the calls the action makes."""
+    shown, text = actions.draw(pipe, "Dress", 12, None, 1.0, 0, seed=3)
+    expected = pipe(n=12, labels="Dress", seed=3).images
+    side = pipe.vqvae.image_size
+    grid = pixels(shown)
+    assert grid.shape[:2] == (2 + 2 * (side + 2), 2 + 8 * (side + 2)) and text.startswith("12 images")
+    for i, image in enumerate(expected):
+        top, left = 2 + (i // 8) * (side + 2), 2 + (i % 8) * (side + 2)
+        assert np.array_equal(grid[top: top + side, left: left + side], pixels(image)), i
+    other, _ = actions.draw(pipe, "Dress", 12, None, 1.0, 0, seed=4)
+    assert not np.array_equal(pixels(other), grid)  # the seed is what was drawn with
 
 
 def test_no_class_draws_without_guidance_whatever_the_slider_says(pipe):

@@ -108,6 +108,15 @@ def test_r1_penalises_the_real_images_gradient_every_r1_every_steps():
     _, with_r1 = loss(images, reconstruction, last.weight, step=4)
     _, without = loss(images, reconstruction, last.weight, step=5)
     assert with_r1["r1"].item() > 0 and "r1" not in without
+    # and it reaches the discriminator's loss with its weight, scaled by r1_every (lazy regularisation)
+    config = LossConfig(disc_start=0, disc_augment="none", r1_weight=3.0, r1_every=2)
+    loss = GANLoss(config, PatchDiscriminator(3, 8))
+    fake = reconstruction.detach()
+    due_metrics = {}
+    due = loss.discriminator_loss(images, fake, step=4, metrics=due_metrics)[0]
+    not_due = loss.discriminator_loss(images, fake, step=5, metrics={})[0]
+    penalty = due_metrics["r1"].item()
+    assert penalty > 0 and (due - not_due).item() == pytest.approx(0.5 * 3.0 * 2 * penalty, rel=1e-5)
 
 
 def test_the_augmentation_is_differentiable_and_the_same_for_a_real_image_and_its_reconstruction():
