@@ -29,9 +29,11 @@ def build_parser(config_class, description: str) -> argparse.ArgumentParser:
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
         else:
+            # a default chosen from the data is said in the help's own words, once
+            said = "(default:" in help_text
             parser.add_argument(
                 flag, type=kind, default=default, choices=field.metadata.get("choices"),
-                help=f"{help_text} (default: {default})",
+                help=help_text if said else f"{help_text} (default: {default})",
             )
     return parser
 

@@ -362,3 +362,4 @@ def test_a_runs_first_test_images_are_decoded_alone(tmp_path, monkeypatch):
     monkeypatch.setattr(data_module, "to_uint8_tensor", lambda *args: decoded.append(args[-1]) or decode(*args))
     images, labels = data_module.run_test_images(tmp_path / "run", 5)
     assert len(decoded) == 5 and torch.equal(images, everything.test.images[:5]) and torch.equal(labels, everything.test.labels[:5])
+
