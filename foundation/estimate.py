@@ -18,8 +18,9 @@ def format_duration(seconds: float) -> str:
 
 
 class TimeLeft:
-    """`step_done(step)` after each optimizer step, `pause()`/`resume()` around evaluation and
-    checkpoints; returns a line to print when an estimate is due, else None."""
+    """`step_done(step)` after each optimizer step returns a line to print when an estimate is
+    due, else None; `resume()` after an evaluation or a checkpoint restarts the clock, so that
+    they are not counted as a step's time."""
 
     def __init__(self, start_step: int, total_steps: int, hint: str = "", also_at: tuple[int, ...] = ()):
         self.total, self.hint = total_steps, hint

@@ -1,7 +1,7 @@
 """What both training scripts share: the accelerator, cores, schedule, logs, checkpoints, resume.
 
-It lives in stage one because imports only run downstream (stage two may import stage one,
-never the reverse).
+It sits in foundation, below both stages, because imports only run downstream (stage two may
+import stage one, never the reverse, and neither imports the pipelines).
 """
 
 import json

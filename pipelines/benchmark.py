@@ -3,11 +3,11 @@
 It needs no trained run: models are built at the sizes of each configuration with random
 weights and fed synthetic inputs of the right shapes. Every figure is the median of several
 timed repetitions after a warm-up (synchronised on the GPU), shown with its spread, and the
-peak memory of that figure alone. With no flags a CPU measures "small" and says that it
-skipped "large", which takes hours there.
+peak memory of that figure alone. With no flags it measures every row, "large" in CPU-sized
+parts on a CPU (its full sizes take hours there).
 
-    python -m pipelines.benchmark --quick          # minutes on a laptop CPU, large in CPU-sized parts
-    python -m pipelines.benchmark --device cuda    # the full set on a GPU
+    python -m pipelines.benchmark --quick          # the rows a user checks first: a few minutes on a laptop CPU
+    python -m pipelines.benchmark                  # every row (about ten minutes on two cores)
 """
 
 import json
@@ -54,20 +54,28 @@ CONFIGS = {
         train_batch=4, encode_batch=4, prior_batch=4, samples=2, data_images=16,
     ),
 }
-# What `--quick` keeps of each configuration on a CPU: smaller batches, no naive sampling
-# of the large maps (1024 full-prefix passes per map would take hours).
-QUICK_LARGE = dict(train_batch=4, encode_batch=8, prior_batch=2, samples=2)
+# "large" on a CPU: smaller batches, and no naive sampling of its maps (1024 full-prefix passes
+# per map would take hours).
+CPU_SIZED_LARGE = dict(train_batch=4, encode_batch=8, prior_batch=2, samples=2)
+# --quick: the rows a user checks first, on "small": the training speed of both stages (stage
+# one with its discriminator too) and 64 images drawn by the transformer and MaskGIT, each
+# their default way.
+QUICK = dict(configs="small", parts="stage1,stage2,sampling", priors="transformer,maskgit")
 
 
 @dataclass
 class BenchmarkConfig:
-    configs: str = field(default="small,large", metadata={"help": "comma-separated: small, large, tiny"})
+    configs: str | None = field(default=None, metadata={"help": "comma-separated: small, large, tiny (default: small,large; "
+                                                                   "small with --quick)"})
     device: str = field(default="auto", metadata={"help": "where to measure", "choices": ["auto", "cuda", "mps", "cpu"]})
-    quick: bool = field(default=False, metadata={"help": "fewer repetitions, and only the CPU-sized parts of 'large'"})
-    repeats: int | None = field(default=None, metadata={"help": "timed repetitions per figure (default 5, quick 3)"})
+    quick: bool = field(default=False, metadata={"help": "only the rows a user checks first (both stages' training speed, "
+                                                       "64 images drawn), fewer repetitions: a few minutes on a laptop CPU"})
+    repeats: int | None = field(default=None, metadata={"help": "timed repetitions per figure (default: 5, 3 with --quick)"})
     json: str | None = field(default=None, metadata={"help": "also write the results to this JSON file"})
-    parts: str = field(default="data,stage1,stage2,sampling", metadata={"help": "comma-separated: which parts to time"})
-    priors: str = field(default="transformer,pixelcnn,maskgit", metadata={"help": "comma-separated: which priors to time"})
+    parts: str | None = field(default=None, metadata={"help": "comma-separated: which parts to time, of data, stage1, "
+                                                               "stage2, sampling (default: all; all but data with --quick)"})
+    priors: str | None = field(default=None, metadata={"help": "comma-separated: which priors to time, of transformer, "
+                                                                "pixelcnn, maskgit (default: all; not pixelcnn with --quick)"})
 
 
 def reset_peak_rss() -> bool:
@@ -205,16 +213,19 @@ def data_rows(name, sizes, timer) -> list[dict]:
     return rows
 
 
-def stage_one_rows(name, sizes, device, timer, autocast_modes) -> list[dict]:
+def stage_one_rows(name, sizes, device, timer, autocast_modes, quick: bool = False) -> list[dict]:
     """Training steps as stage one takes them (gradients clipped, AdamW fused on CUDA): the
     VQ-VAE alone in each precision; on CUDA also replayed as a CUDA graph (as training does
     there), channels-last and compiled (each compile's first step, which pays for it, timed
-    apart); and with the discriminator's terms and its update, the adversarial phase's step."""
+    apart); and with the discriminator's terms and its update, the adversarial phase's step.
+    `quick`: the steps as training takes them by default only."""
     rows, channels_last = [], torch.channels_last
     images = torch.rand(sizes["train_batch"], sizes["channels"], sizes["image_size"], sizes["image_size"], device=device)
     best_label, best_dtype = autocast_modes[-1]
-    variants = [(f"train {label}", dtype, {}) for label, dtype in autocast_modes]
-    if device.type == "cuda":
+    variants = [(f"train {label}", dtype, {}) for label, dtype in autocast_modes[-1 if quick else 0:]]
+    if device.type == "cuda" and quick:
+        variants = [(f"train {best_label}, CUDA graph", best_dtype, dict(graph=True))]
+    elif device.type == "cuda":
         variants += [(f"train {best_label}, CUDA graph", best_dtype, dict(graph=True)),
                      (f"train {best_label}, channels-last", best_dtype, dict(memory_format=channels_last)),
                      (f"train {best_label}, compiled", best_dtype, dict(compile="default")),
@@ -232,6 +243,8 @@ def stage_one_rows(name, sizes, device, timer, autocast_modes) -> list[dict]:
             rows.append(row(name, "stage1", what, "images/s", len(images), timing))
         except Exception as error:  # noqa: BLE001  (a figure that cannot be had is reported, the others still measured)
             rows.append({"config": name, "stage": "stage1", "name": what, "failed": f"{type(error).__name__}: {error}"[:300]})
+    if quick:
+        return rows
     model = build_vqvae(sizes, device).eval()
     encode_batch = torch.rand(sizes["encode_batch"], *images.shape[1:], device=device)
     with torch.inference_mode():  # in fp32, as the dump encodes, so that code maps never depend on the hardware
@@ -316,11 +329,11 @@ def decodings(kind: str, device: torch.device, naive: bool) -> list[str]:
     return loops + (["naive"] if naive else [])
 
 
-def sampling_rows(name, sizes, device, timer, naive: bool, kinds) -> tuple[list[dict], dict]:
+def sampling_rows(name, sizes, device, timer, naive: bool, kinds, quick: bool = False) -> tuple[list[dict], dict]:
     """End to end: `samples` code maps from each prior, then the decoder, in every way the prior
     can decode (`decodings`); MaskGIT in its default passes. On CUDA also the first call of the
     graph, its capture included. Speed-ups: the graph over the uncaptured steps, the caches over
-    the naive loop, MaskGIT over the transformer's default way."""
+    the naive loop, MaskGIT over the transformer's default way. `quick`: each prior's default way only."""
     rows, speedups, seconds = [], {}, {}
     vqvae = build_vqvae(sizes, device).eval()
     n = sizes["samples"]
@@ -329,7 +342,7 @@ def sampling_rows(name, sizes, device, timer, naive: bool, kinds) -> tuple[list[
     default = {"maskgit": "passes", "transformer": "graph" if device.type == "cuda" else "cache", "pixelcnn": "cache"}
     for kind, prior in priors.items():
         prior.eval()
-        loops = decodings(kind, device, naive)
+        loops = [default[kind]] if quick else decodings(kind, device, naive)
         for loop in loops:
             options = {} if kind == "maskgit" else dict(decoding=loop)
 
@@ -337,7 +350,7 @@ def sampling_rows(name, sizes, device, timer, naive: bool, kinds) -> tuple[list[
                 with torch.inference_mode(), autocast_for(device):
                     vqvae.decode(prior.generate(n, labels, **options))
 
-            if loop == "graph":  # a fresh capture, timed once: what the first call of a session pays
+            if loop == "graph" and not quick:  # a fresh capture, timed once: what the first call of a session pays
                 static_decoding.forget_decoders(prior)
                 rows.append(row(name, "sampling", f"{n} images, {kind}, graph, first call", "images/s", n,
                                 Timer(device, repeats=1, warmup=0)(sample_and_decode)))
@@ -386,35 +399,34 @@ def choose(listed: str, known, flag: str) -> list[str]:
 def run_benchmark(config: BenchmarkConfig) -> dict:
     device = pick_device(config.device)
     use_all_cores(device)
-    names, parts, kinds = (choose(getattr(config, flag), known, flag) for flag, known in (
+    chosen = {"configs": "small,large", "parts": ",".join(PARTS), "priors": "transformer,pixelcnn,maskgit"}
+    if config.quick:
+        chosen.update(QUICK)
+    names, parts, kinds = (choose(getattr(config, flag) or chosen[flag], known, flag) for flag, known in (
         ("configs", CONFIGS), ("parts", PARTS), ("priors", ("transformer", "pixelcnn", "maskgit"))))
     repeats = config.repeats or (3 if config.quick else 5)
     timer = Timer(device, repeats)
     fast_bf16 = bf16_is_fast(device.type)
     results = {"device": describe(device), "torch": torch.__version__, "quick": config.quick, "repeats": repeats,
-               "rows": [], "speedup": {}, "sizes": {}, "skipped": []}
+               "rows": [], "speedup": {}, "sizes": {}}
     for name in names:
         sizes = dict(CONFIGS[name])
-        reduced = name == "large" and device.type == "cpu"
-        if reduced and not config.quick:
-            results["skipped"].append(f"{name}: takes hours on a CPU; --quick measures its CPU-sized parts")
-            continue
-        if reduced:
-            sizes.update(QUICK_LARGE)
-        results["sizes"][name] = {key: value for key, value in sizes.items() if key in QUICK_LARGE}
+        if name == "large" and device.type == "cpu":
+            sizes.update(CPU_SIZED_LARGE)
+        results["sizes"][name] = {key: value for key, value in sizes.items() if key in CPU_SIZED_LARGE}
         modes = [("fp32", None)]
         if fast_bf16:
             modes.append(("bf16", torch.bfloat16))
         if "data" in parts:
             results["rows"] += data_rows(name, sizes, timer)
         if "stage1" in parts:
-            results["rows"] += stage_one_rows(name, sizes, device, timer, modes)
+            results["rows"] += stage_one_rows(name, sizes, device, timer, modes, config.quick)
         if "stage2" in parts:
             results["rows"] += stage_two_rows(name, sizes, device, timer, torch.bfloat16 if fast_bf16 else None, kinds)
         if "sampling" in parts:
             # the naive loops of the large maps rerun up to 1,023 codes for each of 1,024: hours on a
             # CPU, a minute of a GPU's time for figures known (docs/measurements.md)
-            sampling, speedups = sampling_rows(name, sizes, device, timer, naive=name != "large", kinds=kinds)
+            sampling, speedups = sampling_rows(name, sizes, device, timer, naive=name != "large", kinds=kinds, quick=config.quick)
             results["rows"] += sampling
             if speedups:
                 results["speedup"][name] = speedups
@@ -441,7 +453,6 @@ def format_table(results: dict) -> str:
             lines.append(f"{name:<7} sampling speed-up, {kind}: {factor:.1f}x")
     for name, sizes in results["sizes"].items():
         lines.append(f"{name:<7} sizes: " + ", ".join(f"{key.replace('_', ' ')} {value}" for key, value in sizes.items()))
-    lines += [f"skipped {reason}" for reason in results["skipped"]]
     return "\n".join(lines)
 
 

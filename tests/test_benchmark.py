@@ -53,15 +53,24 @@ def test_an_unknown_configuration_is_a_clear_error():
         benchmark.main(["--configs", "huge", "--device", "cpu"])
 
 
-def test_without_quick_a_cpu_skips_large_says_so_and_keeps_what_it_measured(tmp_path, capsys):
+def test_quick_times_the_rows_a_user_checks_first(tmp_path):
     out = tmp_path / "bench.json"
-    benchmark.main(["--configs", "tiny,large", "--repeats", "1", "--device", "cpu", "--json", str(out)])
+    benchmark.main(["--quick", "--configs", "tiny", "--repeats", "1", "--device", "cpu", "--json", str(out)])
+    names = [r["name"] for r in json.loads(out.read_text())["rows"]]
+    best = "train bf16" if "train bf16" in names else "train fp32"
+    assert names == [best, f"{best} with the discriminator", f"train transformer {best[6:]}", f"train maskgit {best[6:]}",
+                     "2 images, transformer, cache", "2 images, maskgit, 4 passes",
+                     "1 image, transformer, cache", "1 image, maskgit, 4 passes"]
+
+
+def test_with_no_flags_a_cpu_times_large_in_cpu_sized_parts(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    benchmark.main(["--configs", "large", "--parts", "stage2", "--priors", "transformer", "--repeats", "1", "--device", "cpu",
+                    "--json", str(out)])
     results = json.loads(out.read_text())
-    assert {r["config"] for r in results["rows"]} == {"tiny"}
-    assert results["skipped"] == ["large: takes hours on a CPU; --quick measures its CPU-sized parts"]
-    assert results["sizes"] == {"tiny": {"train_batch": 4, "encode_batch": 4, "prior_batch": 4, "samples": 2}}
-    table = capsys.readouterr().out
-    assert "skipped large: takes hours on a CPU" in table and "tiny    sizes: train batch 4" in table
+    assert [r["config"] for r in results["rows"]] == ["large"]
+    assert results["sizes"] == {"large": benchmark.CPU_SIZED_LARGE}
+    assert "large   sizes: train batch 4" in capsys.readouterr().out
 
 
 def test_each_cpu_figure_reports_its_own_peak_memory():
