@@ -25,7 +25,7 @@ from foundation.cli import parse_config
 from foundation.data import IMAGE_SUFFIXES, run_test_images
 from foundation.errors import UserError, run_cli
 from foundation.training import use_all_cores
-from pipelines.pipeline import VQPipeline
+from pipelines.pipeline import VQPipeline, output_of
 from pipelines.region import REGIONS
 
 
@@ -51,7 +51,7 @@ class CompleteConfig:
     seed: int = field(default=0, metadata={"help": "same seed, batch size and device: same completions"})
     batch_size: int = field(default=64, metadata={"help": "completions drawn at a time (bounds the memory, whatever --images holds)"})
     device: str = field(default="auto", metadata={"help": "where to run", "choices": ["auto", "cuda", "mps", "cpu"]})
-    out: str | None = field(default=None, metadata={"help": "output folder (default: <run>/completions)"})
+    out: str | None = field(default=None, metadata={"help": "output folder (default: <run>/completions; <run>/completions_<prior-dir> for another prior)"})
 
 
 def image_files(spec: str) -> list[Path]:
@@ -100,7 +100,7 @@ def main(argv=None):
                            passes=config.passes, seed=config.seed, output_type="pt", transform=config.transform,
                            batch_size=config.batch_size)
     seconds = time.time() - started
-    out = Path(config.out) if config.out else run_dir / "completions"
+    out = Path(config.out) if config.out else output_of(run_dir, "completions", config.prior_dir)
     out.mkdir(parents=True, exist_ok=True)
     per_input = len(result.images) // len(images)  # --label all: each image once per class
     originals = (images.float() / 255).repeat_interleave(per_input, 0)

@@ -38,7 +38,7 @@ from foundation.judge import (class_accuracy, features_and_predictions, frechet_
 from foundation.memorisation import memorisation
 from foundation.training import bf16_is_fast, use_all_cores
 from pipelines.inception import load_fid_metric, standard_fid
-from pipelines.pipeline import check_null_label_was_trained, load_run, pick_device, resolve_guidance
+from pipelines.pipeline import check_null_label_was_trained, load_run, output_of, pick_device, resolve_guidance
 from stage1_vqvae.codes import open_codes, weights_hash
 from stage1_vqvae.metrics import reconstruction_metrics
 from stage2_prior.evaluation import prior_bits_per_dim, test_nll
@@ -216,8 +216,7 @@ def main(argv=None):
     config = parse_config(EvaluateConfig, argv, description=__doc__.splitlines()[0])
     started = time.time()
     metrics = evaluate_run(config)
-    # a second prior's figures go beside the first's instead of over them
-    path = Path(config.run_dir) / ("metrics.json" if config.prior_dir == "prior" else f"metrics_{config.prior_dir}.json")
+    path = output_of(config.run_dir, "metrics.json", config.prior_dir)  # a second prior's beside the first's
     staging = path.with_suffix(".json.tmp")
     staging.write_text(json.dumps(metrics, indent=2) + "\n")
     os.replace(staging, path)

@@ -278,7 +278,7 @@ class VQPipeline:
         error naming the command that makes it, never a Hub download."""
         folder = Path(run_dir)
         vqvae, prior_model = load_run(folder, pick_device(device), prior)
-        metrics_file = folder / ("metrics.json" if prior == "prior" else f"metrics_{prior}.json")
+        metrics_file = output_of(folder, "metrics.json", prior)
         metrics, note = figures_of_these_weights(metrics_file, vqvae, prior_model)
         return cls(vqvae, prior_model, metrics, dataset_of(folder), note)
 
@@ -434,6 +434,15 @@ class VQPipeline:
             api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
             commit = api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message, repo_type="model")
         return str(getattr(commit, "commit_url", commit))
+
+
+def output_of(run_dir: str | Path, name: str, prior_dir: str) -> Path:
+    """Where sample, complete and evaluate write for the run's prior (`samples`, `completions`,
+    `metrics.json`), and for a second prior beside it (stage two's --prior-dir), with its name
+    after an underscore (`samples_maskgit`, `metrics_maskgit.json`), so that neither overwrites
+    the other's."""
+    stem, dot, suffix = name.partition(".")
+    return Path(run_dir) / (name if prior_dir == "prior" else f"{stem}_{prior_dir}{dot}{suffix}")
 
 
 def figures_of_these_weights(path: Path, vqvae, prior) -> tuple[dict | None, str | None]:

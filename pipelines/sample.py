@@ -19,7 +19,7 @@ from torchvision.utils import save_image
 from foundation.cli import parse_config
 from foundation.errors import UserError, run_cli
 from foundation.training import use_all_cores
-from pipelines.pipeline import VQPipeline, sample_grid
+from pipelines.pipeline import VQPipeline, output_of, sample_grid
 from stage2_prior.priors import PARALLEL_PRIORS
 
 
@@ -44,7 +44,7 @@ class SampleConfig:
                                                                  "makes them (stage one's --map-transforms, e.g. flip)"})
     seed: int = field(default=0, metadata={"help": "same seed, same device: same images"})
     device: str = field(default="auto", metadata={"help": "where to sample", "choices": ["auto", "cuda", "mps", "cpu"]})
-    out: str | None = field(default=None, metadata={"help": "output folder (default: <run>/samples, or <run>/samples/<prior-dir>)"})
+    out: str | None = field(default=None, metadata={"help": "output folder (default: <run>/samples; <run>/samples_<prior-dir> for another prior)"})
     nrow: int | None = field(default=None, metadata={"help": "images per grid row (default: one row per class, else 8)"})
 
 
@@ -71,9 +71,7 @@ def main(argv=None):
     if pipe.device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.time() - started
-    # a second prior's samples go beside the first's instead of over them
-    run_dir = Path(config.run_dir)
-    out = Path(config.out) if config.out else run_dir / "samples" / ("" if config.prior_dir == "prior" else config.prior_dir)
+    out = Path(config.out) if config.out else output_of(config.run_dir, "samples", config.prior_dir)
     every_class = samples.labels is not None and config.label in (None, "all")
     write_samples(samples.images, samples.codes, out, sample_grid(samples.images, samples.labels, config.nrow))
     n = len(samples.codes)

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from foundation.errors import UserError
-from pipelines import VQPipeline, complete, evaluate, sample
+from pipelines import VQPipeline, complete, evaluate, pipeline, sample
 from pipelines.region import code_region
 from stage2_prior import train as stage_two
 from stage2_prior.priors import load_prior
@@ -50,6 +50,18 @@ def test_maskgit_where_steps_could_be_graphed_says_it_runs_them_without(two_prio
     stage_two.main(["--run-dir", str(two_prior_run), *TINY_PRIOR, *MASKGIT, "--prior-dir", "prior_maskgit_graph",
                     "--max-steps", "2", "--guidance-scales", ""])
     assert "steps run without CUDA graphs (MaskGIT's loss picks its masked codes" in capsys.readouterr().out
+
+
+def test_sample_complete_and_evaluate_write_a_second_priors_outputs_beside_the_firsts(two_prior_run, tiny_fashion):
+    """One convention for all three: the prior's name after an underscore."""
+    for prior_dir in ("prior", "prior_maskgit"):
+        redraw = ["--redraw", "bottom"] if prior_dir == "prior" else ["--redraw", "center"]
+        sample.main(["--run-dir", str(two_prior_run), "--prior-dir", prior_dir, "--n", "4", "--device", "cpu"])
+        complete.main(["--run-dir", str(two_prior_run), "--prior-dir", prior_dir, "--n", "1", "--samples", "1", *redraw,
+                       "--device", "cpu"])
+    written = {path.name for path in two_prior_run.iterdir()}
+    assert {"samples", "samples_prior_maskgit", "completions", "completions_prior_maskgit"} <= written
+    assert "metrics_prior_maskgit.json" == pipeline.output_of(two_prior_run, "metrics.json", "prior_maskgit").name
 
 
 def test_sample_and_evaluate_take_the_prior_dir_and_steps(two_prior_run, tiny_fashion, tmp_path, capsys):
