@@ -33,16 +33,16 @@ class Graph:
 
 class CapturedStep:
     """`step(batch, key)` runs `forward_backward(batch)` (which returns what the training step
-    returns, after backward and clipping) as a replay of that key's graph once `warmup` steps with
+    returns, after backward and clipping) as a replay of that key's graph once `eager_steps` steps with
     the key have run eagerly. Graph or not, the gradients are left in the parameters' `.grad` for
     the optimizer; the caller may set them to None after it steps (before a replay they are
     pointed back at the tensors that graph writes)."""
 
-    WARMUP_STEPS = 3  # eager steps of a new key before it is captured
+    EAGER_STEPS_BEFORE_CAPTURE = 3  # eager steps of a new key before it is captured
     MOST_GRAPHS = 4  # keys kept captured; the least recently replayed goes first
 
-    def __init__(self, forward_backward, parameters, warmup: int = WARMUP_STEPS, graph=None, capture=None):
-        self.forward_backward, self.warmup = forward_backward, warmup
+    def __init__(self, forward_backward, parameters, eager_steps: int = EAGER_STEPS_BEFORE_CAPTURE, graph=None, capture=None):
+        self.forward_backward, self.eager_steps = forward_backward, eager_steps
         self.parameters = [p for p in parameters if p.requires_grad]
         # graph and capture: torch.cuda's, or stand-ins where a test runs on a CPU
         self.new_graph = graph or torch.cuda.CUDAGraph
@@ -59,7 +59,7 @@ class CapturedStep:
             return self.forward_backward(batch)
         captured = self.graphs.get(key)
         if captured is None:
-            if self.warmed.get(key, 0) < self.warmup:
+            if self.warmed.get(key, 0) < self.eager_steps:
                 self.warmed[key] = self.warmed.get(key, 0) + 1
                 return self._on_a_side_stream(batch)
             captured = self._capture(key, batch)

@@ -35,6 +35,8 @@ class LoopConfig:
 
     # {flag: value}: how a run saved before the flag existed trained, for --resume's comparison
     FLAGS_ADDED_SINCE: ClassVar[dict] = {}
+    # {old flag: new flag}: the old name is refused with the new one, and read as it in saved runs
+    RENAMED_FLAGS: ClassVar[dict] = {"--warmup-steps": "--lr-warmup-steps"}
     run_dir: str = field(default="runs/default", metadata={"help": "folder of this run's artifacts"})
     epochs: float = field(default=2.0, metadata={"help": "passes over the train split (ignored with --max-steps)"})
     max_steps: int | None = field(default=None, metadata={"help": "optimizer steps; overrides --epochs and --min-steps"})
@@ -42,7 +44,7 @@ class LoopConfig:
     batch_size: int = field(default=128, metadata={"help": "images per process per step"})
     lr: float = field(default=2e-3, metadata={"help": "peak learning rate of AdamW"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
-    warmup_steps: int = field(default=100, metadata={"help": "linear warm-up before the cosine decay (at most a quarter of the run's steps)"})
+    lr_warmup_steps: int = field(default=100, metadata={"help": "linear warm-up before the cosine decay (at most a quarter of the run's steps)"})
     grad_clip: float = field(default=1.0, metadata={"help": "clip gradients to this norm (0: off)"})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
     num_workers: int | None = field(
@@ -140,18 +142,18 @@ def loader_workers(asked: int | None, dataset, num_processes: int = 1) -> int:
     return max(1, min(4, cores // num_processes - 1))
 
 
-def warmup_cosine(optimizer, warmup_steps: int, total_steps: int, rewarm_at: int | None = None, rewarm_steps: int = 0) -> LambdaLR:
+def warmup_cosine(optimizer, lr_warmup_steps: int, total_steps: int, rewarm_at: int | None = None, rewarm_steps: int = 0) -> LambdaLR:
     """Linear warm-up to the peak rate, then a cosine decay to zero at `total_steps`, for the
     optimizer's first parameter group (the model's) and any group marked `"scheduled": True`;
     the other companions' groups keep their rate. From step `rewarm_at` the model's rate warms
     up again over `rewarm_steps`, from near zero back to the cosine: where a new loss term starts
     (stage one's discriminator), Adam's steps swell until its second moment has caught up."""
-    warmup_steps = min(warmup_steps, max(total_steps // 4, 1))
+    lr_warmup_steps = min(lr_warmup_steps, max(total_steps // 4, 1))
 
     def cosine(step):
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        if step < lr_warmup_steps:
+            return (step + 1) / lr_warmup_steps
+        progress = (step - lr_warmup_steps) / max(1, total_steps - lr_warmup_steps)
         return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
     def model_factor(step):
@@ -472,7 +474,7 @@ def set_up_training(
     if changes:
         accelerator.print(f"Resuming {what} with changed flags (--allow-changes): {describe_changes(changes)}")
     steps = total_steps(config, batches_per_epoch(train_loader))
-    scheduler = warmup_cosine(optimizer, config.warmup_steps, steps, rewarm_at, rewarm_steps)
+    scheduler = warmup_cosine(optimizer, config.lr_warmup_steps, steps, rewarm_at, rewarm_steps)
     for saved in (scheduler, *checkpointed):
         accelerator.register_for_checkpointing(saved)
     state = {**initial_state, **start_or_resume(accelerator, checkpoints, config, what)}

@@ -239,7 +239,7 @@ def stage_one_rows(name, sizes, device, timer, autocast_modes, quick: bool = Fal
             if "compile" in options:
                 rows.append(row(name, "stage1", f"{what}, first step", "images/s", len(images), Timer(device, 1, warmup=0)(step)))
             # a graph is captured after the training loop's warm-up steps: time the replays
-            timing = Timer(device, timer.repeats, warmup=CapturedStep.WARMUP_STEPS + 2)(step) if "graph" in options else timer(step)
+            timing = Timer(device, timer.repeats, warmup=CapturedStep.EAGER_STEPS_BEFORE_CAPTURE + 2)(step) if "graph" in options else timer(step)
             rows.append(row(name, "stage1", what, "images/s", len(images), timing))
         except Exception as error:  # noqa: BLE001  (a figure that cannot be had is reported, the others still measured)
             rows.append({"config": name, "stage": "stage1", "name": what, "failed": f"{type(error).__name__}: {error}"[:300]})

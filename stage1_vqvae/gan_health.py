@@ -53,7 +53,7 @@ def codebook_collapsed(rows: list[dict], disc_start: int) -> str | None:
         if lowest < COLLAPSE * before[-1]:
             return (f"the codebook collapsed after the discriminator started: the test split used {lowest:.0%} of the codes "
                     f"at step {step}, against {before[-1]:.0%} before; restart the codes the batches hardly use (--dead-code-share, "
-                    f"or a higher one where a small set already has 0.25), ramp its terms in over more steps (--gan-warmup), "
+                    f"or a higher one where a small set already has 0.25), ramp its terms in over more steps (--gan-ramp-steps), "
                     f"start it later (--disc-start) or weaken it (--disc-weight, --feature-matching-weight)")
     step, last = usage[-1]
     if last < FEW_CODES:

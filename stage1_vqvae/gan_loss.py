@@ -8,7 +8,7 @@ trained to match, and the discriminator's own update, testable apart from the tr
   discriminator whose weights take no gradient, so the generator's terms never change it.
 - The discriminator can start `disc_head_start` steps before the decoder reads it, so that
   its features mean something when they first pull on the decoder.
-- Both decoder terms can grow from nothing over `gan_warmup` steps after `disc_start`.
+- Both decoder terms can grow from nothing over `gan_ramp_steps` steps after `disc_start`.
 - The adversarial term's weight: VQGAN's adaptive balance at the decoder's last layer times
   `disc_weight`, or `disc_weight` alone (`--no-adaptive-weight`).
 
@@ -57,7 +57,7 @@ class LossConfig:
     disc_head_start: int | None = field(default=None, metadata={
         "help": "the discriminator trains alone for this many steps before --disc-start, when the decoder starts to read it "
                 "(default: 100 on fewer than 10,000 train images, else 0)"})
-    gan_warmup: int = field(default=0, metadata={"help": "the decoder's feature-matching and adversarial terms grow from 0 to "
+    gan_ramp_steps: int = field(default=0, metadata={"help": "the decoder's feature-matching and adversarial terms grow from 0 to "
                                                     "full over this many steps after --disc-start (0: full at once)"})
 
     @property
@@ -106,9 +106,9 @@ class GANLoss:
     def ramp(self, step: int) -> float:
         """How much of the decoder's GAN terms counts at `step`: a discriminator that has just
         started has random features, and a full-strength pull towards them jolts the codebook."""
-        if self.config.gan_warmup <= 0:
+        if self.config.gan_ramp_steps <= 0:
             return 1.0
-        return min(1.0, (step - self.config.disc_start + 1) / self.config.gan_warmup)
+        return min(1.0, (step - self.config.disc_start + 1) / self.config.gan_ramp_steps)
 
     def __call__(self, images, reconstruction, last_layer, step: int) -> tuple[torch.Tensor, dict]:
         config = self.config

@@ -53,8 +53,8 @@ SMALL_SET_HEAD_START = 100
 MIN_STEPS = 936  # the demo's 2 epochs of Fashion-MNIST
 SMALL_SET_MIN_STEPS = 1404
 SMALL_SET_MIN_STEPS_MAX_SIZE = 32
-WARMUP_STEPS, SMALL_SET_WARMUP_STEPS = 200, 100
-SMALL_SET_GAN_LR_WARMUP = 100
+LR_WARMUP_STEPS, SMALL_SET_LR_WARMUP_STEPS = 200, 100
+SMALL_SET_LR_REWARM_STEPS = 100
 SMALL_SET_DEAD_CODE_SHARE = 0.25
 SMALL_SET_MAP_TRANSFORMS = "flip"
 
@@ -120,21 +120,21 @@ def preset_min_steps(train_images: int | None, image_size: int) -> tuple[int, st
                        f"{SMALL_SET_MIN_STEPS} gives a small set cleaner reconstructions in 1.5 times the time)")
 
 
-def preset_warmup_steps(train_images: int | None) -> tuple[int, str]:
-    """--warmup-steps for a train split of this many images (None: a stream), and why."""
+def preset_lr_warmup_steps(train_images: int | None) -> tuple[int, str]:
+    """--lr-warmup-steps for a train split of this many images (None: a stream), and why."""
     if is_small_set(train_images):
-        return SMALL_SET_WARMUP_STEPS, f"--warmup-steps {SMALL_SET_WARMUP_STEPS} (fewer than {SMALL_SET:,} train images)"
-    return WARMUP_STEPS, (f"--warmup-steps {WARMUP_STEPS} (at least {SMALL_SET:,} train images: a slower climb to the peak "
+        return SMALL_SET_LR_WARMUP_STEPS, f"--lr-warmup-steps {SMALL_SET_LR_WARMUP_STEPS} (fewer than {SMALL_SET:,} train images)"
+    return LR_WARMUP_STEPS, (f"--lr-warmup-steps {LR_WARMUP_STEPS} (at least {SMALL_SET:,} train images: a slower climb to the peak "
                           f"learning rate, where some seeds' pixel loss jumps)")
 
 
-def preset_gan_lr_warmup(train_images: int | None, image_size: int) -> tuple[int, str]:
-    """--gan-lr-warmup for a train split of this many images (None: a stream) at this size, and why."""
+def preset_lr_rewarm_steps(train_images: int | None, image_size: int) -> tuple[int, str]:
+    """--lr-rewarm-steps for a train split of this many images (None: a stream) at this size, and why."""
     if trains_longer(train_images, image_size):
-        return SMALL_SET_GAN_LR_WARMUP, (f"--gan-lr-warmup {SMALL_SET_GAN_LR_WARMUP} (fewer than {SMALL_SET:,} train images of at "
+        return SMALL_SET_LR_REWARM_STEPS, (f"--lr-rewarm-steps {SMALL_SET_LR_REWARM_STEPS} (fewer than {SMALL_SET:,} train images of at "
                                          f"most {SMALL_SET_MIN_STEPS_MAX_SIZE} pixels: on their longer run the rate is still high "
                                          f"when the decoder first reads the discriminator)")
-    return 0, "--gan-lr-warmup 0 (the decoder reads the discriminator at the learning rate's cosine)"
+    return 0, "--lr-rewarm-steps 0 (the decoder reads the discriminator at the learning rate's cosine)"
 
 
 def preset_dead_code_share(train_images: int | None, image_size: int) -> tuple[float, str]:
@@ -153,3 +153,39 @@ def preset_map_transforms(train_images: int | None) -> tuple[str, str]:
                                           f"the dump also writes their mirror images, which stage two learns from, each told "
                                           f"it is mirrored, where its steps have the time)")
     return "none", f"--map-transforms none (at least {SMALL_SET:,} train images: enough distinct maps for stage two)"
+
+
+# Each choice stage one makes from its train split's size, applied where its flag was left out:
+# (the flag's field, what it is then, and why, or None where the summary need not say). A
+# choice that does not apply to the run (a discriminator's, without one) stays None.
+DATA_PRESETS = {
+    "disc_head_start": lambda config, images: (
+        preset_disc_head_start(images, config.disc_start) if config.uses_discriminator else (None, None)),
+    "lr_rewarm_steps": lambda config, images: (
+        preset_lr_rewarm_steps(images, config.image_size) if config.uses_discriminator else (None, None)),
+    "dead_code_share": lambda config, images: (
+        said_if(preset_dead_code_share(images, config.image_size), lambda share: share > 0) if config.dead_code_steps > 0
+        else (0.0, None)),
+    "lr_warmup_steps": lambda config, images: preset_lr_warmup_steps(images),
+    "map_transforms": lambda config, images: said_if(preset_map_transforms(images), lambda chosen: chosen != "none"),
+    "min_steps": lambda config, images: said_if(preset_min_steps(images, config.image_size), lambda _: config.max_steps is None),
+}
+
+
+def said_if(choice: tuple, worth_saying) -> tuple:
+    value, why = choice
+    return value, why if worth_saying(value) else None
+
+
+def apply_data_presets(config, train_images: int | None):
+    """The config with every DATA_PRESETS flag left out (None) chosen for a train split of this
+    many images (None: a stream, of unknown size), and the reasons worth a summary's words."""
+    chosen, reasons = {}, []
+    for name, preset in DATA_PRESETS.items():
+        if getattr(config, name) is None:
+            value, why = preset(config, train_images)
+            if value is not None:
+                chosen[name] = value
+            if why:
+                reasons.append(why)
+    return replace(config, **chosen), reasons

@@ -25,15 +25,7 @@ from stage1_vqvae.gan_health import diagnose
 from stage1_vqvae.gan_loss import GANLoss, LossConfig, build_discriminator
 from stage1_vqvae.metrics import reconstruction_metrics, to_unit_range
 from stage1_vqvae.model import VQVAE, ModelConfig
-from stage1_vqvae.size_presets import (
-    apply_size_presets,
-    preset_dead_code_share,
-    preset_disc_head_start,
-    preset_gan_lr_warmup,
-    preset_map_transforms,
-    preset_min_steps,
-    preset_warmup_steps,
-)
+from stage1_vqvae.size_presets import DATA_PRESETS, apply_data_presets, apply_size_presets
 from stage1_vqvae.weight_average import update_average, weight_average
 
 
@@ -42,18 +34,20 @@ class TrainConfig(LoopConfig, DataConfig, ModelConfig, LossConfig):
     # how runs saved before these flags existed trained, for --resume's comparison
     FLAGS_ADDED_SINCE: ClassVar[dict] = {"disc_augment": "none", "disc_norm": "group", "adaptive_weight": True,
                                          "r1_weight": 0.0, "r1_every": 4, "ema_decay": 0.0, "clean_feature_matching": False,
-                                         "adam_beta2": 0.999, "gan_warmup": 0, "disc_head_start": 0,
-                                         "architecture": "conv", "disc_lr_decay": False, "gan_lr_warmup": 0,
+                                         "adam_beta2": 0.999, "gan_ramp_steps": 0, "disc_head_start": 0,
+                                         "architecture": "conv", "disc_lr_decay": False, "lr_rewarm_steps": 0,
                                          "dead_code_share": 0.0}
+    # each says what it warms up: the learning rate at the start, the GAN terms' weight, the rate again at --disc-start
+    RENAMED_FLAGS: ClassVar[dict] = {**LoopConfig.RENAMED_FLAGS, "--gan-warmup": "--gan-ramp-steps",
+                                     "--gan-lr-warmup": "--lr-rewarm-steps"}
     # left out (None), chosen from the train split's size once it is loaded (size_presets.py)
-    CHOSEN_FROM_DATA: ClassVar[tuple] = ("min_steps", "disc_head_start", "warmup_steps", "gan_lr_warmup", "dead_code_share",
-                                         "map_transforms")
+    CHOSEN_FROM_DATA: ClassVar[tuple] = tuple(DATA_PRESETS)
     batch_size: int | None = field(default=None, metadata={"help": "images per process per step (default: 128 up to 64x64 "
                                                                     "images, fewer for larger ones)"})
     min_steps: int | None = field(default=None, metadata={"help": "at least this many optimizer steps, however few --epochs make on a "
                                                                   "small data set (default: 1404 below 10,000 train images of at most "
                                                                   "32 pixels, else 936)"})
-    warmup_steps: int | None = field(default=None, metadata={"help": "linear warm-up before the cosine decay, at most a quarter of "
+    lr_warmup_steps: int | None = field(default=None, metadata={"help": "linear warm-up before the cosine decay, at most a quarter of "
                                                                      "the run's steps (default: 200 on 10,000 train images or more, "
                                                                      "else 100)"})
     # 0.95, not Adam's 0.999: a second moment that averages over ~1000 steps still remembers the
@@ -62,7 +56,7 @@ class TrainConfig(LoopConfig, DataConfig, ModelConfig, LossConfig):
     # After a small set's head start the decoder first reads a discriminator that has learnt, and
     # Adam's second moment still holds the pixel term's small gradients: at full rate its steps
     # swell for a few dozen steps, the encoder jumps and part of the codebook falls idle
-    gan_lr_warmup: int | None = field(default=None, metadata={"help": "the VQ-VAE's learning rate warms up again over this many "
+    lr_rewarm_steps: int | None = field(default=None, metadata={"help": "the VQ-VAE's learning rate warms up again over this many "
                                                                         "steps from --disc-start, when the decoder first reads the "
                                                                         "discriminator (0: no; default: 100 below 10,000 train "
                                                                         "images of at most 32 pixels, else 0)"})
@@ -109,15 +103,15 @@ def check_config(config: TrainConfig) -> None:
         raise UserError(f"--r1-weight {config.r1_weight} must not be negative (0 turns it off) and --r1-every {config.r1_every} must be at least 1")
     if config.disc_head_start is not None and (config.disc_head_start < 0 or config.disc_head_start > max(0, config.disc_start)):
         raise UserError(f"--disc-head-start {config.disc_head_start} must be between 0 and --disc-start ({config.disc_start})")
-    if config.gan_warmup < 0:
-        raise UserError(f"--gan-warmup {config.gan_warmup} must not be negative (0: the GAN terms at full strength at once)")
-    if config.gan_lr_warmup is not None and config.gan_lr_warmup < 0:
-        raise UserError(f"--gan-lr-warmup {config.gan_lr_warmup} must not be negative (0: no second warm-up when the decoder "
+    if config.gan_ramp_steps < 0:
+        raise UserError(f"--gan-ramp-steps {config.gan_ramp_steps} must not be negative (0: the GAN terms at full strength at once)")
+    if config.lr_rewarm_steps is not None and config.lr_rewarm_steps < 0:
+        raise UserError(f"--lr-rewarm-steps {config.lr_rewarm_steps} must not be negative (0: no second warm-up when the decoder "
                         "first reads the discriminator)")
-    if config.gan_lr_warmup is not None and not config.uses_discriminator:
-        raise UserError(f"--gan-lr-warmup {config.gan_lr_warmup} warms the learning rate up again when the discriminator starts, "
+    if config.lr_rewarm_steps is not None and not config.uses_discriminator:
+        raise UserError(f"--lr-rewarm-steps {config.lr_rewarm_steps} warms the learning rate up again when the discriminator starts, "
                         f"but this run trains without one (--disc-start {config.disc_start}, --disc-weight {config.disc_weight:g}, "
-                        f"--feature-matching-weight {config.feature_matching_weight:g}); drop --gan-lr-warmup, or train with a discriminator")
+                        f"--feature-matching-weight {config.feature_matching_weight:g}); drop --lr-rewarm-steps, or train with a discriminator")
     if config.dead_code_share is not None and config.dead_code_steps <= 0:
         raise UserError(f"--dead-code-share {config.dead_code_share} says which codes count as idle for restarts, but "
                         f"--dead-code-steps {config.dead_code_steps} restarts none; drop --dead-code-share, or give "
@@ -158,36 +152,11 @@ def main(argv=None):
     lpips_network = lpips_network.to(accelerator.device) if lpips_network is not None else None
     with accelerator.main_process_first():  # a download or cache is built once, then read by the others
         data = load_image_data(config)
-    train_images = None if config.streaming else len(data.train)  # what the choices below are made from
-    if config.disc_head_start is None and config.uses_discriminator:
-        chosen, why = preset_disc_head_start(train_images, config.disc_start)
-        config = replace(config, disc_head_start=chosen)  # recorded, and compared on --resume, as chosen
-        size_choices.append(why)
-    if config.gan_lr_warmup is None and config.uses_discriminator:
-        chosen, why = preset_gan_lr_warmup(train_images, config.image_size)
-        config = replace(config, gan_lr_warmup=chosen)
-        size_choices.append(why)
-    if config.dead_code_share is None:
-        chosen, why = preset_dead_code_share(train_images, config.image_size) if config.dead_code_steps > 0 else (0.0, "")
-        config = replace(config, dead_code_share=chosen)
-        if chosen:
-            size_choices.append(why)
-    head_start = config.disc_head_start or 0  # None without a discriminator
-    if config.warmup_steps is None:
-        warmup_steps, why = preset_warmup_steps(train_images)
-        config = replace(config, warmup_steps=warmup_steps)
-        size_choices.append(why)
-    if config.map_transforms is None:
-        chosen, why = preset_map_transforms(train_images)
-        config = replace(config, map_transforms=chosen)
-        if chosen != "none":
-            size_choices.append(why)
+    train_images = None if config.streaming else len(data.train)
+    config, data_choices = apply_data_presets(config, train_images)  # recorded, and compared on --resume, as chosen
+    size_choices += data_choices
     transforms = parse_map_transforms(config.map_transforms, data.channels)
-    if config.min_steps is None:
-        min_steps, why = preset_min_steps(train_images, config.image_size)
-        config = replace(config, min_steps=min_steps)
-        if why and config.max_steps is None:
-            size_choices.append(why)
+    head_start = config.disc_head_start or 0  # None without a discriminator
     model = build_model(config, data.channels).to(accelerator.device)
     average = weight_average(model, config.ema_decay) if config.ema_decay > 0 else None
     discriminator = build_discriminator(config, data.channels)
@@ -196,10 +165,12 @@ def main(argv=None):
     checkpointed = [holder for holder in (average, loss.adaptive) if holder is not None]  # restored on --resume
     setup = set_up_training(
         accelerator, config, stage_dir, checkpoints, model, data.train, data.test,
-        "stage one", {"best_mse": float("inf")}, companions, checkpointed, betas=(0.9, config.adam_beta2),
-        rewarm_at=config.disc_start if config.uses_discriminator else None, rewarm_steps=config.gan_lr_warmup or 0,
+        "stage one", {"kept_mse": float("inf")}, companions, checkpointed, betas=(0.9, config.adam_beta2),
+        rewarm_at=config.disc_start if config.uses_discriminator else None, rewarm_steps=config.lr_rewarm_steps or 0,
     )
     model, state, log = setup.model, setup.state, setup.log
+    if "best_mse" in state:  # a checkpoint written before the name said what it holds
+        state["kept_mse"] = state.pop("best_mse")
     unwrapped = accelerator.unwrap_model(model)
     kept = average.module if average is not None else unwrapped  # what is evaluated, exported and dumped
     last_layer = unwrapped.decoder[-1].weight
@@ -229,10 +200,11 @@ def main(argv=None):
         log.log({f"test/{k}": v for k, v in metrics.items()}, step)
         if accelerator.is_main_process:
             save_reconstruction_grid(kept, grid_images, stage_dir / "reconstructions" / f"step_{step:07d}.png")
-            # Once the discriminator trades MSE for sharpness, MSE no longer ranks weights: the newest are kept.
+            # Once the discriminator trades MSE for sharpness, MSE no longer ranks weights: the newest are
+            # kept. kept_mse: the test MSE of the weights kept (the lowest before then, the newest after).
             adversarial = discriminator is not None and step > config.disc_start
-            if adversarial or metrics["mse"] < state["best_mse"]:
-                state["best_mse"] = metrics["mse"]
+            if adversarial or metrics["mse"] < state["kept_mse"]:
+                state["kept_mse"] = metrics["mse"]
                 save_pretrained_atomic(kept, stage_dir)
         accelerator.wait_for_everyone()
         return f"test mse {metrics['mse']:.5f}, psnr {metrics['psnr']:.2f} dB, codebook used {metrics['codebook_usage']:.1%}"
@@ -247,7 +219,7 @@ def main(argv=None):
     if accelerator.is_main_process:
         save_pretrained_atomic(unwrapped, stage_dir / "final")
     accelerator.wait_for_everyone()
-    summary = f"test mse {state['best_mse']:.5f} of the weights kept in {stage_dir}"
+    summary = f"test mse {state['kept_mse']:.5f} of the weights kept in {stage_dir}"
     summary += describe_graphs(captured)
     if config.dump:
         best = type(kept).from_pretrained(str(stage_dir)).to(accelerator.device)

@@ -39,7 +39,7 @@ class TrainConfig(LoopConfig, PriorConfig):
     # left out, each is chosen from the data (size_presets.py): the same data makes the same choice
     CHOSEN_FROM_DATA: ClassVar[tuple] = ("batch_size", "eval_every", "dropout", "transformed_maps", "token_corruption")
     # one flag name, one meaning: --steps counted optimizer steps elsewhere, --channels image channels in stage one
-    RENAMED_FLAGS: ClassVar[dict] = {"--steps": "--passes", "--channels": "--pixelcnn-channels"}
+    RENAMED_FLAGS: ClassVar[dict] = {**LoopConfig.RENAMED_FLAGS, "--steps": "--passes", "--channels": "--pixelcnn-channels"}
     epochs: float = field(default=2.25, metadata={"help": "passes over the train maps (ignored with --max-steps)"})
     # the demo's 2.25 epochs of Fashion-MNIST's maps: what a small data set gets too
     min_steps: int = field(default=4219, metadata={"help": "at least this many optimizer steps, however few --epochs make on a small data "

@@ -12,7 +12,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parent.parent
 TINY_MODEL = [
     "--hidden-channels", "16", "--res-blocks", "1", "--res-channels", "8",
-    "--codebook-size", "16", "--code-dim", "8", "--batch-size", "8", "--warmup-steps", "2",
+    "--codebook-size", "16", "--code-dim", "8", "--batch-size", "8", "--lr-warmup-steps", "2",
 ]
 
 

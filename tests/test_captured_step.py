@@ -30,7 +30,7 @@ class RerunGraph:
         self.phase["r1"] = now
 
 
-def make_step(warmup=2, fail_capture=False):
+def make_step(eager_steps=2, fail_capture=False):
     """A step whose loss depends on a choice made in Python (`phase["r1"]`), as R1's penalty does."""
     weight = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
     calls, phase, graphs = [], {"r1": False}, []
@@ -51,12 +51,12 @@ def make_step(warmup=2, fail_capture=False):
         graph.frozen = phase["r1"]
         return nullcontext()
 
-    step = CapturedStep(forward_backward, [weight], warmup=warmup, graph=new_graph, capture=capture)
+    step = CapturedStep(forward_backward, [weight], eager_steps=eager_steps, graph=new_graph, capture=capture)
     return step, weight, calls, graphs, phase
 
 
 def test_a_key_is_warmed_up_then_captured_once_and_replayed_on_each_new_batch():
-    step, weight, calls, graphs, _ = make_step(warmup=2)
+    step, weight, calls, graphs, _ = make_step(eager_steps=2)
     for i in range(5):
         weight.grad = None  # as the training loop's zero_grad(set_to_none=True) leaves it
         step({"x": torch.tensor([float(i), 1.0])}, key="phase a")
@@ -67,7 +67,7 @@ def test_a_key_is_warmed_up_then_captured_once_and_replayed_on_each_new_batch():
 
 
 def test_a_new_key_or_batch_shape_is_warmed_up_and_captured_again():
-    step, weight, calls, graphs, _ = make_step(warmup=1)
+    step, weight, calls, graphs, _ = make_step(eager_steps=1)
     for key in ("a", "a", "b", "b"):
         weight.grad = None
         step({"x": torch.ones(2)}, key=key)
@@ -77,7 +77,7 @@ def test_a_new_key_or_batch_shape_is_warmed_up_and_captured_again():
 
 
 def test_a_failed_capture_is_said_once_and_the_step_runs_eagerly_from_then_on():
-    step, weight, calls, graphs, _ = make_step(warmup=1, fail_capture=True)
+    step, weight, calls, graphs, _ = make_step(eager_steps=1, fail_capture=True)
     with warnings.catch_warnings(record=True) as said:
         warnings.simplefilter("always")  # every warning recorded, so that a second one would be seen
         for i in range(4):
@@ -91,7 +91,7 @@ def test_a_failed_capture_is_said_once_and_the_step_runs_eagerly_from_then_on():
 def test_keys_taking_turns_faster_than_the_warm_up_each_get_a_graph_replaying_their_own_choice():
     """R1 every fourth step: three steps of one key, one of another. One graph at a time never
     reached the warm-up (or recaptured every fourth step, slower than eager)."""
-    step, weight, calls, graphs, phase = make_step(warmup=3)
+    step, weight, calls, graphs, phase = make_step(eager_steps=3)
     for i in range(40):
         phase["r1"] = i % 4 == 3
         weight.grad = None

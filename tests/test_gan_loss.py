@@ -50,7 +50,7 @@ def test_the_adaptive_weight_as_wired_is_the_gradient_norm_ratio_at_the_decoders
         return real_adaptive_weight(reconstruction_loss, adversarial_loss, last_layer)
 
     monkeypatch.setattr(gan_loss, "adaptive_weight", spy)
-    config = LossConfig(disc_start=0, disc_weight=0.5, disc_augment="none", gan_warmup=0)
+    config = LossConfig(disc_start=0, disc_weight=0.5, disc_augment="none", gan_ramp_steps=0)
     _, metrics = GANLoss(config, PatchDiscriminator(3, 8))(images, reconstruction, last.weight, step=0)
     # it is fed the pixel and feature-matching terms, the adversarial term, and the decoder's last weight
     assert seen["layer"] is last.weight
@@ -64,7 +64,7 @@ def test_the_adaptive_weight_as_wired_is_the_gradient_norm_ratio_at_the_decoders
 
 def test_without_the_adaptive_weight_the_adversarial_term_weighs_disc_weight():
     images, last, reconstruction = a_batch()
-    config = LossConfig(disc_start=0, disc_weight=0.2, adaptive_weight=False, disc_augment="none", gan_warmup=0)
+    config = LossConfig(disc_start=0, disc_weight=0.2, adaptive_weight=False, disc_augment="none", gan_ramp_steps=0)
     _, metrics = GANLoss(config, PatchDiscriminator(3, 8))(images, reconstruction, last.weight, step=0)
     assert metrics["adversarial_weight"].item() == pytest.approx(0.2)
 
@@ -72,7 +72,7 @@ def test_without_the_adaptive_weight_the_adversarial_term_weighs_disc_weight():
 @pytest.mark.parametrize("step, share", [(10, 0.25), (11, 0.5), (13, 1.0), (50, 1.0)])
 def test_the_decoders_gan_terms_grow_over_gan_warmup_steps(step, share):
     images, last, reconstruction = a_batch()
-    config = LossConfig(disc_start=10, gan_warmup=4, disc_weight=0.2, adaptive_weight=False, disc_augment="none")
+    config = LossConfig(disc_start=10, gan_ramp_steps=4, disc_weight=0.2, adaptive_weight=False, disc_augment="none")
     total, metrics = GANLoss(config, PatchDiscriminator(3, 8))(images, reconstruction, last.weight, step=step)
     assert metrics["adversarial_weight"].item() == pytest.approx(0.2 * share)
     decoder_terms = total - metrics["pixel_loss"] - metrics["disc_loss"] - metrics["adversarial_weight"] * metrics["adversarial"]

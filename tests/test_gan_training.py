@@ -106,14 +106,14 @@ def test_the_discriminators_learning_rate_decays_with_the_vqvaes_only_when_asked
 
     monkeypatch.setattr(torch.optim.AdamW, "step", step)
     train.main(["--run-dir", str(tmp_path), *TINY_MODEL, *ADVERSARIAL, "--max-steps", "10", "--lr", "2e-3", "--disc-lr", "4e-4",
-                "--gan-lr-warmup", "0", *(["--disc-lr-decay"] if decay else [])])
+                "--lr-rewarm-steps", "0", *(["--disc-lr-decay"] if decay else [])])
     assert len(rates) == 10 and rates[-1][0] < 0.1 * rates[1][0]  # the cosine has nearly reached zero
     for model_rate, disc_rate in rates:
         assert disc_rate == pytest.approx(model_rate / 5 if decay else 4e-4)
 
 
 def test_the_vqvaes_learning_rate_warms_up_again_when_the_decoder_first_reads_the_discriminator(tiny_fashion, tmp_path, monkeypatch):
-    rates = {}  # --gan-lr-warmup -> (the VQ-VAE's, the discriminator's) rate at each optimizer step
+    rates = {}  # --lr-rewarm-steps -> (the VQ-VAE's, the discriminator's) rate at each optimizer step
     real_step = torch.optim.AdamW.step
 
     def step(self, *args, **kwargs):
@@ -124,7 +124,7 @@ def test_the_vqvaes_learning_rate_warms_up_again_when_the_decoder_first_reads_th
     for warmup in (0, 4):
         rates[warmup] = []
         train.main(["--run-dir", str(tmp_path / str(warmup)), *TINY_MODEL, *ADVERSARIAL, "--max-steps", "12",
-                    "--gan-lr-warmup", str(warmup)])
+                    "--lr-rewarm-steps", str(warmup)])
     cosine, rewarmed = rates[0], rates[4]
     assert len(rewarmed) == 12 and all(disc == plain_disc for (_, disc), (_, plain_disc) in zip(rewarmed, cosine))
     disc_start = 2
@@ -161,12 +161,16 @@ def test_a_healthy_run_has_no_warning(tmp_path):
     (["--r1-weight", "-1"], "--r1-weight -1.0 must not be negative"),
     (["--r1-every", "0"], "--r1-every 0 must be at least 1"),
     (["--ema-decay", "1"], "--ema-decay 1.0 must be at least 0"),
-    (["--gan-warmup", "-5"], "--gan-warmup -5 must not be negative"),
-    (["--gan-lr-warmup", "-1"], "--gan-lr-warmup -1 must not be negative"),
+    (["--gan-ramp-steps", "-5"], "--gan-ramp-steps -5 must not be negative"),
+    (["--lr-rewarm-steps", "-1"], "--lr-rewarm-steps -1 must not be negative"),
     (["--adam-beta2", "1"], "--adam-beta2 1.0 must be at least 0 and below 1"),
     (["--dead-code-share", "1"], "--dead-code-share 1.0 must be at least 0"),
+    # renamed to say what each warms up
+    (["--gan-warmup", "50"], "--gan-warmup was renamed --gan-ramp-steps"),
+    (["--gan-lr-warmup", "50"], "--gan-lr-warmup was renamed --lr-rewarm-steps"),
+    (["--warmup-steps", "50"], "--warmup-steps was renamed --lr-warmup-steps"),
     # accepted and ignored, before: each now says why it does nothing
-    (["--gan-lr-warmup", "100", "--disc-start", "-1"], "--gan-lr-warmup 100 warms the learning rate up again when the "
+    (["--lr-rewarm-steps", "100", "--disc-start", "-1"], "--lr-rewarm-steps 100 warms the learning rate up again when the "
                                                        "discriminator starts, but this run trains without one .--disc-start -1"),
     (["--dead-code-share", "0.25", "--dead-code-steps", "0"], "--dead-code-share 0.25 says which codes count as idle for "
                                                               "restarts, but --dead-code-steps 0 restarts none"),

@@ -9,13 +9,14 @@ from foundation.errors import UserError
 from stage1_vqvae import size_presets
 from stage1_vqvae.model import VQVAE
 from stage1_vqvae.size_presets import (
+    apply_data_presets,
     apply_size_presets,
     preset_dead_code_share,
     preset_disc_head_start,
-    preset_gan_lr_warmup,
+    preset_lr_rewarm_steps,
     preset_map_transforms,
     preset_min_steps,
-    preset_warmup_steps,
+    preset_lr_warmup_steps,
 )
 from stage1_vqvae.train import TrainConfig
 
@@ -32,6 +33,16 @@ def test_the_presets_keep_the_map_at_most_16_a_side_and_a_steps_pixels_bounded(s
 def test_a_flag_overrides_each_preset_and_is_not_explained():
     config, reasons = apply_size_presets(TrainConfig(image_size=256, downsample=8, batch_size=4))
     assert (config.downsample, config.batch_size, reasons) == (8, 4, [])
+
+
+def test_the_data_presets_fill_what_was_left_out_and_leave_a_discriminators_alone_without_one():
+    config, reasons = apply_data_presets(TrainConfig(lr_warmup_steps=50), 1_429)
+    assert (config.lr_warmup_steps, config.disc_head_start, config.min_steps, config.map_transforms) == (50, 100, 1404, "flip")
+    assert not any(reason.startswith("--lr-warmup-steps") for reason in reasons)  # given, so not explained
+    without, reasons = apply_data_presets(TrainConfig(disc_start=-1, dead_code_steps=0), 1_429)
+    assert (without.disc_head_start, without.lr_rewarm_steps, without.dead_code_share) == (None, None, 0.0)
+    assert not any(reason.startswith(("--disc-head-start", "--lr-rewarm-steps", "--dead-code-share")) for reason in reasons)
+    assert set(TrainConfig.CHOSEN_FROM_DATA) == set(size_presets.DATA_PRESETS)
 
 
 def test_a_model_built_in_python_takes_the_same_rule():
@@ -58,8 +69,8 @@ def test_the_discriminator_gets_a_head_start_on_small_sets_only(images, steps):
 @pytest.mark.parametrize("images, size, steps", [(1_429, 32, 100), (9_999, 28, 100), (1_429, 64, 0), (10_000, 32, 0),
                                                   (60_000, 32, 0), (None, 32, 0)])
 def test_the_learning_rate_warms_up_again_for_the_discriminator_on_small_sets_of_small_images_only(images, size, steps):
-    chosen, why = preset_gan_lr_warmup(images, size)
-    assert chosen == steps and why.startswith(f"--gan-lr-warmup {steps} (")
+    chosen, why = preset_lr_rewarm_steps(images, size)
+    assert chosen == steps and why.startswith(f"--lr-rewarm-steps {steps} (")
 
 
 @pytest.mark.parametrize("images, size, share", [(1_429, 32, 0.25), (9_999, 28, 0.25), (1_429, 64, 0.0), (10_000, 32, 0.0),
@@ -83,10 +94,10 @@ def test_stage_one_gives_the_discriminator_a_head_start_on_a_small_set_and_says_
              "--disc-channels", "8", "--log-every", "1"]
     stage_one.main(flags)
     out = capsys.readouterr().out
-    assert "--disc-head-start 2 (fewer than 10,000 train images" in out and "--gan-lr-warmup 100 (fewer than" in out
+    assert "--disc-head-start 2 (fewer than 10,000 train images" in out and "--lr-rewarm-steps 100 (fewer than" in out
     assert "--dead-code-share 0.25 (fewer than" in out
     recorded = json.loads((tmp_path / "run" / "vqvae" / "train_config.json").read_text())
-    assert recorded["gan_lr_warmup"] == 100 and recorded["dead_code_share"] == 0.25
+    assert recorded["lr_rewarm_steps"] == 100 and recorded["dead_code_share"] == 0.25
     assert json.loads((tmp_path / "run" / "vqvae" / "config.json").read_text())["dead_code_share"] == 0.25  # the model's own
     logged = [json.loads(line) for line in (tmp_path / "run" / "vqvae" / "log.jsonl").read_text().splitlines()]
     assert any("train/disc_loss" in row and row["step"] == 1 for row in logged)  # it trained from step 0
@@ -169,22 +180,22 @@ def test_stage_one_takes_the_small_sets_floor_says_so_and_resumes_with_it(tiny_f
 
 @pytest.mark.parametrize("images, steps", [(1_429, 100), (9_999, 100), (10_000, 200), (60_000, 200), (None, 200)])
 def test_a_large_set_warms_the_learning_rate_up_for_longer(images, steps):
-    chosen, why = preset_warmup_steps(images)
-    assert chosen == steps and why.startswith(f"--warmup-steps {steps} (")
+    chosen, why = preset_lr_warmup_steps(images)
+    assert chosen == steps and why.startswith(f"--lr-warmup-steps {steps} (")
 
 
 def test_stage_one_chooses_its_warm_up_from_the_data_records_it_and_resumes_with_it(tiny_fashion, tmp_path, capsys):
     from stage1_vqvae import train as stage_one
     from tests.conftest import TINY_MODEL
 
-    at = TINY_MODEL.index("--warmup-steps")
+    at = TINY_MODEL.index("--lr-warmup-steps")
     flags = ["--run-dir", str(tmp_path / "run"), *TINY_MODEL[:at], *TINY_MODEL[at + 2:], "--max-steps", "4", "--no-dump",
              "--disc-start", "-1", "--eval-every", "100", "--checkpoint-every", "2"]
     stage_one.main(flags)
-    assert "--warmup-steps 100 (fewer than 10,000 train images)" in capsys.readouterr().out
+    assert "--lr-warmup-steps 100 (fewer than 10,000 train images)" in capsys.readouterr().out
     saved = tmp_path / "run" / "vqvae"
-    assert json.loads((saved / "train_config.json").read_text())["warmup_steps"] == 100
+    assert json.loads((saved / "train_config.json").read_text())["lr_warmup_steps"] == 100
     shutil.rmtree(saved / "checkpoints" / "step_0000004")
     stage_one.main([*flags, "--resume"])  # the choice made from the data is not taken for a changed flag
-    with pytest.raises(UserError, match=r"--warmup-steps 200 \(was 100\)"):
-        stage_one.main([*flags, "--resume", "--warmup-steps", "200"])
+    with pytest.raises(UserError, match=r"--lr-warmup-steps 200 \(was 100\)"):
+        stage_one.main([*flags, "--resume", "--lr-warmup-steps", "200"])

@@ -15,7 +15,7 @@ from stage2_prior.quality import best_guidance
 from tests.conftest import TINY_MODEL, reset_accelerate_state
 
 TINY_PRIOR = ["--width", "32", "--layers", "2", "--heads", "2",
-              "--batch-size", "16", "--warmup-steps", "2", "--grid-samples", "4", "--guidance-scales", ""]
+              "--batch-size", "16", "--lr-warmup-steps", "2", "--grid-samples", "4", "--guidance-scales", ""]
 TINY_PIXELCNN = ["--prior", "pixelcnn", "--pixelcnn-channels", "16", "--pixelcnn-layers", "4", *TINY_PRIOR[6:]]
 
 
@@ -299,6 +299,8 @@ def test_a_run_saved_under_a_renamed_flag_resumes_under_the_new_name():
     assert changed_flags({**saved, "channels": 128}, config) == {}
     assert changed_flags({**saved, "channels": 64}, config) == {"pixelcnn_channels": (64, 128)}
     assert changed_flags({**saved, "steps": 8}, config) == {"passes": (8, None)}
+    assert changed_flags({**saved, "warmup_steps": 100}, config) == {}  # the loop's own renamed flag, on either stage
+    assert changed_flags({**saved, "warmup_steps": 50}, config) == {"lr_warmup_steps": (50, 100)}
 
 
 def test_a_judge_that_cannot_tell_the_classes_apart_chooses_no_guidance(stage_one_run, tmp_path, capsys):
