@@ -15,7 +15,7 @@ from typing import ClassVar
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, is_tensorboard_available, send_to_device, set_seed
+from accelerate.utils import DataLoaderConfiguration, is_tensorboard_available, is_wandb_available, send_to_device, set_seed
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -61,6 +61,9 @@ class LoopConfig:
     keep_checkpoints: int = field(default=2, metadata={"help": "how many checkpoints to keep"})
     resume: bool = field(default=False, metadata={"help": "continue from the newest checkpoint"})
     allow_changes: bool = field(default=False, metadata={"help": "with --resume: continue although flags differ from the run's (it is then no longer exact)"})
+    report_to: str = field(default="auto", metadata={
+        "help": "also log to these trackers, through accelerate (log.jsonl and curves.png are written either way; auto: "
+                "TensorBoard where it is installed)", "choices": ["auto", "tensorboard", "wandb", "none"]})
     cuda_graph: bool = field(default=True, metadata={
         "help": "on one CUDA GPU, replay each training step's forward and backward pass as a CUDA graph (--no-cuda-graph: "
                 "launch every kernel; the graph needs one process, no gradient accumulation and no fp16)"})
@@ -108,12 +111,24 @@ def make_accelerator(config: LoopConfig, project_dir: Path) -> Accelerator:
     accelerator = Accelerator(
         mixed_precision=config.mixed_precision,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
-        log_with="tensorboard" if is_tensorboard_available() else None,
+        log_with=trackers(config.report_to),
         project_dir=str(project_dir),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
     use_all_cores(accelerator.device, accelerator.num_processes)
     return accelerator
+
+
+def trackers(report_to: str) -> str | None:
+    """--report-to -> accelerate's `log_with`; a tracker asked for by name must be installed."""
+    if report_to == "auto":
+        return "tensorboard" if is_tensorboard_available() else None
+    if report_to == "none":
+        return None
+    if not {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available}[report_to]():
+        raise UserError(f"--report-to {report_to} needs the {report_to} package, which is not installed here; "
+                        f"`pip install {report_to}`, or leave the flag out (log.jsonl and curves.png are written either way)")
+    return report_to
 
 
 def use_all_cores(device: torch.device, num_processes: int = 1) -> None:
@@ -341,7 +356,7 @@ def check_can_start(checkpoints: Checkpoints, config: LoopConfig, what: str) -> 
 # Flags that change what is logged, kept or evaluated, but not the weights a run trains.
 BOOKKEEPING_FLAGS = {"run_dir", "resume", "overwrite", "allow_changes", "log_every", "eval_every", "patience", "checkpoint_every",
                      "keep_checkpoints", "dump", "grid_images", "grid_samples", "guidance_scales", "guidance_samples",
-                     "num_workers", "cuda_graph", "map_transforms"}  # how images are decoded or computed, not which
+                     "num_workers", "cuda_graph", "map_transforms", "report_to"}  # how images are decoded or computed, not which
 
 
 def changed_flags(saved: dict, config) -> dict:

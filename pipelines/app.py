@@ -52,7 +52,7 @@ def import_gradio():
     return gradio
 
 
-def build_page(pipe: VQPipeline, run_dir: Path | None = None):
+def build_page(pipe: VQPipeline, run_dir: Path | None = None, prior_dir: str = "prior"):
     """The page as a `gradio.Blocks`: three tabs over one pipeline. Each handler turns a
     `UserError` into a line on the page and leaves what was shown before."""
     gr = import_gradio()
@@ -161,6 +161,8 @@ def build_page(pipe: VQPipeline, run_dir: Path | None = None):
             if reconstructions:
                 gr.Image(str(reconstructions), label="Stage one: test images (top rows) over their reconstructions",
                          interactive=False, height=300, elem_id="inspect-reconstructions", elem_classes="pixels")
+            for path, caption in actions.training_curves(run_dir, prior_dir):
+                gr.Image(str(path), label=caption, interactive=False, elem_classes="inspect-curves")
             if every_figure:
                 with gr.Accordion("Every figure in metrics.json (docs/metrics.md says what each means)", open=False):
                     gr.Markdown(every_figure)
@@ -193,7 +195,7 @@ def main(argv=None):
     use_all_cores(pipe.device)
     print(f"Serving {config.hub or config.run_dir} at http://{'0.0.0.0' if config.network else '127.0.0.1'}:{config.port} "
           f"(Ctrl+C stops it)")
-    launch(build_page(pipe, run_dir), config.port, config.network)
+    launch(build_page(pipe, run_dir, config.prior_dir), config.port, config.network)
 
 
 if __name__ == "__main__":

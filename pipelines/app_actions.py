@@ -225,6 +225,16 @@ def reconstruction_grid(run_dir: Path | None) -> Path | None:
     return grids[-1] if grids else None
 
 
+def training_curves(run_dir: Path | None, prior_dir: str = "prior") -> list[tuple[Path, str]]:
+    """Each stage's curves.png (training and test curves, drawn at every evaluation), where the
+    run has them, with a caption."""
+    if run_dir is None:
+        return []
+    found = [(Path(run_dir) / "vqvae" / "curves.png", "Stage one: reconstruction error, codebook in use, discriminator"),
+             (Path(run_dir) / prior_dir / "curves.png", "Stage two: the prior's loss, on train batches and on the test split")]
+    return [(path, caption) for path, caption in found if path.exists()]
+
+
 def to_pil_images(images: list[torch.Tensor]) -> list[Image.Image]:
     """uint8 [C, S, S] images -> PIL, for a gallery."""
     return [v2.functional.to_pil_image(image) for image in images]

@@ -14,6 +14,7 @@ from torchvision.utils import make_grid, save_image
 
 from foundation.atomic import save_pretrained_atomic
 from foundation.cli import parse_config
+from foundation.curves import write_curves
 from foundation.data import DataConfig, collate_batches, load_image_data
 from foundation.errors import UserError, run_cli
 from foundation.estimate import format_duration
@@ -27,6 +28,11 @@ from stage1_vqvae.metrics import reconstruction_metrics, to_unit_range
 from stage1_vqvae.model import VQVAE, ModelConfig
 from stage1_vqvae.size_presets import DATA_PRESETS, apply_data_presets, apply_size_presets
 from stage1_vqvae.weight_average import update_average, weight_average
+
+
+# The panels of vqvae/curves.png
+CURVES = {"MSE": ["train/mse", "test/mse"], "share of the codebook in use": ["train/codes_used", "test/codebook_usage"],
+          "discriminator's hinge loss": ["train/disc_loss"]}
 
 
 @dataclass
@@ -206,6 +212,7 @@ def main(argv=None):
             if adversarial or metrics["mse"] < state["kept_mse"]:
                 state["kept_mse"] = metrics["mse"]
                 save_pretrained_atomic(kept, stage_dir)
+            write_curves(stage_dir / "log.jsonl", stage_dir / "curves.png", CURVES)
         accelerator.wait_for_everyone()
         return f"test mse {metrics['mse']:.5f}, psnr {metrics['psnr']:.2f} dB, codebook used {metrics['codebook_usage']:.1%}"
 

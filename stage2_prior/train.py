@@ -16,6 +16,7 @@ from torchvision.utils import make_grid, save_image
 
 from foundation.atomic import save_pretrained_atomic
 from foundation.cli import parse_config
+from foundation.curves import write_curves
 from foundation.data import data_config_of_run, held_in_memory, load_image_data
 from foundation.errors import UserError, run_cli
 from foundation.estimate import format_duration
@@ -29,6 +30,12 @@ from stage2_prior.prior_config import PriorConfig
 from stage2_prior.priors import PARALLEL_PRIORS, PRIORS, corrupt_codes, load_prior, set_default_guidance, training_loss
 from stage2_prior.quality import balanced_labels, best_guidance, guidance_sweep, parse_scales, sweep_samples
 from stage2_prior.size_presets import apply_prior_presets
+
+
+# The panels of <prior>/curves.png: the loss as trained (MaskGIT's label-smoothed, on masked
+# codes) beside the test split's
+CURVES = {"NLL, bits per code": ["train/nll_bits_per_code", "test/nll_bits_per_code"],
+          "MaskGIT: masked codes, bits per code": ["train/masked_loss_bits_per_code", "test/masked_nll_bits_per_code"]}
 
 
 @dataclass
@@ -262,6 +269,7 @@ def main(argv=None):
             save_sample_grid(kept.eval(), vqvae, config.grid_samples, stage_dir / "samples" / f"step_{step:07d}.png", config.seed)
             if improved:
                 save_pretrained_atomic(kept, stage_dir)
+            write_curves(stage_dir / "log.jsonl", stage_dir / "curves.png", CURVES)
         accelerator.wait_for_everyone()
         if masked:
             return f"test masked-code nll {nll:.4f} bits/code"

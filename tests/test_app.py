@@ -90,6 +90,13 @@ def test_the_overview_names_the_data_the_models_and_the_figures(pipe, trained_ru
     assert "| `samples.fd_ratio` | 4.8 |" in every
 
 
+def test_the_inspect_tab_shows_each_stages_curves(trained_run):
+    shown = actions.training_curves(trained_run)
+    assert [path.parent.name for path, _ in shown] == ["vqvae", "prior"]
+    assert all(Image.open(path).height == 220 for path, _ in shown)
+    assert actions.training_curves(trained_run, "no_such_prior")[1:] == [] and actions.training_curves(None) == []
+
+
 def test_a_maskgit_prior_offers_every_region():
     maskgit = SimpleNamespace(prior=SimpleNamespace(prior="maskgit"), vqvae=SimpleNamespace(map_shape=(8, 8)))
     regions, _ = actions.redraw_choices(maskgit)

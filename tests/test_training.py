@@ -304,3 +304,16 @@ def test_the_warm_up_lasts_the_steps_asked_for_up_to_a_quarter_of_the_run():
     assert factor(200, 936, 99) == pytest.approx(0.5) and factor(200, 936, 199) == pytest.approx(1.0)  # stage one's default
     assert factor(200, 400, 99) == pytest.approx(1.0)  # a short run: a quarter of it, 100 steps
     assert factor(200, 936, 935) < 0.001  # the cosine ends near zero
+
+
+def test_curves_are_drawn_at_each_evaluation_and_a_missing_tracker_is_named(tiny_fashion, tmp_path, monkeypatch):
+    from foundation import training
+    from PIL import Image
+
+    run_stage_one(tmp_path, "--max-steps", "6", "--eval-every", "3", "--log-every", "1", "--no-dump", "--report-to", "none")
+    curves = Image.open(tmp_path / "vqvae" / "curves.png")
+    assert curves.height == 220 and curves.width >= 2 * 360  # MSE and the codebook, at least
+    monkeypatch.setattr(training, "is_wandb_available", lambda: False)
+    with pytest.raises(UserError, match="--report-to wandb needs the wandb package, which is not installed here"):
+        run_stage_one(tmp_path / "other", "--max-steps", "2", "--report-to", "wandb")
+    assert not (tmp_path / "other").exists()
