@@ -188,9 +188,8 @@ def save_sample_grid(prior, vqvae, count: int, path: Path, seed: int = 0) -> Non
     save_image(make_grid(images, nrow=nrow, padding=1, pad_value=1.0), path)
 
 
-def main(argv=None):
-    config = parse_config(TrainConfig, argv, description=__doc__.splitlines()[0])
-    scales = parse_scales(config.guidance_scales, "--guidance-scales")
+def check_config(config: TrainConfig) -> None:
+    """Refuse bad flags before anything is read or written, each with one sentence."""
     check_prior_flags(config)
     check_prior_dir(config.prior_dir)
     if config.patience < 0:
@@ -200,6 +199,12 @@ def main(argv=None):
                         f"and below 1, e.g. 0.2 (leave it out for the default chosen from the passes over the maps)")
     if config.passes is not None and config.passes < 1:
         raise UserError(f"--passes {config.passes} must be at least 1 (MaskGIT's sampling passes; leave it out for the map size's default, 4 on 8x8 maps)")
+
+
+def main(argv=None):
+    config = parse_config(TrainConfig, argv, description=__doc__.splitlines()[0])
+    scales = parse_scales(config.guidance_scales, "--guidance-scales")
+    check_config(config)
     masked = config.prior in PARALLEL_PRIORS
     started = time.time()
     run_dir = Path(config.run_dir)
