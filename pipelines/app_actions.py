@@ -105,7 +105,7 @@ def draw(pipe: VQPipeline, label: str | None, n: int, guidance: float | None, te
 def check_at_most(value, most: int, what: str, instead: str) -> None:
     """A request's count, refused outside 1..most with the page's own limit in the sentence."""
     if not isinstance(value, (int, float)) or not 1 <= value <= most:
-        raise UserError(f"{value!r} {what} were asked; the page draws 1 to {most} at a time ({instead})")
+        raise UserError(f"{value!r} {what} were asked; the page takes 1 to {most} at a time ({instead})")
 
 
 def read_upload(pipe: VQPipeline, path: str | Path) -> torch.Tensor:

@@ -120,10 +120,10 @@ def test_limits_hold_on_the_server_whatever_the_client_sends(serve, pipe, n, pas
         _, said = Client(url, verbose=False).predict(actions.EVERY_CLASS, n, 1.0, 1.0, 0, 0, passes, "identity", api_name="/draw")
     except Exception as error:  # gradio_client raises the server's sentence
         said = str(error)
-    assert "maximum value" in said or "minimum value" in said or "the page draws 1 to" in said, said
-    with pytest.raises(UserError, match="the page draws 1 to"):
+    assert "maximum value" in said or "minimum value" in said or "the page takes 1 to" in said, said
+    with pytest.raises(UserError, match="the page takes 1 to"):
         actions.draw(pipe, actions.EVERY_CLASS, n, 1.0, 1.0, 0, 0, passes)
-    with pytest.raises(UserError, match="the page draws 1 to 8 at a time"):
+    with pytest.raises(UserError, match="the page takes 1 to 8 at a time"):
         actions.complete(pipe, pipe.prepare_images(Image.new("L", (8, 8)))[0], "bottom", None, 10**3, None, 0)
 
 
