@@ -56,15 +56,26 @@ def build_page(pipe: VQPipeline, run_dir: Path | None = None, prior_dir: str = "
     """The page as a `gradio.Blocks`: three tabs over one pipeline. Each handler turns a
     `UserError` into a line on the page and leaves what was shown before."""
     gr = import_gradio()
-    parallel = pipe.prior.prior in PARALLEL_PRIORS
-    draw_labels, complete_labels = actions.draw_labels(pipe), actions.complete_labels(pipe)
-    regions, regions_note = actions.redraw_choices(pipe)
-    guidance = getattr(pipe.prior, "default_guidance", 1.0) if pipe.class_names else 1.0
-    examples = actions.test_images(pipe, run_dir)
     title = f"{pipe.dataset or (run_dir.name if run_dir else 'a trained run')}: VQ-VAE and {pipe.prior.prior} prior"
+    with gr.Blocks(title=title) as page:
+        gr.Markdown(f"## {title}\nDraw new images, let the model redraw part of an image, or look at what it measured.")
+        with gr.Tab("Draw"):
+            draw_tab(gr, pipe)
+        with gr.Tab("Complete"):
+            complete_tab(gr, pipe, actions.test_images(pipe, run_dir))
+        with gr.Tab("Inspect"):
+            inspect_tab(gr, pipe, run_dir, prior_dir)
+    return page
 
-    def on_error(message: str) -> str:
-        return f"**Could not do that:** {message}"
+
+def on_error(message: str) -> str:
+    return f"**Could not do that:** {message}"
+
+
+def draw_tab(gr, pipe: VQPipeline) -> None:
+    """New images for a class, a guidance, a temperature and a seed: `pipelines.sample`'s."""
+    draw_labels = actions.draw_labels(pipe)
+    guidance = getattr(pipe.prior, "default_guidance", 1.0) if pipe.class_names else 1.0
 
     def draw(label, n, guidance, temperature, top_k, seed, passes, transform):
         try:
@@ -72,6 +83,36 @@ def build_page(pipe: VQPipeline, run_dir: Path | None = None, prior_dir: str = "
         except UserError as error:
             return gr.update(), on_error(str(error))
         return grid, text
+
+    with gr.Row():
+        with gr.Column(scale=1):
+            label = gr.Dropdown(draw_labels, value=draw_labels[0] if draw_labels else None, label="Class",
+                                visible=bool(draw_labels), elem_id="draw-class")
+            n = gr.Slider(1, actions.MOST_IMAGES, step=1,
+                          value=min(actions.MOST_IMAGES, 8 * len(pipe.class_names)) if pipe.class_names else 64,
+                          label="How many images", elem_id="draw-n")
+            scale = gr.Slider(1.0, 5.0, value=guidance, step=0.05, label="Guidance (1: none; higher: more like the class)",
+                              visible=bool(pipe.class_names), elem_id="draw-guidance")
+            temperature = gr.Slider(0.5, 1.5, value=1.0, step=0.05, label="Temperature (lower: safer, less varied)")
+            top_k = gr.Number(value=0, precision=0, minimum=0, label="Top-k (0: every code)")
+            passes = gr.Slider(1, actions.MOST_PASSES, value=getattr(pipe.prior, "default_steps", 8), step=1,
+                               label="MaskGIT passes", visible=pipe.prior.prior in PARALLEL_PRIORS)
+            transforms = pipe.prior.transforms or ["identity"]
+            transform = gr.Dropdown(transforms, value=transforms[0], visible=len(transforms) > 1, elem_id="draw-transform",
+                                    label="Drawn as (identity: the images as they are; the prior also learned these transforms)")
+            seed = gr.Number(value=0, precision=0, label="Seed (same seed, same images)", elem_id="draw-seed")
+            button = gr.Button("Draw", variant="primary", elem_id="draw-button")
+        with gr.Column(scale=2):
+            grid = gr.Image(label="Drawn images", format="png", type="pil", interactive=False, height=600,
+                            elem_id="draw-grid", elem_classes="pixels")
+            status = gr.Markdown(elem_id="draw-status")
+    button.click(draw, [label, n, scale, temperature, top_k, seed, passes, transform], [grid, status], **MODEL)
+
+
+def complete_tab(gr, pipe: VQPipeline, examples: list) -> None:
+    """A test image or an upload, part of it redrawn by the prior: a named region or a painted one."""
+    complete_labels = actions.complete_labels(pipe)
+    regions, regions_note = actions.redraw_choices(pipe)
 
     def choose_example(event: gr.SelectData):
         image, name = examples[event.index]
@@ -96,77 +137,52 @@ def build_page(pipe: VQPipeline, run_dir: Path | None = None, prior_dir: str = "
             return gr.update(), on_error(str(error))
         return grid, text
 
-    with gr.Blocks(title=title) as page:
-        gr.Markdown(f"## {title}\nDraw new images, let the model redraw part of an image, or look at what it measured.")
-        with gr.Tab("Draw"):
-            with gr.Row():
-                with gr.Column(scale=1):
-                    label = gr.Dropdown(draw_labels, value=draw_labels[0] if draw_labels else None, label="Class",
-                                        visible=bool(draw_labels), elem_id="draw-class")
-                    n = gr.Slider(1, actions.MOST_IMAGES, step=1,
-                                  value=min(actions.MOST_IMAGES, 8 * len(pipe.class_names)) if pipe.class_names else 64,
-                                  label="How many images", elem_id="draw-n")
-                    scale = gr.Slider(1.0, 5.0, value=guidance, step=0.05, label="Guidance (1: none; higher: more like the class)",
-                                      visible=bool(pipe.class_names), elem_id="draw-guidance")
-                    temperature = gr.Slider(0.5, 1.5, value=1.0, step=0.05, label="Temperature (lower: safer, less varied)")
-                    top_k = gr.Number(value=0, precision=0, minimum=0, label="Top-k (0: every code)")
-                    passes = gr.Slider(1, actions.MOST_PASSES, value=getattr(pipe.prior, "default_steps", 8), step=1,
-                                       label="MaskGIT passes", visible=parallel)
-                    transforms = pipe.prior.transforms or ["identity"]
-                    transform = gr.Dropdown(transforms, value=transforms[0], visible=len(transforms) > 1, elem_id="draw-transform",
-                                            label="Drawn as (identity: the images as they are; the prior also learned these transforms)")
-                    seed = gr.Number(value=0, precision=0, label="Seed (same seed, same images)", elem_id="draw-seed")
-                    button = gr.Button("Draw", variant="primary", elem_id="draw-button")
-                with gr.Column(scale=2):
-                    grid = gr.Image(label="Drawn images", format="png", type="pil", interactive=False, height=600,
-                                    elem_id="draw-grid", elem_classes="pixels")
-                    status = gr.Markdown(elem_id="draw-status")
-            button.click(draw, [label, n, scale, temperature, top_k, seed, passes, transform], [grid, status], **MODEL)
-        with gr.Tab("Complete"):
-            picked = gr.State(None)  # this tab's image, uint8 [C, S, S]; one per browser tab
-            gr.Markdown("**1. Choose an image**: click a test image of the run, or upload one of your own (any size: "
-                        "it is resized as training resized).")
-            gallery = gr.Gallery(actions.to_pil_images([image for image, _ in examples]) if examples else None,
-                                 label="Test images", columns=16, height=120, allow_preview=False, show_label=False,
-                                 visible=bool(examples), elem_id="complete-examples", elem_classes="pixels")
-            upload_button = gr.UploadButton("Upload an image", type="filepath", size="sm", elem_id="complete-upload",
-                                            file_types=actions.UPLOAD_SUFFIXES)
-            with gr.Row():
-                with gr.Column(scale=1):
-                    canvas = gr.ImageEditor(label="The chosen image (paint on it to choose what to redraw yourself)",
-                                            type="pil", image_mode="RGBA", sources=(), layers=False, transforms=(),
-                                            canvas_size=(CANVAS, CANVAS), height=CANVAS + 100, elem_id="complete-canvas",
-                                            brush=gr.Brush(colors=["#ff00ff"], default_size=16, color_mode="fixed"),
-                                            elem_classes="pixels")
-                with gr.Column(scale=1):
-                    redraw = gr.Radio(regions, value=regions[0], label="2. What to redraw", elem_id="complete-region")
-                    gr.Markdown(regions_note)
-                    class_choice = gr.Dropdown(complete_labels, value=None, label="Class to steer towards (empty: none)",
-                                               visible=bool(complete_labels), elem_id="complete-class")
-                    samples = gr.Slider(1, actions.MOST_COMPLETIONS, value=4, step=1, label="Completions")
-                    complete_seed = gr.Number(value=0, precision=0, label="Seed", elem_id="complete-seed")
-                    complete_button = gr.Button("3. Complete", variant="primary", elem_id="complete-button")
-                with gr.Column(scale=2):
-                    result = gr.Image(label="original | kept (the part to redraw grey) | completions", format="png",
-                                      type="pil", interactive=False, height=260, elem_id="complete-result", elem_classes="pixels")
-                    complete_status = gr.Markdown(elem_id="complete-status")
-            gallery.select(choose_example, None, [picked, canvas, complete_status, class_choice])
-            upload_button.upload(upload, upload_button, [picked, canvas, complete_status], **MODEL)
-            complete_button.click(complete, [picked, redraw, canvas, samples, class_choice, complete_seed],
-                                  [result, complete_status], **MODEL)
-        with gr.Tab("Inspect"):
-            described, every_figure = actions.overview(pipe, run_dir)
-            gr.Markdown(described, elem_id="inspect-overview")
-            reconstructions = actions.reconstruction_grid(run_dir)
-            if reconstructions:
-                gr.Image(str(reconstructions), label="Stage one: test images (top rows) over their reconstructions",
-                         interactive=False, height=300, elem_id="inspect-reconstructions", elem_classes="pixels")
-            for path, caption in actions.training_curves(run_dir, prior_dir):
-                gr.Image(str(path), label=caption, interactive=False, elem_classes="inspect-curves")
-            if every_figure:
-                with gr.Accordion("Every figure in metrics.json (docs/metrics.md says what each means)", open=False):
-                    gr.Markdown(every_figure)
-    return page
+    picked = gr.State(None)  # this tab's image, uint8 [C, S, S]; one per browser tab
+    gr.Markdown("**1. Choose an image**: click a test image of the run, or upload one of your own (any size: "
+                "it is resized as training resized).")
+    gallery = gr.Gallery(actions.to_pil_images([image for image, _ in examples]) if examples else None,
+                         label="Test images", columns=16, height=120, allow_preview=False, show_label=False,
+                         visible=bool(examples), elem_id="complete-examples", elem_classes="pixels")
+    upload_button = gr.UploadButton("Upload an image", type="filepath", size="sm", elem_id="complete-upload",
+                                    file_types=actions.UPLOAD_SUFFIXES)
+    with gr.Row():
+        with gr.Column(scale=1):
+            canvas = gr.ImageEditor(label="The chosen image (paint on it to choose what to redraw yourself)",
+                                    type="pil", image_mode="RGBA", sources=(), layers=False, transforms=(),
+                                    canvas_size=(CANVAS, CANVAS), height=CANVAS + 100, elem_id="complete-canvas",
+                                    brush=gr.Brush(colors=["#ff00ff"], default_size=16, color_mode="fixed"),
+                                    elem_classes="pixels")
+        with gr.Column(scale=1):
+            redraw = gr.Radio(regions, value=regions[0], label="2. What to redraw", elem_id="complete-region")
+            gr.Markdown(regions_note)
+            class_choice = gr.Dropdown(complete_labels, value=None, label="Class to steer towards (empty: none)",
+                                       visible=bool(complete_labels), elem_id="complete-class")
+            samples = gr.Slider(1, actions.MOST_COMPLETIONS, value=4, step=1, label="Completions")
+            complete_seed = gr.Number(value=0, precision=0, label="Seed", elem_id="complete-seed")
+            complete_button = gr.Button("3. Complete", variant="primary", elem_id="complete-button")
+        with gr.Column(scale=2):
+            result = gr.Image(label="original | kept (the part to redraw grey) | completions", format="png",
+                              type="pil", interactive=False, height=260, elem_id="complete-result", elem_classes="pixels")
+            complete_status = gr.Markdown(elem_id="complete-status")
+    gallery.select(choose_example, None, [picked, canvas, complete_status, class_choice])
+    upload_button.upload(upload, upload_button, [picked, canvas, complete_status], **MODEL)
+    complete_button.click(complete, [picked, redraw, canvas, samples, class_choice, complete_seed],
+                          [result, complete_status], **MODEL)
+
+
+def inspect_tab(gr, pipe: VQPipeline, run_dir: Path | None, prior_dir: str) -> None:
+    """The run at a glance: its data and models, its figures in words, its reconstructions and curves."""
+    described, every_figure = actions.overview(pipe, run_dir)
+    gr.Markdown(described, elem_id="inspect-overview")
+    reconstructions = actions.reconstruction_grid(run_dir)
+    if reconstructions:
+        gr.Image(str(reconstructions), label="Stage one: test images (top rows) over their reconstructions",
+                 interactive=False, height=300, elem_id="inspect-reconstructions", elem_classes="pixels")
+    for path, caption in actions.training_curves(run_dir, prior_dir):
+        gr.Image(str(path), label=caption, interactive=False, elem_classes="inspect-curves")
+    if every_figure:
+        with gr.Accordion("Every figure in metrics.json (docs/metrics.md says what each means)", open=False):
+            gr.Markdown(every_figure)
 
 
 def launch(page, port: int, network: bool, block: bool = True):
