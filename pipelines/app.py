@@ -179,7 +179,8 @@ def inspect_tab(gr, pipe: VQPipeline, run_dir: Path | None, prior_dir: str) -> N
         gr.Image(str(reconstructions), label="Stage one: test images (top rows) over their reconstructions",
                  interactive=False, height=300, elem_id="inspect-reconstructions", elem_classes="pixels")
     for path, caption in actions.training_curves(run_dir, prior_dir):
-        gr.Image(str(path), label=caption, interactive=False, elem_classes="inspect-curves")
+        gr.Markdown(f"**{caption}**")  # above the curves, not over their first title as an image's label is
+        gr.Image(str(path), show_label=False, interactive=False, elem_classes="inspect-curves")
     if every_figure:
         with gr.Accordion("Every figure in metrics.json (docs/metrics.md says what each means)", open=False):
             gr.Markdown(every_figure)
