@@ -15,6 +15,7 @@ from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
 from foundation.errors import UserError
+from stage1_vqvae.fsq import FiniteScalarQuantizer, levels_for
 from stage1_vqvae.quantizer import QuantizerOutput, VectorQuantizer
 from stage1_vqvae.resnet_tokenizer import ResnetDecoder, ResnetEncoder
 from stage1_vqvae.size_presets import preset_downsample
@@ -33,6 +34,11 @@ class ModelConfig:
     res_channels: int = field(default=32, metadata={"help": "width inside a residual block (conv only)"})
     downsample: int | None = field(default=None, metadata={"help": "image side / code-map side, a power of two (default: from "
                                                                     "--image-size, a map of at most 16x16; 4 at 32 pixels)"})
+    quantizer: str = field(default="vq", metadata={
+        "help": "vq (nearest of a learned codebook) or fsq (finite scalar quantization: a few channels rounded to a few "
+                "levels each, no codebook to learn; stage1_vqvae/fsq.py)", "choices": ["vq", "fsq"]})
+    fsq_levels: str | None = field(default=None, metadata={"help": "fsq: the levels of each channel, comma-separated "
+                                                                    "(default: from --codebook-size, 8,8,8 for 512)"})
     codebook_size: int = field(default=512, metadata={"help": "number of codes K"})
     code_dim: int = field(default=64, metadata={"help": "dimension of a code vector"})
     codebook: str = field(default="ema", metadata={"help": "how the codebook learns", "choices": ["ema", "loss"]})
@@ -137,6 +143,8 @@ class VQVAE(nn.Module, PyTorchModelHubMixin):
         l2_normalize: bool = MODEL_DEFAULTS.l2_normalize,
         dead_code_share: float = MODEL_DEFAULTS.dead_code_share,
         architecture: str = MODEL_DEFAULTS.architecture,
+        quantizer: str = MODEL_DEFAULTS.quantizer,
+        fsq_levels: list[int] | None = None,
     ):
         super().__init__()
         downsample = downsample or preset_downsample(image_size)
@@ -151,10 +159,19 @@ class VQVAE(nn.Module, PyTorchModelHubMixin):
             self.decoder = Decoder(in_channels, hidden_channels, res_blocks, res_channels, downsample, code_dim)
         else:
             raise ValueError(f"architecture must be 'conv' or 'resnet', got {architecture!r}")
-        self.quantizer = VectorQuantizer(
-            codebook_size, code_dim, beta=beta, ema=ema, decay=decay,
-            dead_code_steps=dead_code_steps, l2_normalize=l2_normalize, dead_code_share=dead_code_share,
-        )
+        if quantizer == "fsq":
+            levels = fsq_levels or levels_for(codebook_size)
+            if levels is None:
+                raise ValueError(f"no FSQ levels for a codebook of {codebook_size}; give fsq_levels")
+            self.quantizer = FiniteScalarQuantizer(levels, code_dim)
+            self.codebook_size = self.quantizer.codebook_size  # the levels' product
+        elif quantizer == "vq":
+            self.quantizer = VectorQuantizer(
+                codebook_size, code_dim, beta=beta, ema=ema, decay=decay,
+                dead_code_steps=dead_code_steps, l2_normalize=l2_normalize, dead_code_share=dead_code_share,
+            )
+        else:
+            raise ValueError(f"quantizer must be 'vq' or 'fsq', got {quantizer!r}")
 
     @property
     def map_shape(self) -> tuple[int, int]:

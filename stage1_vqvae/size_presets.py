@@ -164,8 +164,8 @@ DATA_PRESETS = {
     "lr_rewarm_steps": lambda config, images: (
         preset_lr_rewarm_steps(images, config.image_size) if config.uses_discriminator else (None, None)),
     "dead_code_share": lambda config, images: (
-        said_if(preset_dead_code_share(images, config.image_size), lambda share: share > 0) if config.dead_code_steps > 0
-        else (0.0, None)),
+        said_if(preset_dead_code_share(images, config.image_size), lambda share: share > 0)
+        if config.dead_code_steps > 0 and config.quantizer == "vq" else (0.0, None)),  # FSQ restarts nothing
     "lr_warmup_steps": lambda config, images: preset_lr_warmup_steps(images),
     "map_transforms": lambda config, images: said_if(preset_map_transforms(images), lambda chosen: chosen != "none"),
     "min_steps": lambda config, images: said_if(preset_min_steps(images, config.image_size), lambda _: config.max_steps is None),

@@ -23,6 +23,7 @@ from foundation.training import LoopConfig, batches_per_epoch, cuda_graphs_apply
 from stage1_vqvae.discriminator import load_lpips
 from stage1_vqvae.dump_codes import describe_dump, dump, parse_map_transforms
 from stage1_vqvae.gan_health import diagnose
+from stage1_vqvae.fsq import LEVELS_FOR_CODEBOOK, levels_for
 from stage1_vqvae.gan_loss import GANLoss, LossConfig, build_discriminator
 from stage1_vqvae.metrics import reconstruction_metrics, to_unit_range
 from stage1_vqvae.model import VQVAE, ModelConfig
@@ -42,7 +43,7 @@ class TrainConfig(LoopConfig, DataConfig, ModelConfig, LossConfig):
                                          "r1_weight": 0.0, "r1_every": 4, "ema_decay": 0.0, "clean_feature_matching": False,
                                          "adam_beta2": 0.999, "gan_ramp_steps": 0, "disc_head_start": 0,
                                          "architecture": "conv", "disc_lr_decay": False, "lr_rewarm_steps": 0,
-                                         "dead_code_share": 0.0}
+                                         "dead_code_share": 0.0, "quantizer": "vq", "fsq_levels": None}
     # each says what it warms up: the learning rate at the start, the GAN terms' weight, the rate again at --disc-start
     RENAMED_FLAGS: ClassVar[dict] = {**LoopConfig.RENAMED_FLAGS, "--gan-warmup": "--gan-ramp-steps",
                                      "--gan-lr-warmup": "--lr-rewarm-steps"}
@@ -87,7 +88,22 @@ def build_model(config: TrainConfig, channels: int) -> VQVAE:
         codebook_size=config.codebook_size, code_dim=config.code_dim, beta=config.beta,
         ema=config.codebook == "ema", decay=config.decay, dead_code_steps=config.dead_code_steps,
         l2_normalize=config.l2_normalize, dead_code_share=config.dead_code_share, architecture=config.architecture,
+        quantizer=config.quantizer, fsq_levels=parse_fsq_levels(config),
     )
+
+
+def parse_fsq_levels(config: TrainConfig) -> list[int] | None:
+    """--fsq-levels 8,5,5,5 -> [8, 5, 5, 5]; None for the vector quantizer or levels chosen from --codebook-size."""
+    if config.quantizer != "fsq" or config.fsq_levels is None:
+        return None
+    try:
+        levels = [int(level) for level in config.fsq_levels.split(",")]
+    except ValueError:
+        levels = []
+    if not levels or min(levels) < 2:
+        raise UserError(f"--fsq-levels {config.fsq_levels} is not a comma-separated list of level counts of 2 or more, "
+                        f"e.g. 8,5,5,5")
+    return levels
 
 
 def check_config(config: TrainConfig) -> None:
@@ -101,6 +117,12 @@ def check_config(config: TrainConfig) -> None:
         )
     if config.batch_size < 1 or config.codebook_size < 2:
         raise UserError("--batch-size must be at least 1 and --codebook-size at least 2")
+    if config.quantizer == "fsq" and parse_fsq_levels(config) is None and levels_for(config.codebook_size) is None:
+        raise UserError(f"--quantizer fsq has no levels of its own for --codebook-size {config.codebook_size}; give them "
+                        f"(--fsq-levels 8,5,5,5 makes 1,000 codes), or a size of {', '.join(map(str, LEVELS_FOR_CODEBOOK))}")
+    if config.fsq_levels is not None and config.quantizer != "fsq":
+        raise UserError(f"--fsq-levels {config.fsq_levels} sets the levels of --quantizer fsq, but this run's quantizer is "
+                        f"{config.quantizer}; add --quantizer fsq, or drop --fsq-levels")
     if min(config.disc_weight, config.feature_matching_weight, config.lpips_weight) < 0:
         raise UserError("--disc-weight, --feature-matching-weight and --lpips-weight must not be negative; 0 turns a term off")
     if config.disc_channels < 1:
