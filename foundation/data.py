@@ -251,14 +251,12 @@ def data_config_of_run(run_dir: Path) -> DataConfig:
     return DataConfig(**{f.name: saved[f.name] for f in fields(DataConfig) if f.name in saved})
 
 
-def run_test_images(run_dir: Path, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The first `n` images of a run's test split (uint8 [n, C, S, S]) and their labels, if any:
-    only those are decoded (the page shows 16 of a folder that may hold a hundred thousand)."""
-    config = data_config_of_run(run_dir)
-    vqvae_config = Path(run_dir) / "vqvae" / "config.json"
-    channels = json.loads(vqvae_config.read_text())["in_channels"] if vqvae_config.exists() else config.channels
+def run_test_images(run_dir: Path, n: int, channels: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The first `n` images of a run's test split (uint8 [n, C, S, S]) and their labels, if any,
+    in the VQ-VAE's `channels`: only those are decoded (the page shows 16 of a folder that may
+    hold a hundred thousand)."""
     # every split read row by row, and the run's channels as given: nothing is scanned or held
-    data = load_image_data(replace(config, max_memory_gb=0.0, channels=channels))
+    data = load_image_data(replace(data_config_of_run(run_dir), max_memory_gb=0.0, channels=channels))
     test = data.test
     if hasattr(test, "images"):  # Fashion-MNIST's files come whole
         return test.images[:n], test.labels[:n] if test.labels is not None else None

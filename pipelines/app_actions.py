@@ -152,7 +152,7 @@ def test_images(pipe: VQPipeline, run_dir: Path | None, n: int = 16) -> list[tup
     if run_dir is None:
         return []
     try:
-        images, labels = run_test_images(run_dir, n)
+        images, labels = run_test_images(run_dir, n, pipe.vqvae.in_channels)
     except (UserError, OSError):
         return []
     names = pipe.class_names or []

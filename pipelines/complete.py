@@ -87,7 +87,7 @@ def main(argv=None):
         files = image_files(config.images)
         images, names, own_labels = pipe.prepare_images(files), output_names(files, config.images), None
     else:
-        images, own_labels = run_test_images(run_dir, config.n)
+        images, own_labels = run_test_images(run_dir, config.n, pipe.vqvae.in_channels)
         names = [f"test_{i:04d}" for i in range(len(images))]
     labels = config.label
     if labels is None and own_labels is not None and pipe.prior.num_classes:

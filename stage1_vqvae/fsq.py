@@ -33,7 +33,6 @@ class FiniteScalarQuantizer(nn.Module):
 
     def __init__(self, levels: list[int], dim: int = 64):
         super().__init__()
-        self.levels_list = list(levels)
         self.codebook_size, self.dim = math.prod(levels), dim
         self.register_buffer("levels", torch.tensor(levels), persistent=False)
         self.register_buffer("basis", torch.cumprod(torch.tensor([1, *levels[:-1]]), 0), persistent=False)

@@ -281,9 +281,10 @@ def main(argv=None):
         return f"test nll {nll:.4f} bits/code, prior {prior_bits_per_dim(nll, vqvae):.4f} bits/dim"
 
     sooner = "; sooner if the test NLL stops improving (--patience)" if config.patience else ""
-    graphed = cuda_graphs_apply(accelerator, config) and not masked
+    graphable = cuda_graphs_apply(accelerator, config)
+    graphed = graphable and not masked
     not_graphed = ("MaskGIT's loss picks its masked codes by boolean indexing, which reads back to the host: --cuda-graph "
-                   "does not apply to it" if masked and cuda_graphs_apply(accelerator, config) else None)
+                   "does not apply to it" if masked and graphable else None)
     after_step = (lambda step: update_average(average, unwrapped)) if average is not None else None
     captured = run_training_loop(accelerator, config, setup, checkpoints, train_step, evaluate, "stage two", after_step,
                                  hint=f"--max-steps {setup.steps // 2} halves it{sooner}", graph_key=(lambda step: None) if graphed else None)

@@ -357,9 +357,8 @@ def test_a_runs_first_test_images_are_decoded_alone(tmp_path, monkeypatch):
     run = tmp_path / "run" / "vqvae"
     run.mkdir(parents=True)
     (run / "train_config.json").write_text(json.dumps(config.__dict__))
-    (run / "config.json").write_text(json.dumps({"in_channels": 3}))
     decoded, decode = [], data_module.to_uint8_tensor
     monkeypatch.setattr(data_module, "to_uint8_tensor", lambda *args: decoded.append(args[-1]) or decode(*args))
-    images, labels = data_module.run_test_images(tmp_path / "run", 5)
+    images, labels = data_module.run_test_images(tmp_path / "run", 5, channels=3)
     assert len(decoded) == 5 and torch.equal(images, everything.test.images[:5]) and torch.equal(labels, everything.test.labels[:5])
 
