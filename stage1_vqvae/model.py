@@ -50,6 +50,10 @@ class ModelConfig:
     dead_code_steps: int = field(default=10, metadata={"help": "restart a code unused (or, with --dead-code-share, hardly used) "
                                                                  "for this many steps in a row (0: never)"})
     l2_normalize: bool = field(default=False, metadata={"help": "look codes up by cosine similarity"})
+    vq_gradient: str = field(default="straight-through", metadata={
+        "help": "how vq passes the decoder's gradient to the encoder: straight-through (unchanged) or rotation (turned "
+                "by the angle from the encoder's output to its code, Fifty et al. 2024)",
+        "choices": ["straight-through", "rotation"]})
     dead_code_share: float = field(default=0.0, metadata={"help": "a step counts towards --dead-code-steps for a code used by at "
                                                                    "most this share of an even share of the batch's positions "
                                                                    "(0: only for a code not used at all)"})
@@ -146,6 +150,7 @@ class VQVAE(nn.Module, PyTorchModelHubMixin):
         architecture: str = MODEL_DEFAULTS.architecture,
         quantizer: str = MODEL_DEFAULTS.quantizer,
         fsq_levels: list[int] | None = None,
+        vq_gradient: str = MODEL_DEFAULTS.vq_gradient,
     ):
         super().__init__()
         downsample = downsample or preset_downsample(image_size)
@@ -170,6 +175,7 @@ class VQVAE(nn.Module, PyTorchModelHubMixin):
             self.quantizer = VectorQuantizer(
                 codebook_size, code_dim, beta=beta, ema=ema, decay=decay,
                 dead_code_steps=dead_code_steps, l2_normalize=l2_normalize, dead_code_share=dead_code_share,
+                rotation_trick=vq_gradient == "rotation",
             )
         else:
             raise ValueError(f"quantizer must be 'vq' or 'fsq', got {quantizer!r}")

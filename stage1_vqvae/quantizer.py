@@ -1,4 +1,4 @@
-"""Vector quantizer: nearest code, straight-through gradients, commitment loss.
+"""Vector quantizer: nearest code, straight-through (or rotated) gradients, commitment loss.
 
 The codebook learns by exponential moving averages (van den Oord et al. 2017, appendix;
 Laplace-smoothed counts) by default, or by the loss-based rule as an option. Codes that the
@@ -42,6 +42,23 @@ def histogram_stats(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return perplexity, (counts > 0).float().mean()
 
 
+def rotated_onto(z: torch.Tensor, code: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """The code's value, with the gradient of a rotation and scaling that carry z onto it (Fifty
+    et al. 2024, "Restructuring Vector Quantization with the Rotation Trick").
+
+    Straight-through hands the decoder's gradient to z unchanged, whatever the angle between z
+    and its code; here it is rotated by the angle between them (two Householder reflections,
+    treated as constants), so that how far z lies from its code shapes the encoder's update.
+    Rows [N, D]; the forward value is `code` exactly."""
+    z_norm = z.detach().norm(dim=-1, keepdim=True).clamp(min=eps)
+    z_unit = z.detach() / z_norm
+    code_unit = code / code.norm(dim=-1, keepdim=True).clamp(min=eps)
+    mirror = F.normalize(z_unit + code_unit, dim=-1)
+    rotated = z - 2 * (z * mirror).sum(-1, keepdim=True) * mirror + 2 * (z * z_unit).sum(-1, keepdim=True) * code_unit
+    rotated = rotated * (code.norm(dim=-1, keepdim=True) / z_norm)
+    return rotated + (code - rotated).detach()
+
+
 class VectorQuantizer(nn.Module):
     def __init__(
         self,
@@ -54,8 +71,10 @@ class VectorQuantizer(nn.Module):
         dead_code_steps: int = 50,
         l2_normalize: bool = False,
         dead_code_share: float = 0.0,
+        rotation_trick: bool = False,
     ):
         super().__init__()
+        self.rotation_trick = rotation_trick
         self.codebook_size, self.dim, self.beta = codebook_size, dim, beta
         self.ema, self.decay, self.eps = ema, decay, eps
         self.dead_code_steps, self.l2_normalize, self.dead_code_share = dead_code_steps, l2_normalize, dead_code_share
@@ -113,8 +132,10 @@ class VectorQuantizer(nn.Module):
         loss = self.beta * commitment
         if not self.ema:
             loss = loss + F.mse_loss(quantized, flat_target.detach())
-        # Straight-through: the forward value is the code, the gradient is the identity.
-        quantized = flat_target + (quantized - flat_target).detach()
+        if self.rotation_trick:
+            quantized = rotated_onto(flat_target, quantized.detach())
+        else:  # straight-through: the forward value is the code, the gradient is the identity
+            quantized = flat_target + (quantized - flat_target).detach()
         perplexity, usage = histogram_stats(counts)
         return QuantizerOutput(
             quantized=rearrange(quantized, "(b h w) d -> b d h w", b=batch, h=height, w=width).to(z.dtype),

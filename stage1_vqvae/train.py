@@ -43,7 +43,8 @@ class TrainConfig(LoopConfig, DataConfig, ModelConfig, LossConfig):
                                          "r1_weight": 0.0, "r1_every": 4, "ema_decay": 0.0, "clean_feature_matching": False,
                                          "adam_beta2": 0.999, "gan_ramp_steps": 0, "disc_head_start": 0,
                                          "architecture": "conv", "disc_lr_decay": False, "lr_rewarm_steps": 0,
-                                         "dead_code_share": 0.0, "quantizer": "vq", "fsq_levels": None}
+                                         "dead_code_share": 0.0, "quantizer": "vq", "fsq_levels": None,
+                                         "vq_gradient": "straight-through"}
     # each says what it warms up: the learning rate at the start, the GAN terms' weight, the rate again at --disc-start
     RENAMED_FLAGS: ClassVar[dict] = {**LoopConfig.RENAMED_FLAGS, "--gan-warmup": "--gan-ramp-steps",
                                      "--gan-lr-warmup": "--lr-rewarm-steps"}
@@ -88,7 +89,7 @@ def build_model(config: TrainConfig, channels: int) -> VQVAE:
         codebook_size=config.codebook_size, code_dim=config.code_dim, beta=config.beta,
         ema=config.codebook == "ema", decay=config.decay, dead_code_steps=config.dead_code_steps,
         l2_normalize=config.l2_normalize, dead_code_share=config.dead_code_share, architecture=config.architecture,
-        quantizer=config.quantizer, fsq_levels=parse_fsq_levels(config),
+        quantizer=config.quantizer, fsq_levels=parse_fsq_levels(config), vq_gradient=config.vq_gradient,
     )
 
 
@@ -123,6 +124,9 @@ def check_config(config: TrainConfig) -> None:
     if config.fsq_levels is not None and config.quantizer != "fsq":
         raise UserError(f"--fsq-levels {config.fsq_levels} sets the levels of --quantizer fsq, but this run's quantizer is "
                         f"{config.quantizer}; add --quantizer fsq, or drop --fsq-levels")
+    if config.vq_gradient != "straight-through" and config.quantizer != "vq":
+        raise UserError(f"--vq-gradient {config.vq_gradient} changes how the vector quantizer passes gradients, but this "
+                        f"run's quantizer is {config.quantizer}, which rounds without a codebook; drop --vq-gradient")
     if min(config.disc_weight, config.feature_matching_weight, config.lpips_weight) < 0:
         raise UserError("--disc-weight, --feature-matching-weight and --lpips-weight must not be negative; 0 turns a term off")
     if config.disc_channels < 1:

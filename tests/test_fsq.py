@@ -65,6 +65,7 @@ def test_a_run_on_fsq_trains_dumps_and_draws(tiny_fashion, tmp_path, capsys):
     (["--fsq-levels", "8,5,5,5"], "--fsq-levels 8,5,5,5 sets the levels of --quantizer fsq, but this run's quantizer is vq"),
     (["--quantizer", "fsq", "--codebook-size", "1000"], "--quantizer fsq has no levels of its own for --codebook-size 1000"),
     (["--quantizer", "fsq", "--fsq-levels", "8,x"], "--fsq-levels 8,x is not a comma-separated list"),
+    (["--quantizer", "fsq", "--fsq-levels", "4,4", "--vq-gradient", "rotation"], "--vq-gradient rotation changes how the vector quantizer"),
 ])
 def test_bad_fsq_flags_are_one_sentence_before_anything_is_written(tiny_fashion, tmp_path, flags, message):
     with pytest.raises(UserError, match=message):

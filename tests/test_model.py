@@ -29,6 +29,13 @@ def test_save_and_load_round_trip_gives_the_same_outputs(tmp_path):
     assert torch.equal(model.encode(images), loaded.encode(images))
     assert torch.equal(model(images).reconstruction, loaded(images).reconstruction)
     assert loaded.quantizer.l2_normalize is False and loaded.in_channels == 3
+    assert loaded.quantizer.rotation_trick is False
+
+
+def test_a_vq_vae_trained_with_the_rotation_trick_loads_with_it(tmp_path):
+    """--resume must go on with the gradient it started with: the choice travels in config.json."""
+    VQVAE(in_channels=1, image_size=16, vq_gradient="rotation", **TINY).save_pretrained(tmp_path)
+    assert VQVAE.from_pretrained(str(tmp_path)).quantizer.rotation_trick is True
 
 
 @pytest.mark.parametrize("downsample", [4, 8])

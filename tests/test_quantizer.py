@@ -41,6 +41,28 @@ def test_the_straight_through_gradient_of_the_quantized_map_is_the_identity():
     torch.testing.assert_close(z.grad, upstream, rtol=0, atol=0)
 
 
+def test_the_rotation_trick_keeps_the_code_and_turns_the_gradient_by_the_angle_to_it():
+    """Forward: the code itself. Backward: the gradient reaching z is the decoder's gradient
+    rotated by the rotation that takes z's direction onto its code's, scaled by |code| / |z|."""
+    torch.manual_seed(2)
+    quantizer = VectorQuantizer(codebook_size=8, dim=4, dead_code_steps=0, rotation_trick=True).eval()
+    z = torch.randn(1, 4, 1, 1, requires_grad=True)
+    upstream = torch.randn(1, 4, 1, 1)
+    output = quantizer(z)
+    code = quantizer.codebook[output.indices.flatten()][0]
+    torch.testing.assert_close(output.quantized.flatten(), code, rtol=0, atol=0)
+    (output.quantized * upstream).sum().backward()
+
+    # The rotation written out as a matrix: Householder across (z_unit + code_unit), then z_unit -> code_unit.
+    z_unit, code_unit = z.detach().flatten() / z.detach().norm(), code / code.norm()
+    mirror = (z_unit + code_unit) / (z_unit + code_unit).norm()
+    rotation = torch.eye(4) - 2 * torch.outer(mirror, mirror) + 2 * torch.outer(code_unit, z_unit)
+    torch.testing.assert_close(rotation @ z_unit, code_unit)  # it does carry z onto its code
+    expected = (code.norm() / z.detach().norm()) * rotation.T @ upstream.flatten()
+    torch.testing.assert_close(z.grad.flatten(), expected)
+    assert not torch.allclose(z.grad.flatten(), upstream.flatten(), atol=1e-3)  # not the straight-through copy
+
+
 def test_loss_based_codebook_gets_gradients():
     quantizer = VectorQuantizer(codebook_size=8, dim=4, ema=False, dead_code_steps=0)
     output = quantizer(torch.randn(2, 4, 3, 3))
