@@ -51,11 +51,11 @@ def rotated_onto(z: torch.Tensor, code: torch.Tensor, eps: float = 1e-6) -> torc
     treated as constants), so that how far z lies from its code shapes the encoder's update.
     Rows [N, D]; the forward value is `code` exactly."""
     z_norm = z.detach().norm(dim=-1, keepdim=True).clamp(min=eps)
-    z_unit = z.detach() / z_norm
-    code_unit = code / code.norm(dim=-1, keepdim=True).clamp(min=eps)
+    code_norm = code.norm(dim=-1, keepdim=True)
+    z_unit, code_unit = z.detach() / z_norm, code / code_norm.clamp(min=eps)
     mirror = F.normalize(z_unit + code_unit, dim=-1)
     rotated = z - 2 * (z * mirror).sum(-1, keepdim=True) * mirror + 2 * (z * z_unit).sum(-1, keepdim=True) * code_unit
-    rotated = rotated * (code.norm(dim=-1, keepdim=True) / z_norm)
+    rotated = rotated * (code_norm / z_norm)
     return rotated + (code - rotated).detach()
 
 
