@@ -37,7 +37,7 @@ class ModelConfig:
     quantizer: str = field(default="vq", metadata={
         "help": "vq (nearest of a learned codebook) or fsq (finite scalar quantization: a few channels rounded to a few "
                 "levels each, no codebook to learn, so --codebook, --decay, --beta, --l2-normalize and the --dead-code "
-                "flags do not apply; stage1_vqvae/fsq.py)", "choices": ["vq", "fsq"]})
+                "flags are refused; stage1_vqvae/fsq.py)", "choices": ["vq", "fsq"]})
     fsq_levels: str | None = field(default=None, metadata={"help": "fsq: the levels of each channel, comma-separated "
                                                                     "(default: from --codebook-size, 8,8,8 for 512)"})
     codebook_size: int = field(default=512, metadata={"help": "number of codes K"})

@@ -5,7 +5,7 @@ code maps to runs/default/codes for stage two.
 """
 
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import ClassVar
 
@@ -82,6 +82,11 @@ class TrainConfig(LoopConfig, DataConfig, ModelConfig, LossConfig):
     grid_images: int = field(default=16, metadata={"help": "test images in each reconstruction grid"})
 
 
+# what only the vector quantizer's codebook reads; under FSQ one changed from its default is refused
+VQ_ONLY_FLAGS = ("codebook", "decay", "beta", "l2_normalize", "dead_code_steps", "dead_code_share")
+FLAG_DEFAULTS = {field.name: field.default for field in fields(TrainConfig)}
+
+
 def build_model(config: TrainConfig, channels: int) -> VQVAE:
     return VQVAE(
         in_channels=channels, image_size=config.image_size, hidden_channels=config.hidden_channels,
@@ -124,6 +129,11 @@ def check_config(config: TrainConfig) -> None:
     if config.fsq_levels is not None and config.quantizer != "fsq":
         raise UserError(f"--fsq-levels {config.fsq_levels} sets the levels of --quantizer fsq, but this run's quantizer is "
                         f"{config.quantizer}; add --quantizer fsq, or drop --fsq-levels")
+    vq_only = [name for name in VQ_ONLY_FLAGS if getattr(config, name) != FLAG_DEFAULTS[name]]
+    if config.quantizer == "fsq" and vq_only:
+        flags = ", ".join("--" + name.replace("_", "-") for name in vq_only)
+        raise UserError(f"{flags} tune{'s' if len(vq_only) == 1 else ''} the vector quantizer's codebook, but --quantizer fsq "
+                        f"rounds without one; drop {flags}, or train with --quantizer vq")
     if config.vq_gradient != "straight-through" and config.quantizer != "vq":
         raise UserError(f"--vq-gradient {config.vq_gradient} changes how the vector quantizer passes gradients, but this "
                         f"run's quantizer is {config.quantizer}, which rounds without a codebook; drop --vq-gradient")

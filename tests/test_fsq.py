@@ -66,6 +66,8 @@ def test_a_run_on_fsq_trains_dumps_and_draws(tiny_fashion, tmp_path, capsys):
     (["--quantizer", "fsq", "--codebook-size", "1000"], "--quantizer fsq has no levels of its own for --codebook-size 1000"),
     (["--quantizer", "fsq", "--fsq-levels", "8,x"], "--fsq-levels 8,x is not a comma-separated list"),
     (["--quantizer", "fsq", "--fsq-levels", "4,4", "--vq-gradient", "rotation"], "--vq-gradient rotation changes how the vector quantizer"),
+    (["--quantizer", "fsq", "--fsq-levels", "4,4", "--dead-code-share", "0.25"], r"--dead-code-share tunes the vector quantizer's codebook"),
+    (["--quantizer", "fsq", "--fsq-levels", "4,4", "--beta", "0.5", "--codebook", "loss"], r"--codebook, --beta tune the vector quantizer's codebook"),
 ])
 def test_bad_fsq_flags_are_one_sentence_before_anything_is_written(tiny_fashion, tmp_path, flags, message):
     with pytest.raises(UserError, match=message):
