@@ -1,6 +1,9 @@
 """Finite scalar quantization (`--quantizer fsq`): its codes, its gradient, and a run through
 both stages and the pipeline on it."""
 
+import json
+import shutil
+
 import pytest
 import torch
 
@@ -8,7 +11,7 @@ from foundation.errors import UserError
 from pipelines import VQPipeline
 from stage1_vqvae import train as stage_one
 from stage1_vqvae.fsq import FiniteScalarQuantizer, levels_for
-from stage1_vqvae.model import VQVAE
+from stage1_vqvae.model import VQVAE, load_vqvae
 from stage2_prior import train as stage_two
 from tests.conftest import TINY_MODEL, reset_accelerate_state
 from tests.test_stage2_training import TINY_PRIOR
@@ -73,3 +76,27 @@ def test_bad_fsq_flags_are_one_sentence_before_anything_is_written(tiny_fashion,
     with pytest.raises(UserError, match=message):
         stage_one.main(["--run-dir", str(tmp_path / "run"), *TINY_MODEL, *flags])
     assert not (tmp_path / "run").exists()
+
+
+def test_a_vq_run_saved_before_these_flags_loads_as_vq_and_resumes(tiny_fashion, tmp_path):
+    """Runs saved before --quantizer, --fsq-levels and --vq-gradient existed name none of them in
+    their configs: they load as the vector quantizer passing gradients straight through, and
+    --resume goes on without calling them changed, and refuses a change of quantizer."""
+    flags = ["--run-dir", str(tmp_path), *TINY_MODEL, "--max-steps", "4", "--checkpoint-every", "2", "--eval-every", "100",
+             "--no-dump", "--log-every", "1"]
+    stage_one.main(flags)
+    shutil.rmtree(tmp_path / "vqvae" / "checkpoints" / "step_0000004")  # as if killed after step 2
+    configs = list((tmp_path / "vqvae").rglob("*config.json"))
+    for path in configs:
+        saved = json.loads(path.read_text())
+        path.write_text(json.dumps({key: value for key, value in saved.items()
+                                    if key not in ("quantizer", "fsq_levels", "vq_gradient")}))
+    assert not any("quantizer" in path.read_text() for path in configs)
+    model = load_vqvae(tmp_path)
+    assert not isinstance(model.quantizer, FiniteScalarQuantizer) and model.quantizer.rotation_trick is False
+    assert model.encode(torch.rand(2, 1, 32, 32)).shape == (2, 8, 8)
+    with pytest.raises(UserError, match=r"other flags than it was trained with: --quantizer fsq \(was vq\)"):
+        stage_one.main([*flags, "--resume", "--quantizer", "fsq", "--fsq-levels", "4,4"])
+    stage_one.main([*flags, "--resume"])
+    steps = [json.loads(line)["step"] for line in (tmp_path / "vqvae" / "log.jsonl").read_text().splitlines()]
+    assert max(steps) == 4
