@@ -15,6 +15,7 @@ from stage1_vqvae.model import VQVAE, load_vqvae
 from stage2_prior import train as stage_two
 from tests.conftest import TINY_MODEL, reset_accelerate_state
 from tests.test_stage2_training import TINY_PRIOR
+from tests.test_training import read_log
 
 
 def test_every_code_is_a_tuple_of_levels_and_back():
@@ -98,5 +99,4 @@ def test_a_vq_run_saved_before_these_flags_loads_as_vq_and_resumes(tiny_fashion,
     with pytest.raises(UserError, match=r"other flags than it was trained with: --quantizer fsq \(was vq\)"):
         stage_one.main([*flags, "--resume", "--quantizer", "fsq", "--fsq-levels", "4,4"])
     stage_one.main([*flags, "--resume"])
-    steps = [json.loads(line)["step"] for line in (tmp_path / "vqvae" / "log.jsonl").read_text().splitlines()]
-    assert max(steps) == 4
+    assert max(row["step"] for row in read_log(tmp_path)) == 4
